@@ -1,0 +1,88 @@
+"""Evaluation: top-1, per-class accuracy, confusion matrix, optional flip test-time augmentation.
+
+CLI: `python -m resnext_demo.evaluate --weights W --data D [--tta] [--json] [--out-dir DIR]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import data
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str | torch.device | None = None,
+                   tta: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Logits (float32, CPU) of uint8 images N x 3 x 32 x 32; `tta` averages with the mirrored image."""
+    device = torch.device(device or next(model.parameters()).device)
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = data.normalize(x[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            out = model(xb).float()
+            if tta:
+                out = (out + model(xb.flip(3)).float()) / 2
+        outs.append(out.cpu())
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """K x K counts: row = true class, column = predicted class."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[str, ...] | list[str] = data.CLASSES,
+             tta: bool = False, device: str | torch.device | None = None) -> dict:
+    """Top-1, per-class accuracy and confusion matrix of `model` on uint8 images/labels."""
+    pred = predict_logits(model, x, device=device, tta=tta).argmax(1)
+    cm = confusion_matrix(pred, y.cpu(), len(classes))
+    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1)).tolist()
+    return {"top1": (pred == y.cpu()).float().mean().item(), "n": len(y), "tta": tta,
+            "per_class": dict(zip(classes, per_class)), "confusion": cm.tolist(), "classes": list(classes)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    from . import weights
+
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on a CIFAR-10 split.")
+    ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
+    ap.add_argument("--data", default=None, help="CIFAR-10 source (default $RESNEXT_DEMO_DATA or the shared archive)")
+    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--tta", action="store_true", help="also report flip test-time augmentation")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--out-dir", default=None, help="write confusion.png and metrics.json here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    model, meta = weights.load_checkpoint(args.weights, args.device)
+    x, y = data.load_split(args.data, args.split)
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    res = evaluate(model, x, y, meta["classes"], device=args.device)
+    if args.tta:
+        res["top1_flip_tta"] = evaluate(model, x, y, meta["classes"], tta=True, device=args.device)["top1"]
+    res["weights"] = str(args.weights)
+    if args.out_dir:
+        from .visualize import confusion_figure
+
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(res, indent=1))
+        confusion_figure(res["confusion"], res["classes"]).save(out / "confusion.png")
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"{args.weights}: top-1 {res['top1']:.4f} on {res['n']} {args.split} images"
+          + (f", flip-TTA {res['top1_flip_tta']:.4f}" if args.tta else ""))
+    for c, a in res["per_class"].items():
+        print(f"  {c:12} {a:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The CIFAR ResNeXt-29 family (Xie et al. 2017, "Aggregated Residual Transformations", §5, Table 7).
+
+Written for explanation methods: every ReLU is its own non-inplace module used once per forward, and
+the residual add is `out = out + shortcut` — Captum's DeepLift/GuidedBackprop and layer methods hook
+modules and silently give wrong answers when one module runs twice or a tensor is modified in place.
+This file imports nothing else of the project.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ResNeXtConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint's metadata."""
+
+    depths: tuple[int, ...] = (3, 3, 3)  # blocks per stage (29 = 9 blocks x 3 convs + stem + fc)
+    stem_width: int = 64  # channels of the 3x3 stem conv
+    widths: tuple[int, ...] = (256, 512, 1024)  # output channels of each stage
+    cardinality: int = 8  # C: groups of the 3x3 conv
+    base_width: int = 64  # d: channels per group in stage 1; doubles each stage like the widths
+    num_classes: int = 10
+    family: str = "cifar"  # "cifar" (this file's network) or "torchvision" (the resnext50 seed recipe)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResNeXtConfig":
+        """Inverse of to_dict; unknown keys are an error so a foreign config is not half-read."""
+        d = dict(d)
+        for k in ("depths", "widths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def group_width(self, stage: int) -> int:
+        """Channels per group in the grouped 3x3 conv of `stage` (0-based)."""
+        return self.base_width * 2**stage
+
+    def bottleneck_width(self, stage: int) -> int:
+        """Channels of the grouped conv (C x d) in `stage`."""
+        return self.cardinality * self.group_width(stage)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution without bias (a BN follows)."""
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """ResNeXt block (form (c) of the paper's Fig. 3): 1x1 -> grouped 3x3 (stride here) -> 1x1, BN after each."""
+
+    def __init__(self, in_ch: int, out_ch: int, cardinality: int, group_width: int, stride: int = 1):
+        super().__init__()
+        width = cardinality * group_width
+        self.conv1 = conv1x1(in_ch, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=False)
+        # The aggregated transformations: C groups of `group_width` channels each; output channels
+        # [g*group_width, (g+1)*group_width) belong to group g (the per-group views rely on this).
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = nn.ReLU(inplace=False)
+        self.conv3 = conv1x1(width, out_ch)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
+        self.act3 = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out = out + shortcut  # not +=: in-place ops break autograd hooks used by Captum
+        return self.act3(out)
+
+
+class ResNeXt(nn.Module):
+    """CIFAR ResNeXt: 3x3 stem, stages `layer1..N` of bottleneck blocks, global pool, `fc`."""
+
+    def __init__(self, config: ResNeXtConfig, zero_init_residual: bool = False):
+        super().__init__()
+        self.config = config
+        self.conv1 = nn.Conv2d(3, config.stem_width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(config.stem_width)
+        self.act1 = nn.ReLU(inplace=False)
+        cin = config.stem_width
+        self.stage_names: list[str] = []
+        for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+            blocks = [
+                Bottleneck(cin if b == 0 else cout, cout, config.cardinality, config.group_width(i),
+                           stride=2 if (i > 0 and b == 0) else 1)
+                for b in range(depth)
+            ]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.stage_names.append(f"layer{i + 1}")
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, config.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block starts as identity: trains faster, but only for training
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and all stages: N x widths[-1] x H/4 x W/4."""
+        x = self.act1(self.bn1(self.conv1(x)))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool and classifier (or the pooled features if `pre_logits`)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh `num_classes` classifier and keep the config in step."""
+        self.fc = nn.Linear(self.fc.in_features, num_classes).to(self.fc.weight.device)
+        self.config = replace(self.config, num_classes=num_classes)
+
+    def grouped_convs(self) -> dict[str, nn.Conv2d]:
+        """Every block's grouped 3x3 conv by its stable module name, e.g. 'layer2.0.conv2'."""
+        return {n: m for n, m in self.named_modules() if n.endswith("conv2") and isinstance(m, nn.Conv2d)
+                and m.groups == self.config.cardinality and m.kernel_size == (3, 3) and n != "conv1"}
+
+
+class TorchvisionResNeXt(nn.Module):
+    """The seed recipe: torchvision's resnext50_32x4d with a new head, behind the same interface.
+
+    Its blocks reuse one in-place ReLU (torchvision's Bottleneck), so DeepLift and GuidedBackprop are
+    not reliable on it; gradient and layer methods (Saliency, IG, Grad-CAM) are fine.
+    """
+
+    def __init__(self, config: ResNeXtConfig, pretrained: bool = False):
+        super().__init__()
+        from torchvision.models import ResNeXt50_32X4D_Weights, resnext50_32x4d
+
+        self.config = config
+        self.net = resnext50_32x4d(weights=None, num_classes=1000 if pretrained else config.num_classes)
+        if pretrained:
+            self.net.load_state_dict(_cached_imagenet_state(ResNeXt50_32X4D_Weights.IMAGENET1K_V2))
+            self.net.fc = nn.Linear(self.net.fc.in_features, config.num_classes)
+        self.stage_names = ["layer1", "layer2", "layer3", "layer4"]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet stem and the four stages (a 32x32 input ends at 1x1)."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool and classifier."""
+        x = torch.flatten(self.net.avgpool(x), 1)
+        return x if pre_logits else self.net.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh `num_classes` classifier."""
+        self.net.fc = nn.Linear(self.net.fc.in_features, num_classes).to(self.net.fc.weight.device)
+        self.config = replace(self.config, num_classes=num_classes)
+
+    def grouped_convs(self) -> dict[str, nn.Conv2d]:
+        """Every block's grouped 3x3 conv, e.g. 'net.layer1.0.conv2'."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+
+
+def _cached_imagenet_state(weights) -> dict:
+    """ImageNet weights from the local torch hub cache only: this never downloads."""
+    from pathlib import Path
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet weights not in the local torch cache ({path}); "
+                                "build without pretrained=True or download them once with torchvision.")
+    return torch.load(path, map_location="cpu", weights_only=True)  # our own cache, and weights_only
+
+
+# Named members of the family. MACs and parameters of each are computed by `describe()` (and listed
+# in the README by `python -m resnext_demo.model`), never typed in by hand.
+_CONFIGS: dict[str, ResNeXtConfig] = {
+    # The paper's CIFAR models (Table 7): 34.4 M and 68.1 M parameters.
+    "resnext29_8x64d": ResNeXtConfig(cardinality=8, base_width=64),
+    "resnext29_16x64d": ResNeXtConfig(cardinality=16, base_width=64),
+    "resnext29_32x4d": ResNeXtConfig(cardinality=32, base_width=4),
+    # CPU-demo sized references: a half and a quarter of the paper's widths (stem 32).
+    "resnext29_8x16d_small": ResNeXtConfig(stem_width=32, widths=(128, 256, 512), cardinality=8, base_width=16),
+    "resnext29_8x8d_tiny": ResNeXtConfig(stem_width=32, widths=(64, 128, 256), cardinality=8, base_width=8),
+    # Trainable on a 2-core CPU in about an hour (the interim default until a GPU-trained one ships).
+    "resnext29_8x4d_micro": ResNeXtConfig(stem_width=16, widths=(32, 64, 128), cardinality=8, base_width=4),
+}
+
+
+def matched_base_width(config: ResNeXtConfig, cardinality: int) -> int:
+    """Bottleneck width d that gives `cardinality` groups the parameter count of `config` (paper §3.3).
+
+    Solves the block cost in*C*d + 9*C*d^2 + C*d*out for d, then checks the neighbours on the whole
+    network, since d is an integer and the rounding matters at large C.
+    """
+    cin = cout = config.widths[0]
+    c0, d0 = config.cardinality, config.base_width
+    target = (cin + cout) * c0 * d0 + 9 * c0 * d0 * d0
+    guess = min(range(1, 4 * d0 * c0 + 1),
+                key=lambda d: abs((cin + cout) * cardinality * d + 9 * cardinality * d * d - target))
+    ref = config_params(config)
+    return min(range(max(1, guess - 2), guess + 3),
+               key=lambda d: abs(config_params(replace(config, cardinality=cardinality, base_width=d)) - ref))
+
+
+def config_params(config: ResNeXtConfig) -> int:
+    """Parameters of a cifar-family config, counted without building it (equals count_params)."""
+    total = 27 * config.stem_width + 2 * config.stem_width  # stem conv + BN
+    cin = config.stem_width
+    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+        w = config.bottleneck_width(i)
+        for b in range(depth):
+            c = cin if b == 0 else cout
+            total += c * w + 9 * w * w // config.cardinality + w * cout + 2 * (2 * w + cout)
+            if c != cout or (i > 0 and b == 0):
+                total += c * cout + 2 * cout
+        cin = cout
+    return total + cin * config.num_classes + config.num_classes
+
+
+def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict[str, ResNeXtConfig]:
+    """Models with the complexity of `reference` at other cardinalities, named like the paper (C x d)."""
+    base, suffix = _CONFIGS[reference], reference.rsplit("_", 1)[-1]
+    out = {}
+    for c in cardinalities:
+        d = matched_base_width(base, c)
+        name = f"resnet29_{suffix}" if c == 1 else f"resnext29_{c}x{d}d_{suffix}"
+        out[name] = replace(base, cardinality=c, base_width=d)
+    return out
+
+
+# The paper's Table 3 comparison at CPU size: same parameters and FLOPs, cardinality 1 (a plain ResNet
+# bottleneck, wider) up to 16 (narrower groups).
+_CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4, 16)))
+_CONFIGS.update(equal_budget_configs("resnext29_8x16d_small", (1, 4, 16)))
+_CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
+                                            cardinality=32, base_width=4, family="torchvision")
+
+
+def list_models() -> list[str]:
+    """Names accepted by `build_model`."""
+    return list(_CONFIGS)
+
+
+def get_config(name: str, num_classes: int = 10) -> ResNeXtConfig:
+    """The config of a named model."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return replace(_CONFIGS[name], num_classes=num_classes)
+
+
+def build_from_config(config: ResNeXtConfig, zero_init_residual: bool = False, pretrained: bool = False) -> nn.Module:
+    """Build a model from its config (what a checkpoint stores)."""
+    if config.family == "torchvision":
+        return TorchvisionResNeXt(config, pretrained=pretrained)
+    if config.family != "cifar":
+        raise ValueError(f"unknown model family {config.family!r}")
+    return ResNeXt(config, zero_init_residual=zero_init_residual)
+
+
+def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = False,
+                pretrained: bool = False) -> nn.Module:
+    """Build a named model; `pretrained` (seed recipe only) uses ImageNet weights from the local cache."""
+    if pretrained and get_config(name).family != "torchvision":
+        raise ValueError("pretrained weights exist only for the torchvision seed recipe (resnext50_32x4d)")
+    return build_from_config(get_config(name, num_classes), zero_init_residual, pretrained)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (BN buffers excluded, as in the paper)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, size: int = 32) -> int:
+    """Multiply-adds of one forward on a 3 x size x size image (the paper's 'FLOPs')."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2  # the counter reports 2 FLOPs per multiply-add
+
+
+def describe(name: str) -> dict:
+    """Name, config, parameters and MACs of a named model."""
+    cfg = get_config(name)
+    m = build_from_config(cfg)
+    return {"name": name, "cardinality": cfg.cardinality, "base_width": cfg.base_width,
+            "params": count_params(m), "macs": count_macs(m)}
+
+
+if __name__ == "__main__":  # python -m resnext_demo.model: the family table for the README
+    print(f"{'name':24} {'C x d':>8} {'params (M)':>11} {'MFLOPs':>8}")
+    for n in list_models():
+        d = describe(n)
+        print(f"{n:24} {d['cardinality']:>3} x {d['base_width']:<3} {d['params'] / 1e6:>11.2f} {d['macs'] / 1e6:>8.0f}")

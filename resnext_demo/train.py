@@ -1,0 +1,385 @@
+"""Training: `fit()` is a generator shared by the CLI (`python -m resnext_demo.train`) and the UI's
+fine-tune tab, so both get the same recipe, live progress and a way to stop.
+
+The whole uint8 dataset sits on the training device and is augmented there (random crop with
+padding, flip, optional cutout), so no data loader can be the bottleneck. Random choices (order, crops,
+flips, cutout) come from a CPU generator seeded per epoch: CPU and GPU runs see the same batches, and a
+resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data, weights
+from .evaluate import predict_logits
+from .model import build_model, count_macs, count_params
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; stored in the checkpoint's metadata."""
+
+    model: str = "resnext29_8x8d_tiny"
+    epochs: int = 30
+    batch_size: int = 128  # global batch (split across processes under torchrun)
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "cosine"  # "cosine" (linear warm-up then cosine), "onecycle" (triangle), "constant"
+    warmup_epochs: float = 1.0
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0  # side of the erased square, 0 = off
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999 evaluates and saves an exponential moving average
+    bf16: bool = True  # autocast on CUDA only: CPU autocast is slower on most CPUs
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    train_layers: str = "all"  # "all", "last_stage" or "head" (fine-tuning)
+    max_seconds: float | None = None  # wall-time cap (the UI's server-side limit)
+    log_every: int = 10  # steps between "step" events
+
+
+@dataclass
+class Progress:
+    """One event from fit(): kind 'step' (running averages), 'epoch' (with test accuracy) or 'done'."""
+
+    kind: str
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    acc: float
+    lr: float
+    seconds: float
+    test_acc: float | None = None
+    stopped: bool = False
+    history: list[dict] = field(default_factory=list)
+    state: dict | None = None  # 'epoch'/'done' only: tensors to resume from (optimizer, EMA)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` of `total`."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle":  # linear up for 25 % of training, linear down to 0
+        peak = max(1, total // 4)
+        return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def augment(x: torch.Tensor, g: torch.Generator, padding: int = 4, flip: bool = True, cutout: int = 0) -> torch.Tensor:
+    """uint8 batch on any device -> normalized float batch, randomly cropped/flipped/cut out."""
+    b, _, h, w = x.shape
+    dev = x.device
+    if padding:
+        xp = F.pad(x, (padding,) * 4)
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(dev)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        m = (torch.rand(b, generator=g) < 0.5).to(dev).view(b, 1, 1, 1)
+        x = torch.where(m, x.flip(3), x)
+    x = data.normalize(x)
+    if cutout:
+        cy = torch.randint(0, h, (b,), generator=g).to(dev)[:, None, None, None]
+        cx = torch.randint(0, w, (b,), generator=g).to(dev)[:, None, None, None]
+        r = torch.arange(h, device=dev).view(1, 1, h, 1)
+        c = torch.arange(w, device=dev).view(1, 1, 1, w)
+        hole = ((r - cy).abs() <= cutout // 2) & ((c - cx).abs() <= cutout // 2)
+        x = x.masked_fill(hole, 0.0)  # 0 after normalization = the mean colour
+    return x
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(last stage, head) of any model of the family."""
+    body = model.net if hasattr(model, "net") else model
+    return getattr(body, model.stage_names[-1]), body.fc
+
+
+def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
+    """The modules that `train_layers` = 'all' / 'last_stage' / 'head' trains."""
+    last, head = _parts(model)
+    return {"all": [model], "last_stage": [last, head], "head": [head]}[which]
+
+
+def _set_train_mode(model: nn.Module, train: list[nn.Module]) -> None:
+    """Train mode only inside the trained modules: frozen BatchNorms keep their statistics."""
+    model.eval()
+    for m in train:
+        m.train()
+
+
+def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig,
+        test: tuple[torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
+        start_epoch: int = 0, resume_state: dict | None = None, history: list[dict] | None = None,
+        stop: threading.Event | None = None) -> Iterator[Progress]:
+    """Train `model` in place on uint8 images/labels, yielding Progress events; `stop` ends it early."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_mods = trainable_modules(model, cfg.train_layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in train_mods for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    if resume_state:
+        _restore_state(opt, params, ema, resume_state)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    x_all, y_all = train[0].to(device), train[1].to(device)
+    n = len(y_all)
+    local_bs = max(1, cfg.batch_size // world)
+    steps = max(1, (n // world) // local_bs)
+    total, warmup = cfg.epochs * steps, int(cfg.warmup_epochs * steps)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    history = list(history or [])
+    t0 = time.perf_counter()
+    stopped = False
+    loss_sum = correct = seen = 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: resume is exact
+        order = torch.randperm(n, generator=g)[rank::world]
+        _set_train_mode(model, train_mods)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        for step in range(steps):
+            for pg in opt.param_groups:
+                pg["lr"] = cfg.lr * lr_factor(epoch * steps + step, total, warmup, cfg.schedule)
+            idx = order[step * local_bs:(step + 1) * local_bs].to(device)
+            xb = augment(x_all[idx], g, cfg.crop_padding, cfg.flip, cfg.cutout)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = y_all[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = net(xb)
+                loss = criterion(out.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            # Accumulate on the device; read back only when reporting (a .item() per step stalls a GPU).
+            loss_sum += loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+            seen += len(yb)
+            stopped = (stop is not None and stop.is_set()) or \
+                (cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps or stopped:
+                yield Progress("step", epoch, step + 1, steps, loss_sum.item() / seen, correct.item() / seen,
+                               opt.param_groups[0]["lr"], time.perf_counter() - t0)
+            if stopped:
+                break
+        eval_model = ema.module if ema is not None else model
+        test_acc = None
+        if test is not None:
+            test_acc = accuracy(eval_model, test[0], test[1], device, use_bf16)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
+                        "train_acc": correct.item() / max(1, seen), "test_acc": test_acc,
+                        "seconds": round(time.perf_counter() - t0, 2), "complete": not stopped})
+        yield Progress("epoch", epoch + 1, steps, steps, history[-1]["train_loss"], history[-1]["train_acc"],
+                       opt.param_groups[0]["lr"], time.perf_counter() - t0, test_acc, stopped, history,
+                       _training_state(opt, params, ema))
+        if stopped:
+            break
+    if ema is not None:  # what we evaluated is what we hand back
+        model.load_state_dict(ema.module.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    last = history[-1] if history else {}
+    yield Progress("done", last.get("epoch", start_epoch), steps, steps,
+                   last.get("train_loss", float("nan")), last.get("train_acc", float("nan")), 0.0,
+                   time.perf_counter() - t0, last.get("test_acc"), stopped, history)
+
+
+def _training_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema) -> dict[str, torch.Tensor]:
+    """Optimizer momentum and EMA tensors, flat, for a safetensors resume file."""
+    state = {}
+    for i, p in enumerate(params):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            state[f"optim.{i}"] = buf
+    if ema is not None:
+        for k, v in ema.module.state_dict().items():
+            state[f"ema.{k}"] = v
+        state["ema_n_averaged"] = ema.n_averaged
+    return state
+
+
+def _restore_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema, state: dict) -> None:
+    """Inverse of _training_state."""
+    for i, p in enumerate(params):
+        if f"optim.{i}" in state:
+            opt.state[p]["momentum_buffer"] = state[f"optim.{i}"].to(p.device, p.dtype).clone()
+    if ema is not None and "ema_n_averaged" in state:
+        ema.module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+        ema.n_averaged.copy_(state["ema_n_averaged"])
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str | torch.device | None = None,
+             bf16: bool = False) -> float:
+    """Top-1 accuracy of `model` on uint8 images (restores the model's train/eval mode)."""
+    was = model.training
+    logits = predict_logits(model, x, device=device, bf16=bf16)
+    model.train(was)
+    return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
+
+
+def params_digest(model: nn.Module) -> str:
+    """sha256 of all parameters and buffers in order (to check that DDP ranks agree)."""
+    h = hashlib.sha256()
+    for k, v in weights._unwrap(model).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced random subset of n examples (all of them if n is None)."""
+    if n is None or n >= len(y):
+        return x, y
+    g = torch.Generator().manual_seed(seed)
+    classes = y.unique()
+    per = [torch.nonzero(y == c).flatten() for c in classes]
+    k = max(1, n // len(classes))
+    idx = torch.cat([p[torch.randperm(len(p), generator=g)[:k]] for p in per])
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    return x[idx], y[idx]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train a named model on CIFAR-10 and write a safetensors checkpoint (+ .curve.json)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = TrainConfig()
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--data", default=None, help="CIFAR-10 source (torchvision root, image folder or .tar.gz); "
+                    "default $RESNEXT_DEMO_DATA or ../shared/cifar10/cifar10-jpeg.tar.gz")
+    ap.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 into --data")
+    ap.add_argument("--out", default=str(weights.WEIGHTS_DIR / "trained.safetensors"))
+    ap.add_argument("--resume", action="store_true", help="continue from <out>.resume.safetensors if present")
+    ap.add_argument("--subset", type=int, default=None, help="train on a balanced subset (smoke runs)")
+    ap.add_argument("--test-subset", type=int, default=None, help="evaluate on a balanced test subset")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--half", action="store_true", help="store weights as fp16")
+    for name, val in asdict(d).items():
+        if name in ("model",):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(val, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=val)
+        else:
+            ap.add_argument(flag, type=type(val) if val is not None else float, default=val)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    source = args.data or data.default_source()
+    if rank != 0:
+        dist.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
+    x_tr, y_tr = subset(*data.load_split(source, "train", download=args.download), args.subset, cfg.seed)
+    x_te, y_te = subset(*data.load_split(source, "test", download=args.download), args.test_subset, cfg.seed)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    model = build_model(cfg.model, zero_init_residual=True)
+    out = Path(args.out)
+    resume_path = out.with_suffix(".resume.safetensors")
+    start, state, history = 0, None, []
+    if args.resume and resume_path.is_file():
+        resumed, meta = weights.load_checkpoint(resume_path)
+        if meta["recipe"]["model"] != cfg.model:
+            sys.exit(f"{resume_path} is a {meta['recipe']['model']} run, not {cfg.model}")
+        model.load_state_dict(resumed.state_dict())
+        start, history, state = meta["epoch"], meta["history"], weights.load_extra_tensors(resume_path)
+        if rank == 0:
+            print(f"resuming {cfg.model} at epoch {start}")
+    src_p = Path(source) if source else None
+    meta = {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
+            "data": {"source": str(source), "sha256": data.sha256_file(src_p) if src_p and src_p.is_file()
+                     else (data.source_id(src_p) if src_p and src_p.exists() else None),
+                     "train_images": len(y_tr), "test_images": len(y_te)},
+            "params": count_params(model), "macs": count_macs(model), "world_size": world,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+    from tqdm import tqdm
+
+    bar = None
+    t_start = time.perf_counter()
+    for ev in fit(model, (x_tr, y_tr), cfg, (x_te, y_te), device, start, state, history):
+        if rank != 0:
+            continue
+        if ev.kind == "step":
+            if bar is None:
+                bar = tqdm(total=ev.steps_per_epoch, desc=f"epoch {ev.epoch + 1}/{cfg.epochs}", leave=False,
+                           disable=None)
+            bar.n = ev.step
+            bar.set_postfix(loss=f"{ev.loss:.3f}", acc=f"{ev.acc:.3f}", lr=f"{ev.lr:.4f}", refresh=True)
+        elif ev.kind == "epoch":
+            if bar is not None:
+                bar.close()
+                bar = None
+            print(f"epoch {ev.epoch}/{cfg.epochs} loss {ev.loss:.4f} train {ev.acc:.4f} test {ev.test_acc:.4f} "
+                  f"({ev.seconds:.0f}s)", flush=True)
+            weights.save_checkpoint(resume_path, model, {**meta, "epoch": ev.epoch, "history": ev.history},
+                                    extra_tensors=ev.state)
+        elif ev.kind == "done":
+            history = ev.history
+    if rank == 0:
+        final = {**meta, "epochs": len(history), "history": history, "accuracy": history[-1]["test_acc"],
+                 "wall_seconds": round(time.perf_counter() - t_start, 1)}
+        weights.save_checkpoint(out, model, final, half=args.half)
+        out.with_suffix(".curve.json").write_text(json.dumps(history, indent=1))
+        resume_path.unlink(missing_ok=True)
+        print(f"saved {out} (test top-1 {final['accuracy']:.4f})")
+    print(f"rank {rank} final-params-sha256 {params_digest(model)}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
