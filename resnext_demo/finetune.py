@@ -1,0 +1,280 @@
+"""Fine-tuning on a user's own images (the UI's Fine-tune tab, without any UI).
+
+Plain functions: build a uint8 dataset from uploaded files per class (or a CIFAR-10 subset), split off
+a held-out part, run `train.fit` on a deep copy of the caller's model under server-side caps, measure
+before/after accuracy (held-out part, and a CIFAR-10 test slice to show forgetting), export a checkpoint.
+The caller's model is never modified: every run trains its own `copy.deepcopy`.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import data, weights
+from .train import TrainConfig, accuracy, fit, subset
+
+# Server-side caps (shown in the UI): a fine-tune must stay usable on a 2-core CPU.
+MAX_IMAGES = 500  # uploaded images in all (extra files are refused, not silently dropped)
+MAX_EPOCHS = 20
+MAX_SECONDS = 300.0  # wall time of one run; training stops cleanly after it
+MAX_NEW_CLASSES = 3
+MAX_CIFAR_PER_CLASS = 100  # CIFAR-10 subset option: at most 1,000 training images
+MAX_BATCH_SIZE = 128
+HOLDOUT_FRACTION = 0.2  # of each class, at least one image when a class has two or more
+FORGETTING_SLICE = 500  # CIFAR-10 test images used to measure forgetting
+TRAIN_LAYERS = ("head", "last_stage", "all")
+
+
+@dataclass
+class Dataset:
+    """uint8 images N x 3 x 32 x 32, int64 labels, and the class names the labels index."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class."""
+        return {c: int((self.y == i).sum()) for i, c in enumerate(self.classes)}
+
+
+def _clean_name(name: str) -> str:
+    return " ".join(str(name).split()).strip()
+
+
+def target_classes(base_classes: Sequence[str], new_names: Sequence[str]) -> list[str]:
+    """The model's classes plus the non-empty new names (validated: unique, at most MAX_NEW_CLASSES)."""
+    base = list(base_classes)
+    new = [_clean_name(n) for n in new_names if n and _clean_name(n)]
+    if len(new) > MAX_NEW_CLASSES:
+        raise ValueError(f"At most {MAX_NEW_CLASSES} new classes per run.")
+    for n in new:
+        if n in base:
+            raise ValueError(f"'{n}' is already a class of the model: put its images in that class's zone.")
+        if len(n) > 40:
+            raise ValueError(f"Class name '{n[:40]}…' is too long (40 characters at most).")
+    if len(set(new)) != len(new):
+        raise ValueError("New class names must be different from each other.")
+    return base + new
+
+
+def build_dataset(files: dict[str, Sequence[str | Path | bytes]], classes: Sequence[str],
+                  max_images: int = MAX_IMAGES) -> Dataset:
+    """Decode uploaded files per class name into a Dataset; data.ImageError names the bad file."""
+    classes = list(classes)
+    total = sum(len(v or []) for v in files.values())
+    if total > max_images:
+        raise ValueError(f"{total} images uploaded; the limit is {max_images} per run.")
+    xs, ys = [], []
+    for name, paths in files.items():
+        if not paths:
+            continue
+        if name not in classes:
+            raise ValueError(f"Images given for '{name}', which is not one of the classes {classes}.")
+        for p in paths:
+            try:
+                im = data.prepare_image(p)
+            except data.ImageError as e:
+                label = Path(p).name if isinstance(p, (str, Path)) else "an upload"
+                raise data.ImageError(f"{label} ({name}): {e}") from e
+            xs.append(data.pil_to_uint8(im))
+            ys.append(classes.index(name))
+    if not xs:
+        raise ValueError("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
+    return Dataset(torch.cat(xs), torch.tensor(ys, dtype=torch.int64), classes)
+
+
+def cifar_dataset(source: str | Path | None, per_class: int, seed: int = 0) -> Dataset:
+    """A balanced subset of CIFAR-10's training split (per_class images of each class)."""
+    per_class = int(per_class)
+    if not 1 <= per_class <= MAX_CIFAR_PER_CLASS:
+        raise ValueError(f"CIFAR-10 subset: 1 to {MAX_CIFAR_PER_CLASS} images per class.")
+    x, y = data.load_split(source, "train")
+    x, y = subset(x, y, per_class * len(data.CLASSES), seed)
+    return Dataset(x, y, list(data.CLASSES))
+
+
+def merge(a: Dataset | None, b: Dataset | None) -> Dataset:
+    """Two datasets over the same class list, concatenated."""
+    if a is None or b is None:
+        if a is None and b is None:
+            raise ValueError("No training images.")
+        return a if b is None else b
+    if a.classes != b.classes[:len(a.classes)] and b.classes != a.classes[:len(b.classes)]:
+        raise ValueError("datasets with different classes")
+    classes = a.classes if len(a.classes) >= len(b.classes) else b.classes
+    return Dataset(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), classes)
+
+
+def holdout_split(ds: Dataset, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, held-out): per class, round(fraction * n) images (at least 1 when n >= 2) are held out."""
+    g = torch.Generator().manual_seed(seed)
+    tr, ho = [], []
+    for c in range(len(ds.classes)):
+        idx = torch.nonzero(ds.y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = 0 if len(idx) < 2 else max(1, round(fraction * len(idx)))
+        ho.append(idx[:k])
+        tr.append(idx[k:])
+    tr_i, ho_i = torch.cat(tr), torch.cat(ho)
+    return (Dataset(ds.x[tr_i], ds.y[tr_i], ds.classes), Dataset(ds.x[ho_i], ds.y[ho_i], ds.classes))
+
+
+def prepare_model(model: nn.Module, old_classes: Sequence[str], classes: Sequence[str]) -> nn.Module:
+    """A deep copy of `model` whose head has len(classes) outputs; existing classes keep their weights."""
+    m = copy.deepcopy(model)
+    if len(classes) != len(old_classes):
+        head = m.net.fc if hasattr(m, "net") else m.fc
+        w, b = head.weight.detach().clone(), head.bias.detach().clone()
+        m.reset_classifier(len(classes))
+        head = m.net.fc if hasattr(m, "net") else m.fc
+        with torch.no_grad():  # new classes start from fresh rows; old ones keep what they knew
+            head.weight[:len(old_classes)] = w
+            head.bias[:len(old_classes)] = b
+    return m
+
+
+@dataclass
+class Options:
+    """What the user chose; validated against the caps by `check`."""
+
+    train_layers: str = "head"
+    epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ValueError with a user-facing message when an option is out of range."""
+        if self.train_layers not in TRAIN_LAYERS:
+            raise ValueError(f"What to train must be one of {', '.join(TRAIN_LAYERS)}.")
+        if not 1 <= int(self.epochs) <= MAX_EPOCHS:
+            raise ValueError(f"Epochs must be between 1 and {MAX_EPOCHS}.")
+        if not 0 < float(self.lr) <= 1.0:
+            raise ValueError("The learning rate must be in (0, 1].")
+        if not 1 <= int(self.batch_size) <= MAX_BATCH_SIZE:
+            raise ValueError(f"Batch size must be between 1 and {MAX_BATCH_SIZE}.")
+
+
+@dataclass
+class Update:
+    """One event of `run`: 'step'/'epoch' progress, or 'done' with the result."""
+
+    kind: str
+    text: str
+    curve: list[dict] = field(default_factory=list)  # rows {step, series, value} for a line plot
+    result: "Result | None" = None
+
+
+@dataclass
+class Result:
+    """A finished (or stopped) fine-tune: the new model and its numbers."""
+
+    model: nn.Module
+    classes: list[str]
+    before: dict
+    after: dict
+    history: list[dict]
+    stopped: bool
+    seconds: float
+    options: dict
+    n_train: int
+    n_holdout: int
+
+    @property
+    def custom_classes(self) -> bool:
+        return tuple(self.classes) != data.CLASSES
+
+    def summary(self) -> str:
+        """Markdown lines: before/after accuracies."""
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.1f} %"
+        lines = [f"**{'Stopped' if self.stopped else 'Finished'}** after {self.seconds:.1f} s "
+                 f"({len(self.history)} epoch(s), {self.n_train} training / {self.n_holdout} held-out images).",
+                 "", "| | before | after |", "|---|---|---|",
+                 f"| held-out part of your data | {pct(self.before.get('holdout'))} | {pct(self.after.get('holdout'))} |"]
+        if self.before.get("cifar") is not None or self.after.get("cifar") is not None:
+            lines.append(f"| CIFAR-10 test slice ({FORGETTING_SLICE} images, forgetting) | "
+                         f"{pct(self.before.get('cifar'))} | {pct(self.after.get('cifar'))} |")
+        return "\n".join(lines)
+
+
+def _acc(model: nn.Module, ds: Dataset | tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
+    if ds is None:
+        return None
+    x, y = (ds.x, ds.y) if isinstance(ds, Dataset) else ds
+    if len(y) == 0:
+        return None
+    return accuracy(model, x, y)
+
+
+def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: Options,
+        stop: threading.Event | None = None, cifar_test: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seconds: float = MAX_SECONDS) -> Iterator[Update]:
+    """Fine-tune a copy of `model` on `dataset`, yielding progress; the last Update carries the Result."""
+    opts.check()
+    if len(dataset) < 2:
+        raise ValueError("Upload at least two images.")
+    train_ds, hold_ds = holdout_split(dataset, seed=opts.seed)
+    if len(train_ds) == 0:
+        raise ValueError("Every class needs at least two images: one is held out for the before/after score.")
+    device = next(model.parameters()).device
+    base = model
+    new = prepare_model(model, model_classes, dataset.classes)
+    cifar = None
+    if cifar_test is not None and tuple(dataset.classes[:len(data.CLASSES)]) == data.CLASSES:
+        cifar = (cifar_test[0][:FORGETTING_SLICE], cifar_test[1][:FORGETTING_SLICE])
+    # Before = the session's model as it is (a new class is simply never predicted by it).
+    before = {"holdout": _acc(base, hold_ds), "cifar": _acc(base, cifar)}
+    cfg = TrainConfig(model="fine-tune", epochs=int(opts.epochs), batch_size=min(int(opts.batch_size), len(train_ds)),
+                      lr=float(opts.lr), weight_decay=5e-4, label_smoothing=0.0, schedule="cosine",
+                      warmup_epochs=0.0, channels_last=device.type == "cuda", bf16=True, seed=int(opts.seed),
+                      train_layers=opts.train_layers, max_seconds=float(max_seconds), log_every=1)
+    curve: list[dict] = []
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    stopped = False
+    holdout = (hold_ds.x, hold_ds.y) if len(hold_ds) else None
+    for ev in fit(new, (train_ds.x, train_ds.y), cfg, holdout, device, stop=stop):
+        if ev.kind == "step":
+            x = ev.epoch + ev.step / ev.steps_per_epoch
+            curve += [{"epoch": round(x, 3), "series": "train loss", "value": ev.loss},
+                      {"epoch": round(x, 3), "series": "train accuracy", "value": ev.acc}]
+            yield Update("step", f"epoch {ev.epoch + 1}/{cfg.epochs}, step {ev.step}/{ev.steps_per_epoch}: "
+                                 f"loss {ev.loss:.3f}, accuracy {ev.acc:.3f} ({ev.seconds:.1f} s)", list(curve))
+        elif ev.kind == "epoch":
+            if ev.test_acc is not None:
+                curve.append({"epoch": float(ev.epoch), "series": "held-out accuracy", "value": ev.test_acc})
+            yield Update("epoch", f"epoch {ev.epoch}/{cfg.epochs} done: loss {ev.loss:.3f}, accuracy {ev.acc:.3f}"
+                                  + (f", held-out {ev.test_acc:.3f}" if ev.test_acc is not None else "")
+                                  + (" (stopped)" if ev.stopped else ""), list(curve))
+        elif ev.kind == "done":
+            history, stopped = ev.history, ev.stopped
+    new.eval()
+    after = {"holdout": _acc(new, hold_ds), "cifar": _acc(new, cifar)}
+    res = Result(new, list(dataset.classes), before, after, history, stopped, time.perf_counter() - t0,
+                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds))
+    yield Update("done", res.summary(), list(curve), res)
+
+
+def export(result: Result, path: str | Path, base_meta: dict | None = None) -> Path:
+    """Write the fine-tuned model as a checkpoint (custom_classes=True when its classes are not CIFAR-10's)."""
+    base_meta = base_meta or {}
+    meta = {"classes": list(result.classes), "history": result.history,
+            "accuracy": result.after.get("cifar"),
+            "fine_tune": {"from": base_meta.get("source_name") or base_meta.get("recipe", {}).get("model"),
+                          "options": result.options, "before": result.before, "after": result.after,
+                          "n_train": result.n_train, "n_holdout": result.n_holdout, "stopped": result.stopped}}
+    if result.custom_classes:
+        meta["custom_classes"] = True
+    return weights.save_checkpoint(path, result.model, meta)
