@@ -1,0 +1,312 @@
+"""What the network computes inside: feature maps per group, per-group statistics, Captum attributions.
+
+Computations only: tensors, arrays and dataclasses come out, never images (see visualize.py). This is
+the only module that imports captum.
+
+Concurrency: the model passed in is shared by every user of the app. FX tracing flips its train/eval
+mode and Captum hooks its modules, so both work on `predict.eval_view(model)`, a copy of the module
+tree that shares the weight tensors: the shared model is never hooked, switched or changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from captum.attr import (DeepLift, GuidedBackprop, GuidedGradCam, IntegratedGradients, LayerAttribution,
+                         LayerGradCam, NoiseTunnel, Occlusion, Saliency)
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.transforms.functional import gaussian_blur
+
+from . import data
+from .predict import eval_view
+
+# ---------------------------------------------------------------- layers and feature maps
+
+
+def _prefix(model: nn.Module) -> str:
+    """Module-path prefix of the stages: '' for our CIFAR ResNeXt, 'net.' for the torchvision seed."""
+    return "net." if getattr(getattr(model, "config", None), "family", "cifar") == "torchvision" else ""
+
+
+def _stem_node(model: nn.Module) -> str:
+    """The stem's activation (what the 'conv1' stage shows): the conv output before ReLU is less readable."""
+    return _prefix(model) + ("relu" if _prefix(model) else "act1")
+
+
+def layer_choices(model: nn.Module) -> dict[str, list[str]]:
+    """Names for the UI: every block's grouped 3x3 conv ('grouped') and the stem + stage outputs ('stages')."""
+    p = _prefix(model)
+    return {"grouped": list(model.grouped_convs()),
+            "stages": [p + "conv1"] + [p + s for s in model.stage_names]}
+
+
+def _node(model: nn.Module, layer: str) -> str:
+    """The FX node / module path for a UI layer name.
+
+    - a grouped conv ('layer1.0.conv2') is its own node: the conv output, before BN and ReLU;
+    - 'conv1' (stage list) is the stem after its activation: node 'act1' ('net.relu' for the seed);
+    - a stage ('layer2') is accepted by torchvision as a parent module: it returns that module's last
+      node, i.e. the last block's output after its final ReLU ('layer2.N.act3');
+    - anything else is passed through, so any node of `get_graph_node_names` works (e.g. 'layer1.0.act2').
+    """
+    return _stem_node(model) if layer == _prefix(model) + "conv1" else layer
+
+
+def groups_of(model: nn.Module, layer: str) -> int:
+    """The number of groups of `layer`'s conv (1 for stage outputs and anything that is not a conv)."""
+    head, _, last = layer.rpartition(".")
+    if last in ("bn2", "act2", "relu_1"):  # BN and ReLU after a grouped conv keep its channel groups
+        layer = f"{head}.conv2"
+    try:
+        m = model.get_submodule(layer)
+    except AttributeError as e:
+        raise ValueError(f"unknown layer {layer!r}; choose one of {layer_choices(model)}") from e
+    return m.groups if isinstance(m, nn.Conv2d) else 1
+
+
+def activation_node(model: nn.Module, layer: str) -> str:
+    """The node after a grouped conv's BN + ReLU (for true sparsity): 'layer1.0.conv2' -> 'layer1.0.act2'."""
+    head, _, last = layer.rpartition(".")
+    if last != "conv2":
+        return _node(model, layer)  # stage outputs are already after their activation
+    # The seed's torchvision Bottleneck reuses one ReLU module; its 2nd call is FX node 'relu_1'.
+    return f"{head}.relu_1" if _prefix(model) else f"{head}.act2"
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Outputs (1 x C x H x W, detached float32 CPU) of `layers` for a normalized 1 x 3 x 32 x 32 input."""
+    nodes = {_node(model, name): name for name in layers}  # FX node -> the caller's name
+    view = eval_view(model)  # tracing calls .train()/.eval(): do it on a private view
+    try:
+        extractor = create_feature_extractor(view, return_nodes=nodes)
+    except ValueError as e:  # torchvision's message lists no valid names; ours does
+        raise ValueError(f"{e}\nValid layers: {layer_choices(model)} or any FX node name "
+                         "(torchvision.models.feature_extraction.get_graph_node_names)") from e
+    extractor.eval()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = extractor(x.to(device))
+    return {name: out[name].detach().float().cpu() for name in layers}
+
+
+def split_groups(fmap: torch.Tensor, groups: int) -> torch.Tensor:
+    """(1 x) C x H x W -> G x C/G x H x W: group g holds channels [g*w, (g+1)*w), as the conv computes them."""
+    if fmap.dim() == 4:
+        if fmap.shape[0] != 1:
+            raise ValueError(f"split_groups takes one image, got a batch of {fmap.shape[0]}")
+        fmap = fmap[0]
+    c, h, w = fmap.shape
+    if groups < 1 or c % groups:
+        raise ValueError(f"{c} channels cannot be split into {groups} groups")
+    return fmap.reshape(groups, c // groups, h, w)  # contiguous channel blocks: exactly the conv's groups
+
+
+@dataclass
+class GroupStats:
+    """Per-group numbers (each array has length G)."""
+
+    mean: np.ndarray  # mean value over the group's channels and positions
+    l1: np.ndarray  # mean |value|: the group's "energy", comparable across groups of equal width
+    sparsity: np.ndarray  # fraction of values <= 0, i.e. zeroed by a ReLU (see group_stats)
+    max: np.ndarray  # largest value
+
+
+def group_stats(fmap: torch.Tensor, groups: int, activated: torch.Tensor | None = None) -> GroupStats:
+    """Mean, mean |x| (L1 energy), sparsity and max of each group of `fmap`.
+
+    Sparsity is the fraction of a group's values that are <= 0, computed on `activated` when given,
+    else on `fmap`. On a stage output (after its ReLU) that is exactly the fraction of dead units. For a
+    grouped conv, `fmap` is the conv output before BN, so pass its activation too
+    (`feature_maps(model, x, [activation_node(model, layer)])`) to get the fraction the block's ReLU
+    really zeroes; without it the number is only the fraction of negative pre-BN responses.
+    """
+    g = split_groups(fmap, groups).double().flatten(1)  # G x (w*H*W); float64 so sums are exact enough
+    a = g if activated is None else split_groups(activated, groups).double().flatten(1)
+    return GroupStats(mean=g.mean(1).numpy(), l1=g.abs().mean(1).numpy(),
+                      sparsity=(a <= 0).double().mean(1).numpy(), max=g.amax(1).numpy())
+
+
+# ---------------------------------------------------------------- attributions
+
+METHODS: tuple[str, ...] = ("Integrated Gradients", "Saliency", "SmoothGrad", "Grad-CAM", "Guided Grad-CAM",
+                            "Occlusion", "DeepLift", "GuidedBackprop")
+BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
+
+_DEFAULTS: dict[str, dict] = {
+    # steps: 32 Gauss-Legendre points are enough for completeness within a few % on these models;
+    # internal_batch_size None = all steps in one forward/backward pass.
+    "Integrated Gradients": {"steps": 32, "baseline": "black", "internal_batch_size": None},
+    "Saliency": {},
+    # noise: stdev as a fraction of the input's value range (the SmoothGrad paper's 10-20 %).
+    "SmoothGrad": {"samples": 16, "noise": 0.15},
+    "Grad-CAM": {"layer": None, "relu": True, "upsample": "bilinear"},  # layer None = last stage
+    "Guided Grad-CAM": {"layer": None},
+    "Occlusion": {"window": 8, "stride": 4, "baseline": "mean"},  # mean = a grey patch
+    "DeepLift": {"baseline": "black"},
+    "GuidedBackprop": {},
+}
+
+
+def default_params(method: str) -> dict:
+    """The tunable parameters of `method` with their defaults (layer None means the last stage)."""
+    _check_method(method)
+    return dict(_DEFAULTS[method])
+
+
+@dataclass
+class Attribution:
+    """A 32 x 32 signed map of how much each pixel drove the target class's logit."""
+
+    values: np.ndarray  # H x W float32, finite; channels summed for pixel methods
+    raw_min: float  # range of the raw attribution tensor (before channel sum / upsampling)
+    raw_max: float
+    method: str
+    target: int
+    params: dict = field(default_factory=dict)  # the parameters actually used (defaults filled in)
+    note: str | None = None  # why the map is empty or was repaired; None when it is fine
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _baseline(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """A reference input in normalized space: what 'absence of signal' means for IG, DeepLift, Occlusion."""
+    if kind == "black":  # pixel value 0, normalized
+        return data.normalize(torch.zeros_like(x))
+    if kind == "mean":  # the dataset mean colour = 0 after normalization
+        return torch.zeros_like(x)
+    if kind == "blur":  # keeps colours, removes edges and texture
+        return gaussian_blur(x, kernel_size=[9, 9], sigma=[3.0, 3.0])
+    if kind == "noise":  # uniform pixel noise; a local seeded generator so results are reproducible
+        gen = torch.Generator().manual_seed(0)
+        return data.normalize(torch.rand(x.shape, generator=gen)).to(x.device)
+    raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+
+
+def _params(model: nn.Module, method: str, params: dict) -> dict:
+    """Defaults merged with the caller's params, validated; ValueError names the bad one."""
+    p = default_params(method)
+    unknown = set(params) - set(p)
+    if unknown:
+        raise ValueError(f"{method} has no parameter(s) {', '.join(sorted(unknown))}; "
+                         f"it takes {', '.join(p) or 'none'}")
+    p.update(params)
+    for k in ("steps", "samples", "window", "stride"):
+        if k in p and (not isinstance(p[k], (int, np.integer)) or p[k] < 1):
+            raise ValueError(f"{method}: {k} must be a positive integer, not {p[k]!r}")
+    if p.get("internal_batch_size") is not None and int(p["internal_batch_size"]) < 1:
+        raise ValueError(f"{method}: internal_batch_size must be a positive integer or None")
+    if "baseline" in p and p["baseline"] not in BASELINES:
+        raise ValueError(f"{method}: unknown baseline {p['baseline']!r}; choose one of {', '.join(BASELINES)}")
+    if "noise" in p and not (0 <= float(p["noise"]) <= 10):
+        raise ValueError(f"{method}: noise must be between 0 and 10 (fraction of the input range)")
+    if "window" in p and p["window"] > data.IMAGE_SIZE:
+        raise ValueError(f"{method}: window must be at most {data.IMAGE_SIZE}")
+    if "upsample" in p and p["upsample"] not in ("bilinear", "nearest"):
+        raise ValueError(f"{method}: upsample must be 'bilinear' or 'nearest'")
+    if "layer" in p:
+        if p["layer"] is None:
+            p["layer"] = layer_choices(model)["stages"][-1]
+        try:
+            model.get_submodule(_node(model, p["layer"]))
+        except AttributeError as e:
+            raise ValueError(f"{method}: unknown layer {p['layer']!r}; choose one of {layer_choices(model)}") from e
+    return p
+
+
+def attribute(model: nn.Module, x: torch.Tensor, method: str, target: int, **params) -> Attribution:
+    """Attribute the `target` logit of `model` at the normalized 1 x 3 x 32 x 32 input `x` to its pixels.
+
+    Raises ValueError on an unknown method, parameter or target. The model is not modified.
+    """
+    _check_method(method)
+    p = _params(model, method, params)
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if not isinstance(target, (int, np.integer)) or target < 0 or (num_classes and target >= num_classes):
+        raise ValueError(f"target must be a class index in [0, {num_classes}), not {target!r}")
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
+    target = int(target)
+    view = eval_view(model)  # Captum hooks and DeepLift's module attributes land here, not on `model`
+    device = next(model.parameters()).device
+    # inference_mode(False)/enable_grad: the caller may be inside no_grad (e.g. a UI handler); clone()
+    # also turns an inference-mode tensor into a normal one that autograd accepts.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().to(device, torch.float32).clone().requires_grad_()
+        raw = _run(view, x, method, target, p)
+    raw = raw.detach().float().cpu()
+    return _finish(raw, method, target, p, model)
+
+
+def _run(view: nn.Module, x: torch.Tensor, method: str, target: int, p: dict) -> torch.Tensor:
+    """The raw Captum attribution (1 x 3 x H x W, or 1 x 1 x h x w for Grad-CAM)."""
+    if method == "Integrated Gradients":
+        return IntegratedGradients(view).attribute(
+            x, baselines=_baseline(p["baseline"], x), target=target, n_steps=p["steps"],
+            internal_batch_size=p["internal_batch_size"] or p["steps"])
+    if method == "Saliency":
+        return Saliency(view).attribute(x, target=target, abs=True)
+    if method == "SmoothGrad":
+        stdev = float(p["noise"]) * float(x.max() - x.min())  # noise relative to this input's range
+        return NoiseTunnel(Saliency(view)).attribute(
+            x, nt_type="smoothgrad", nt_samples=p["samples"], nt_samples_batch_size=p["samples"],
+            stdevs=stdev, target=target, abs=True)
+    if method == "Grad-CAM":
+        layer = view.get_submodule(_node(view, p["layer"]))
+        return LayerGradCam(view, layer).attribute(x, target=target, relu_attributions=p["relu"])
+    if method == "Guided Grad-CAM":
+        layer = view.get_submodule(_node(view, p["layer"]))
+        return GuidedGradCam(view, layer).attribute(x, target=target)
+    if method == "Occlusion":
+        w, s = p["window"], p["stride"]
+        n_windows = ((x.shape[2] - w) // s + 1) * ((x.shape[3] - w) // s + 1)
+        return Occlusion(view).attribute(
+            x, sliding_window_shapes=(x.shape[1], w, w), strides=(x.shape[1], s, s),
+            baselines=_baseline(p["baseline"], x), target=target,
+            perturbations_per_eval=min(n_windows, 64))  # all windows in one or two batched forwards
+    if method == "DeepLift":
+        return DeepLift(view).attribute(x, baselines=_baseline(p["baseline"], x), target=target)
+    if method == "GuidedBackprop":
+        return GuidedBackprop(view).attribute(x, target=target)
+    raise AssertionError(method)  # unreachable: _check_method ran
+
+
+_EMPTY_NOTES = {
+    "Grad-CAM": "all zeros: Grad-CAM is 0 where ReLU kills the gradient (no positive evidence for this "
+                "class at this layer); try another layer or turn off relu to see the negative evidence",
+    "Guided Grad-CAM": "all zeros: its Grad-CAM factor is 0 at this layer for this class; try another layer",
+    "Occlusion": "all zeros: hiding any window does not change this logit; try a larger window",
+}
+
+
+def _finish(raw: torch.Tensor, method: str, target: int, p: dict, model: nn.Module) -> Attribution:
+    """Raw tensor -> finite 32 x 32 map plus a note when it is degenerate."""
+    notes = []
+    finite = torch.isfinite(raw)
+    raw_min = float(raw[finite].min()) if finite.any() else 0.0
+    raw_max = float(raw[finite].max()) if finite.any() else 0.0
+    if not finite.all():  # never hand NaN/inf to the UI: zero them and say so
+        notes.append(f"{int((~finite).sum())} non-finite values (NaN/inf) were replaced by 0")
+        raw = torch.where(finite, raw, torch.zeros_like(raw))
+    if method == "Grad-CAM":  # one coarse map per image at the layer's resolution -> input resolution
+        m = LayerAttribution.interpolate(raw, (data.IMAGE_SIZE, data.IMAGE_SIZE), interpolate_mode=p["upsample"])
+        values = m[0, 0]
+    elif method == "Occlusion":
+        # The window spans all 3 channels, so Captum writes the same logit change into each: one copy
+        # (the mean) keeps the map in logit units instead of tripling it.
+        values = raw[0].mean(0)
+    else:
+        values = raw[0].sum(0)  # pixel methods: a pixel's attribution is the sum over its R, G, B
+    if values.shape != (data.IMAGE_SIZE, data.IMAGE_SIZE):  # other input sizes: show at 32x32 anyway
+        values = F.interpolate(values[None, None], size=(data.IMAGE_SIZE,) * 2, mode="bilinear")[0, 0]
+    values = values.numpy().astype(np.float32)
+    if not np.any(values):
+        notes.append(_EMPTY_NOTES.get(method, "all zeros: the target logit's gradient vanishes at this input"))
+    if method in ("DeepLift", "GuidedBackprop", "Guided Grad-CAM") and _prefix(model):
+        notes.append("unreliable on the torchvision seed model: its blocks reuse one in-place ReLU")
+    return Attribution(values, raw_min, raw_max, method, target, p, "; ".join(notes) or None)

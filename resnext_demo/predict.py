@@ -1,0 +1,87 @@
+"""Inference: any user image -> class probabilities, plus the 32x32 picture the model actually saw."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from . import data
+
+
+def select_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prediction:
+    """One image's result; `seconds` covers preprocessing, forward and softmax."""
+
+    probs: dict[str, float]  # every class -> probability, sorted by descending probability
+    top_index: int
+    top_class: str
+    image32: Image.Image  # the 32x32 RGB picture the model saw: show it, users are often surprised
+    seconds: float
+    device: str
+
+
+def eval_view(model: nn.Module) -> nn.Module:
+    """A copy of the module tree in eval mode that shares the parameter and buffer tensors (no copy).
+
+    The shared model is used by many requests at once, so nothing may flip its mode or hook it:
+    `.eval()`, Captum's hooks and FX tracing (which calls `.train()`) land on this copy instead.
+    Costs a few milliseconds and no tensor memory.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy reuses memo hits
+    for m in model.modules():  # hooks another request put on the original are not copied (nor deep-copied)
+        for name, d in vars(m).items():
+            if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(d, dict):
+                memo[id(d)] = type(d)()
+    return copy.deepcopy(model, memo).eval()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a parameterless module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def predict(model: nn.Module, image: Image.Image | np.ndarray | str | Path | bytes,
+            classes: list[str] | tuple[str, ...]) -> Prediction:
+    """Classify one image (PIL, array, path or bytes); raises data.ImageError for unusable images."""
+    if model.training:  # train-mode BN would use batch statistics and update the shared buffers
+        model = eval_view(model)
+    device = _device_of(model)
+    t0 = time.perf_counter()
+    im32 = data.prepare_image(image)
+    with torch.inference_mode():
+        x = data.normalize(data.pil_to_uint8(im32).to(device))
+        p = torch.softmax(model(x).float(), dim=1)[0].cpu()
+    seconds = time.perf_counter() - t0  # .cpu() above synchronises CUDA, so this is the real latency
+    if len(classes) != p.numel():
+        raise ValueError(f"{len(classes)} class names for a model with {p.numel()} outputs")
+    order = torch.argsort(p, descending=True).tolist()
+    probs = {classes[i]: float(p[i]) for i in order}
+    return Prediction(probs, order[0], classes[order[0]], im32, seconds, str(device))
+
+
+def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory."""
+    device = _device_of(model)
+    if model.training:
+        model = eval_view(model)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x_uint8), batch_size):
+            xb = data.normalize(x_uint8[i:i + batch_size].to(device))
+            out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+    if not out:  # empty input: keep the K dimension so callers can still index columns
+        k = getattr(getattr(model, "config", None), "num_classes", 0)
+        return torch.empty(0, k)
+    return torch.cat(out)
