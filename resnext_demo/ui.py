@@ -1,0 +1,721 @@
+"""The Gradio app: Predict · Feature maps (per group) · Attributions · Fine-tune · About the architecture.
+
+The only module that imports gradio. `Handlers` holds what every session shares read-only (the base
+model, its metadata, the data source); each handler converts Gradio values, calls the package and
+returns. Per-session things live in `gr.State`: the model this session uses (None = the shared base
+model, never mutated), a freshly fine-tuned model waiting for "use this model", and a stop flag.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from . import data, explain, finetune, visualize, weights
+from .model import ResNeXtConfig, build_from_config, config_params, count_macs, equal_budget_configs, \
+    list_models, matched_base_width
+from .predict import predict, predict_batch
+
+HEAVY = "heavy"  # one concurrency pool for every model-running event
+HEAVY_LIMIT = 2  # at most this many model-running events at once (2 cores, each op uses them all anyway)
+QUEUE_MAX = 32  # waiting requests beyond this are refused with "queue full"
+SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its last use
+N_SAMPLES = 20  # sample gallery: two test images per class
+MISCLASSIFIED_SLICE = 500  # test images scanned for the "misclassified examples" view
+MISCLASSIFIED_SHOW = 24
+DISPLAY = 224  # side of upscaled 32x32 images
+CARDINALITIES = (1, 2, 4, 8, 16, 32)
+
+NO_DATA_HELP = ("No CIFAR-10 source is configured, so there are no sample images. Set the environment "
+                "variable `RESNEXT_DEMO_DATA` to a torchvision CIFAR-10 root or an image-folder "
+                "directory / `.tar.gz`, or start the app with `python app.py --data PATH`. "
+                "Everything else works with your own images.")
+
+
+def no_weights_help(path: str | Path | None, reason: str | None) -> str:
+    """What to tell users when no checkpoint could be loaded."""
+    return (f"**No model loaded** ({reason or 'no checkpoint'}). Train one with "
+            f"`python -m resnext_demo.train --model resnext29_8x4d_micro --epochs 10 --out {path or weights.DEFAULT_WEIGHTS}` "
+            "(about an hour on a 2-core CPU; `--subset 2000 --epochs 1` for a quick smoke model), or start "
+            "the app with `--weights PATH` / `RESNEXT_DEMO_WEIGHTS=PATH`. You can also load an exported "
+            "`.safetensors` checkpoint in the Fine-tune tab (this session only).")
+
+
+@dataclass
+class SessionModel:
+    """A model with its metadata and class names (the session's active or pending model)."""
+
+    model: nn.Module
+    meta: dict
+    classes: list[str]
+    name: str
+    path: str | None = None  # exported checkpoint file, for fine-tuned models
+
+
+class StopFlag:
+    """A per-session stop signal; deep-copying (what gr.State does per session) makes a fresh one."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __deepcopy__(self, memo) -> "StopFlag":
+        return StopFlag()
+
+
+def _delete_pending(sm: SessionModel | None) -> None:
+    """gr.State delete_callback: remove the exported file of an expired session's fine-tune."""
+    if sm is not None and sm.path:
+        Path(sm.path).unlink(missing_ok=True)
+
+
+def _friendly(fn):
+    """Turn the package's user-facing errors into gr.Error (a toast), never a server crash."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (data.ImageError, weights.CheckpointError, ValueError, FileNotFoundError) as e:
+            raise gr.Error(str(e)) from e
+    return wrapper
+
+
+def _friendly_gen(fn):
+    """_friendly for generator handlers."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (data.ImageError, weights.CheckpointError, ValueError, FileNotFoundError) as e:
+            raise gr.Error(str(e)) from e
+    return wrapper
+
+
+def _upscale(im: Image.Image, size: int = DISPLAY) -> Image.Image:
+    """Nearest-neighbour upscale so each of the 32x32 pixels stays visible."""
+    return visualize.upscale(im, size)
+
+
+def _to_pil32(x: torch.Tensor) -> Image.Image:
+    """3 x 32 x 32 uint8 tensor -> PIL image."""
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def _layer_label(model: nn.Module, name: str, grouped: bool) -> str:
+    if grouped:
+        return f"{name} — grouped 3x3 conv, C={explain.groups_of(model, name)} groups"
+    return f"{name} — {'stem' if name.endswith('conv1') else 'stage'} output (ungrouped)"
+
+
+def layer_dropdown_choices(model: nn.Module | None) -> list[tuple[str, str]]:
+    """(label, value) pairs: grouped convs first, then the stem and stage outputs."""
+    if model is None:
+        return []
+    ch = explain.layer_choices(model)
+    return [(_layer_label(model, n, True), n) for n in ch["grouped"]] + \
+           [(_layer_label(model, n, False), n) for n in ch["stages"]]
+
+
+@functools.lru_cache(maxsize=16)
+def _macs(config: ResNeXtConfig) -> int:
+    """MACs of a config, counted on the meta device (no memory, no real arithmetic)."""
+    with torch.device("meta"):
+        m = build_from_config(config)
+    return count_macs(m)
+
+
+def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -> pd.DataFrame:
+    """Parameters and MFLOPs of the loaded network at other C x d with the same budget (computed)."""
+    if config.family != "cifar":
+        return pd.DataFrame({"note": ["table available for the CIFAR ResNeXt family only"]})
+    if recipe_model in list_models() and config.num_classes == 10:
+        cfgs = list(equal_budget_configs(recipe_model, CARDINALITIES).values())
+    else:
+        from dataclasses import replace
+        cfgs = [replace(config, cardinality=c, base_width=matched_base_width(config, c)) for c in CARDINALITIES]
+    rows = []
+    for c in cfgs:
+        rows.append({"C (groups)": c.cardinality, "d (width/group, stage 1)": c.base_width,
+                     "bottleneck C×d": c.cardinality * c.base_width,
+                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs (multiply-adds)": round(_macs(c) / 1e6, 1),
+                     "loaded": "◀" if (c.cardinality, c.base_width) == (config.cardinality, config.base_width) else ""})
+    return pd.DataFrame(rows)
+
+
+class Handlers:
+    """Every event handler of the app; shared read-only state only (per-session state comes in as args)."""
+
+    def __init__(self, model: nn.Module | None, meta: dict | None, data_source: str | None,
+                 weights_path: str | Path | None = None, load_error: str | None = None,
+                 max_seconds: float = finetune.MAX_SECONDS):
+        self.base = None
+        if model is not None:
+            meta = meta or {}
+            classes = list(meta.get("classes") or data.CLASSES)
+            name = Path(weights_path).name if weights_path else meta.get("recipe", {}).get("model", "model")
+            self.base = SessionModel(model.eval(), meta, classes, name)
+        self.data_source = data_source
+        self.weights_path = weights_path
+        self.load_error = load_error
+        self.max_seconds = max_seconds
+        self._test = None
+        self._test_error: str | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ shared helpers
+
+    def active(self, session: SessionModel | None) -> SessionModel:
+        """The session's model (fine-tuned or uploaded) or the shared base model."""
+        if session is not None:
+            return session
+        if self.base is None:
+            raise gr.Error(no_weights_help(self.weights_path, self.load_error).replace("**", ""), duration=None)
+        return self.base
+
+    def test_split(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The CIFAR-10 test split (loaded once, read-only), or None without a data source."""
+        if self.data_source is None:
+            return None
+        with self._lock:
+            if self._test is None and self._test_error is None:
+                try:
+                    self._test = data.load_split(self.data_source, "test")
+                except (OSError, ValueError) as e:  # missing/bad source: the app works without samples
+                    self._test_error = f"Could not read the CIFAR-10 source {self.data_source}: {e}"
+            return self._test
+
+    def data_help(self) -> str:
+        """Why there are no samples."""
+        return self._test_error or NO_DATA_HELP
+
+    def model_banner(self, session: SessionModel | None) -> str:
+        """One line: which model this session uses."""
+        if session is None and self.base is None:
+            return no_weights_help(self.weights_path, self.load_error)
+        sm = self.active(session)
+        acc = sm.meta.get("accuracy")
+        acc_s = f", CIFAR-10 test accuracy {100 * acc:.1f} %" if isinstance(acc, (int, float)) else ""
+        who = "the shared model" if session is None else "**your session's model** (only you see it)"
+        return (f"Using {who}: `{sm.name}` — ResNeXt C={sm.model.config.cardinality}, "
+                f"{len(sm.classes)} classes{acc_s}.")
+
+    # ------------------------------------------------------------ Predict
+
+    @_friendly
+    def predict_label(self, image, k: int = 3, session: SessionModel | None = None) -> dict[str, float]:
+        """API /predict: image in, top-k {class: probability} out."""
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        sm = self.active(session)
+        p = predict(sm.model, image, sm.classes)
+        return dict(list(p.probs.items())[:max(1, int(k))])
+
+    @_friendly
+    def predict_full(self, image, k: int = 3, session: SessionModel | None = None, truth: dict | None = None):
+        """Predict tab: (top-k label dict, the 32x32 the model sees upscaled, markdown with time/device/truth)."""
+        if image is None:
+            raise gr.Error("Upload an image, paste one, use the webcam, or pick a sample.")
+        sm = self.active(session)
+        p = predict(sm.model, image, sm.classes)
+        top = dict(list(p.probs.items())[:max(1, int(k))])
+        info = (f"**{p.top_class}** ({100 * p.probs[p.top_class]:.1f} %) · inference {1000 * p.seconds:.1f} ms "
+                f"on `{p.device}` · the model sees only the 32×32 picture on the right")
+        if truth and truth.get("label") is not None:
+            ok = truth["label"] == p.top_class
+            info += (f"\n\nTrue label (CIFAR-10 test image #{truth['index']}): **{truth['label']}** — "
+                     + ("✅ correct" if ok else f"❌ incorrect (predicted {p.top_class})"))
+        return top, _upscale(p.image32), info
+
+    def sample_gallery(self):
+        """Gallery of test images with true labels, or a message on how to get a data source."""
+        split = self.test_split()
+        if split is None:
+            return gr.Gallery(value=[], visible=False), self.data_help()
+        x, y = split
+        idx = list(range(min(N_SAMPLES, len(y))))  # interleaved classes: the first 20 hold 2 per class
+        items = [(_upscale(_to_pil32(x[i]), 96), f"#{i} {data.CLASSES[int(y[i])]}") for i in idx]
+        return gr.Gallery(value=items, visible=True), (f"{N_SAMPLES} images from the CIFAR-10 test split "
+                                                        f"(`{Path(self.data_source).name}`); click one to classify it.")
+
+    def load_sample(self, index: int):
+        """(32x32 image, truth dict) of test image `index`."""
+        split = self.test_split()
+        if split is None:
+            raise gr.Error(self.data_help())
+        x, y = split
+        index = int(index) % len(y)
+        return _to_pil32(x[index]), {"index": index, "label": data.CLASSES[int(y[index])]}
+
+    def select_sample(self, evt: gr.SelectData):
+        """Sample gallery click -> load that image (the first N_SAMPLES test images)."""
+        return self.load_sample(evt.index)
+
+    def random_sample(self):
+        """A random test image with its true label."""
+        split = self.test_split()
+        if split is None:
+            raise gr.Error(self.data_help())
+        return self.load_sample(int(np.random.default_rng().integers(len(split[1]))))
+
+    @_friendly
+    def misclassified(self, session: SessionModel | None = None, progress=gr.Progress()):
+        """Misclassified images among the first MISCLASSIFIED_SLICE test images: (gallery, indices, markdown)."""
+        split = self.test_split()
+        if split is None:
+            return [], [], self.data_help()
+        sm = self.active(session)
+        if tuple(sm.classes[:10]) != data.CLASSES:
+            raise gr.Error("This session's model does not use the CIFAR-10 classes, so CIFAR-10 errors are not defined.")
+        progress(0, desc=f"classifying {MISCLASSIFIED_SLICE} test images")
+        x, y = split[0][:MISCLASSIFIED_SLICE], split[1][:MISCLASSIFIED_SLICE]
+        probs = predict_batch(sm.model, x)
+        pred = probs.argmax(1)
+        wrong = torch.nonzero(pred != y).flatten().tolist()
+        shown = wrong[:MISCLASSIFIED_SHOW]
+        items = [(_upscale(_to_pil32(x[i]), 96),
+                  f"#{i} {data.CLASSES[int(y[i])]} → {sm.classes[int(pred[i])]} ({100 * float(probs[i, pred[i]]):.0f} %)")
+                 for i in shown]
+        md = (f"{len(wrong)} of {len(y)} test images misclassified ({100 * (1 - len(wrong) / len(y)):.1f} % correct); "
+              f"showing {len(shown)}. Click one to load it.")
+        return items, shown, md
+
+    def select_misclassified(self, indices: list[int], evt: gr.SelectData):
+        """Misclassified gallery click -> load that test image."""
+        return self.load_sample(indices[evt.index])
+
+    # ------------------------------------------------------------ Feature maps
+
+    @_friendly
+    def feature_maps(self, image, layer: str, view: str = "channels", scale: str = "group",
+                     session: SessionModel | None = None):
+        """(grid image, raw range markdown, per-group stats chart) for one layer."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        sm = self.active(session)
+        valid = [v for _, v in layer_dropdown_choices(sm.model)]
+        if layer not in valid:
+            raise gr.Error(f"Pick a layer from the list ({layer!r} is not a layer of this model).")
+        x = data.preprocess(image)
+        groups = explain.groups_of(sm.model, layer)
+        names = [layer]
+        act = explain.activation_node(sm.model, layer) if groups > 1 else None
+        if act and act != layer:
+            names.append(act)
+        maps = explain.feature_maps(sm.model, x, names)
+        fmap = maps[layer]
+        grid, ranges = visualize.group_grid(explain.split_groups(fmap, groups), scale=scale, view=view)
+        stats = explain.group_stats(fmap, groups, maps.get(act) if act else None)
+        title = f"{layer}: {groups} group(s) × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
+        md = f"**{title}**, colour scale per {scale}.\n\n```\n{ranges}\n```"
+        return grid, md, visualize.group_stats_figure(stats, title=title)
+
+    # ------------------------------------------------------------ Attributions
+
+    @staticmethod
+    def method_params(method: str, steps: int, baseline: str, samples: int, noise: float, layer: str | None,
+                      window: int, stride: int) -> dict:
+        """The UI controls that `method` uses, as explain.attribute keyword arguments."""
+        given = {"steps": int(steps), "baseline": baseline, "samples": int(samples), "noise": float(noise),
+                 "layer": layer or None, "window": int(window), "stride": int(stride)}
+        return {k: v for k, v in given.items() if k in explain.default_params(method)}
+
+    def _target(self, sm: SessionModel, target: str | None, image) -> int:
+        if not target or target == "predicted":
+            return predict(sm.model, image, sm.classes).top_index
+        if target not in sm.classes:
+            raise gr.Error(f"{target!r} is not a class of this model ({', '.join(sm.classes)}).")
+        return sm.classes.index(target)
+
+    def _attr_md(self, a: explain.Attribution, sm: SessionModel) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
+        md = (f"**{a.method}** for class **{sm.classes[a.target]}** · raw range [{a.raw_min:.4g}, {a.raw_max:.4g}]"
+              f" · map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]"
+              + (f" · {params}" if params else ""))
+        if a.note:
+            md += f"\n\n⚠️ {a.note}"
+        return md
+
+    @_friendly
+    def attribute(self, image, method: str, target: str = "predicted", signed: bool = True, opacity: float = 0.5,
+                  steps: int = 32, baseline: str = "black", samples: int = 16, noise: float = 0.15,
+                  layer: str | None = None, window: int = 8, stride: int = 4, session: SessionModel | None = None):
+        """(overlay image, markdown with target, raw range and any note) for one method."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        sm = self.active(session)
+        t = self._target(sm, target, image)
+        x = data.preprocess(image)
+        a = explain.attribute(sm.model, x, method, t,
+                              **self.method_params(method, steps, baseline, samples, noise, layer, window, stride))
+        return visualize.attribution_image(a, data.prepare_image(image), signed=bool(signed), opacity=float(opacity)), \
+            self._attr_md(a, sm)
+
+    @_friendly
+    def compare(self, image, method_a: str, method_b: str, target: str = "predicted", signed: bool = True,
+                opacity: float = 0.5, steps: int = 32, baseline: str = "black", samples: int = 16,
+                noise: float = 0.15, layer: str | None = None, window: int = 8, stride: int = 4,
+                session: SessionModel | None = None):
+        """Two methods side by side on the same image and target: (image, markdown)."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        sm = self.active(session)
+        t = self._target(sm, target, image)
+        x = data.preprocess(image)
+        attrs = [explain.attribute(sm.model, x, m, t, **self.method_params(m, steps, baseline, samples, noise,
+                                                                            layer, window, stride))
+                 for m in (method_a, method_b)]
+        img = visualize.attribution_pair(attrs[0], attrs[1], data.prepare_image(image), signed=bool(signed),
+                                         opacity=float(opacity))
+        return img, "\n\n".join(self._attr_md(a, sm) for a in attrs)
+
+    @staticmethod
+    def param_visibility(method: str):
+        """Show only the controls that `method` uses (steps, baseline, samples, noise, layer, window, stride)."""
+        keys = explain.default_params(method) if method in explain.METHODS else {}
+        return tuple(gr.update(visible=k in keys) for k in ("steps", "baseline", "samples", "noise", "layer",
+                                                            "window", "stride"))
+
+    # ------------------------------------------------------------ Fine-tune
+
+    def stop(self, flag: StopFlag) -> str:
+        """Ask this session's running fine-tune to stop after the current step."""
+        flag.event.set()
+        return "Stopping after the current step…"
+
+    @_friendly_gen
+    def finetune(self, session: SessionModel | None, flag: StopFlag, cifar_per_class: int, train_layers: str,
+                 epochs: int, lr: float, batch_size: int, *uploads):
+        """Generator: yields (status, curve DataFrame, result markdown, download path, pending model).
+
+        `uploads` = 10 file lists (one per CIFAR-10 class), then MAX_NEW_CLASSES names, then their file lists.
+        """
+        sm = self.active(session)
+        n_new = finetune.MAX_NEW_CLASSES
+        class_files = list(uploads[:len(data.CLASSES)])
+        new_names = list(uploads[len(data.CLASSES):len(data.CLASSES) + n_new])
+        new_files = list(uploads[len(data.CLASSES) + n_new:len(data.CLASSES) + 2 * n_new])
+        names_with_files = [(n or "").strip() for n, f in zip(new_names, new_files) if f]
+        if any(not n for n in names_with_files):
+            raise gr.Error("Give each new class with images a name.")
+        classes = finetune.target_classes(sm.classes, names_with_files)
+        files: dict[str, list] = {}
+        for name, fl in zip(data.CLASSES, class_files):
+            if fl:
+                if name not in classes:
+                    raise gr.Error(f"This session's model has no class '{name}'.")
+                files[name] = list(fl)
+        for name, fl in zip(new_names, new_files):
+            if fl:
+                files[(name or "").strip()] = list(fl)
+        ds = None
+        if files:
+            ds = finetune.build_dataset(files, classes)
+        if cifar_per_class and int(cifar_per_class) > 0:
+            if self.data_source is None:
+                raise gr.Error("A CIFAR-10 subset needs a data source. " + NO_DATA_HELP)
+            if tuple(sm.classes[:10]) != data.CLASSES:
+                raise gr.Error("A CIFAR-10 subset needs a model with the CIFAR-10 classes.")
+            cifar = finetune.cifar_dataset(self.data_source, int(cifar_per_class))
+            cifar.classes = classes
+            ds = finetune.merge(ds, cifar)
+        if ds is None:
+            raise gr.Error("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
+        opts = finetune.Options(train_layers=train_layers, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size))
+        opts.check()
+        flag.event.clear()
+        counts = ", ".join(f"{c}: {n}" for c, n in ds.counts().items() if n)
+        yield f"Preparing {len(ds)} images ({counts})…", None, "", None, None
+        test = self.test_split() if tuple(classes[:10]) == data.CLASSES else None
+        result = None
+        for u in finetune.run(sm.model, sm.classes, ds, opts, flag.event, test, self.max_seconds):
+            df = pd.DataFrame(u.curve) if u.curve else None
+            if u.kind == "done":
+                result = u.result
+                break
+            yield u.text, df, "", None, None
+        out_dir = Path(tempfile.mkdtemp(prefix="resnext-finetune-"))
+        path = finetune.export(result, out_dir / "resnext-finetuned.safetensors", {**sm.meta, "source_name": sm.name})
+        meta = weights.read_metadata(path)
+        pending = SessionModel(result.model, meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
+        yield ("Done. Press **Use this model** to use it in every tab (this session only), or download it.",
+               pd.DataFrame(u.curve) if u.curve else None, result.summary(), str(path), pending)
+
+    def use_model(self, pending: SessionModel | None):
+        """Make the last fine-tuned model this session's model: (session, banner)."""
+        if pending is None:
+            raise gr.Error("Train a model first.")
+        return pending, self.model_banner(pending)
+
+    def reset_model(self):
+        """Back to the shared base model: (session, banner)."""
+        return None, self.model_banner(None)
+
+    @_friendly
+    def load_checkpoint(self, file):
+        """An uploaded checkpoint becomes this session's model: (session, banner)."""
+        if not file:
+            raise gr.Error("Choose a .safetensors checkpoint to upload.")
+        device = self.base.model.fc.weight.device if self.base is not None and hasattr(self.base.model, "fc") else "cpu"
+        model, meta = weights.load_checkpoint(file, device)
+        sm = SessionModel(model, meta, list(meta["classes"]), Path(file).name)
+        return sm, self.model_banner(sm)
+
+    # ------------------------------------------------------------ About
+
+    @_friendly
+    def about(self, session: SessionModel | None = None, stage: int = 0):
+        """(block diagram, equal-budget table, training curve or None, markdown) of the session's model."""
+        sm = self.active(session)
+        cfg = sm.model.config
+        stage = max(0, min(int(stage), len(cfg.depths) - 1))
+        diagram = visualize.block_diagram(cfg, stage=stage)
+        recipe = (sm.meta.get("recipe") or {}).get("model")
+        table = equal_budget_table(cfg, recipe)
+        hist = sm.meta.get("history") or []
+        curve = visualize.curve_figure(hist) if hist else None
+        acc = sm.meta.get("accuracy")
+        md = [f"**{sm.name}**: ResNeXt-{2 + 3 * sum(cfg.depths)} with cardinality C={cfg.cardinality}, "
+              f"d={cfg.base_width} channels per group in stage 1 (doubling each stage), stage widths "
+              f"{', '.join(map(str, cfg.widths))}, {config_params(cfg) / 1e6:.2f} M parameters, "
+              f"{_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per 32×32 image." if cfg.family == "cifar" else
+              f"**{sm.name}**: {cfg.family} family, cardinality {cfg.cardinality}."]
+        if isinstance(acc, (int, float)):
+            md.append(f"CIFAR-10 test accuracy recorded in the checkpoint: **{100 * acc:.2f} %**"
+                      + (f" ({sm.meta['data']['test_images']} images)" if isinstance(sm.meta.get("data"), dict)
+                         and sm.meta["data"].get("test_images") else "") + ".")
+        if sm.meta.get("command"):
+            md.append(f"Trained with `{sm.meta['command']}`"
+                      + (f" on {sm.meta['device']}" if sm.meta.get("device") else "") + ".")
+        if not hist:
+            md.append("This checkpoint has no training history.")
+        return diagram, table, curve, "\n\n".join(md)
+
+
+ABOUT_TEXT = """
+### What a ResNeXt block is
+A ResNet bottleneck block maps its input through 1×1 → 3×3 → 1×1 convolutions. ResNeXt (Xie et al.,
+2017, *Aggregated Residual Transformations*) splits the middle into **C parallel paths** of **d**
+channels each — the *cardinality* C — whose outputs are summed. Implemented as one **grouped 3×3
+convolution** (`groups=C`): output channels `[g·d, (g+1)·d)` are computed only from input channels of
+group g. The paper's finding: at equal parameters and FLOPs, more groups (larger C, smaller d) beat
+a wider single path. The diagram is drawn from the loaded model's config; the table recomputes
+parameters and FLOPs for other C×d with the same budget.
+"""
+
+
+def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | None,
+               weights_path: str | Path | None = None, load_error: str | None = None,
+               max_seconds: float = finetune.MAX_SECONDS) -> gr.Blocks:
+    """The whole app; `model` None shows how to get a checkpoint and keeps every tab alive."""
+    h = Handlers(model, meta, data_source, weights_path, load_error, max_seconds)
+    base_model = h.base.model if h.base else None
+    layer_choices = layer_dropdown_choices(base_model)
+    grouped = [v for _, v in layer_choices if explain.groups_of(base_model, v) > 1] if base_model else []
+    classes = h.base.classes if h.base else list(data.CLASSES)
+    heavy = {"concurrency_id": HEAVY, "concurrency_limit": HEAVY_LIMIT}
+
+    with gr.Blocks(title="ResNeXt on CIFAR-10") as demo:
+        session = gr.State(None, time_to_live=SESSION_TTL)  # None = the shared model
+        pending = gr.State(None, time_to_live=SESSION_TTL, delete_callback=_delete_pending)
+        stop_flag = gr.State(StopFlag())
+        truth = gr.State(None)
+        mis_indices = gr.State([])
+        gr.Markdown("# ResNeXt on CIFAR-10\nClassify an image, look inside the grouped convolutions, "
+                    "see which pixels mattered, and fine-tune your own copy of the model.")
+        banner = gr.Markdown(h.model_banner(None) if h.base else no_weights_help(weights_path, load_error),
+                             elem_id="model-banner")
+
+        with gr.Tabs():
+            # ---------------------------------------------------------------- Predict
+            with gr.Tab("Predict", id="predict"):
+                with gr.Row():
+                    with gr.Column():
+                        image = gr.Image(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
+                                         label="Image (any size; it is centre-cropped and shrunk to 32×32)",
+                                         elem_id="predict-image")
+                        k = gr.Slider(1, len(classes), value=3, step=1, label="Top-k classes shown")
+                        with gr.Row():
+                            predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
+                            random_btn = gr.Button("Random test image", elem_id="random-btn")
+                    with gr.Column():
+                        label = gr.Label(label="Prediction", elem_id="predict-label")
+                        seen = gr.Image(label="What the model sees (32×32, enlarged)", interactive=False,
+                                        format="png", elem_id="predict-seen")
+                        info = gr.Markdown(elem_id="predict-info")
+                gallery_md = gr.Markdown()
+                gallery = gr.Gallery(label="CIFAR-10 test samples (true label in the caption)", columns=10,
+                                     height="auto", allow_preview=False, elem_id="sample-gallery")
+                with gr.Accordion("Misclassified examples", open=False):
+                    mis_btn = gr.Button(f"Find misclassified images among the first {MISCLASSIFIED_SLICE} test images")
+                    mis_md = gr.Markdown()
+                    mis_gallery = gr.Gallery(columns=8, height="auto", allow_preview=False, label="Misclassified")
+                api_btn = gr.Button(visible=False)  # carries the stable /predict endpoint
+
+            # ---------------------------------------------------------------- Feature maps
+            with gr.Tab("Feature maps (per group)", id="features"):
+                gr.Markdown("A grouped 3×3 conv with C groups: output channels `[g·w, (g+1)·w)` come only from "
+                            "group g's inputs. Each panel is one group. Stage outputs are shown ungrouped for comparison.")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        fm_image = gr.Image(type="filepath", format="png", label="Image", elem_id="fm-image")
+                        fm_layer = gr.Dropdown(choices=layer_choices, value=layer_choices[0][1] if layer_choices else None,
+                                               label="Layer", elem_id="fm-layer")
+                        fm_view = gr.Radio(["channels", "summary"], value="channels", label="View",
+                                           info="each group's channels, or one summary map per group")
+                        fm_scale = gr.Radio(["channel", "group", "layer"], value="group", label="Colour scale per")
+                        fm_btn = gr.Button("Show feature maps", variant="primary", elem_id="fm-btn")
+                    with gr.Column(scale=2):
+                        fm_grid = gr.Image(label="Feature maps by group", interactive=False, elem_id="fm-grid")
+                        fm_md = gr.Markdown()
+                        fm_stats = gr.Image(label="Per-group statistics", interactive=False)
+
+            # ---------------------------------------------------------------- Attributions
+            with gr.Tab("Attributions", id="attributions"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        at_image = gr.Image(type="filepath", format="png", label="Image", elem_id="at-image")
+                        at_method = gr.Dropdown(list(explain.METHODS), value=explain.METHODS[0], label="Method",
+                                                elem_id="at-method")
+                        at_target = gr.Dropdown(["predicted"] + list(classes), value="predicted", label="Target class")
+                        with gr.Row():
+                            at_signed = gr.Checkbox(value=True, label="Signed (red +, blue −); off = absolute")
+                            at_opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                        with gr.Accordion("Parameters", open=True):
+                            at_steps = gr.Slider(4, 128, value=32, step=1, label="Steps (Integrated Gradients)")
+                            at_baseline = gr.Dropdown(list(explain.BASELINES), value="black",
+                                                      label="Baseline (IG, DeepLift, Occlusion)")
+                            at_samples = gr.Slider(2, 64, value=16, step=1, label="Samples (SmoothGrad)", visible=False)
+                            at_noise = gr.Slider(0.0, 1.0, value=0.15, step=0.01, label="Noise level (SmoothGrad)",
+                                                 visible=False)
+                            at_layer = gr.Dropdown([(lbl, v) for lbl, v in layer_choices], value=None,
+                                                   label="Layer (Grad-CAM; empty = last stage)", visible=False)
+                            at_window = gr.Slider(2, 16, value=8, step=1, label="Window (Occlusion)", visible=False)
+                            at_stride = gr.Slider(1, 16, value=4, step=1, label="Stride (Occlusion)", visible=False)
+                        at_btn = gr.Button("Explain", variant="primary", elem_id="at-btn")
+                        with gr.Row():
+                            at_method_b = gr.Dropdown(list(explain.METHODS), value="Grad-CAM", label="Compare with")
+                            at_cmp_btn = gr.Button("Compare side by side", elem_id="at-cmp-btn")
+                    with gr.Column(scale=2):
+                        at_out = gr.Image(label="Attribution", interactive=False, elem_id="at-out")
+                        at_md = gr.Markdown(elem_id="at-md")
+                        at_cmp = gr.Image(label="Comparison", interactive=False)
+                        at_cmp_md = gr.Markdown()
+
+            # ---------------------------------------------------------------- Fine-tune
+            with gr.Tab("Fine-tune", id="finetune"):
+                gr.Markdown(
+                    f"Train **your own copy** of the model on your images (nobody else sees it). Drop a few images "
+                    f"per class; {int(100 * finetune.HOLDOUT_FRACTION)} % of each class is held out to score it "
+                    f"before and after. **Limits:** {finetune.MAX_IMAGES} images, {finetune.MAX_EPOCHS} epochs, "
+                    f"{int(max_seconds)} s of training, batch ≤ {finetune.MAX_BATCH_SIZE}, "
+                    f"{finetune.MAX_NEW_CLASSES} new classes (a new class replaces the head; old classes keep their weights).")
+                zones = []
+                for row in (data.CLASSES[:5], data.CLASSES[5:]):
+                    with gr.Row():
+                        for c in row:
+                            zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=120,
+                                                 elem_id=f"zone-{c}"))
+                new_names, new_zones = [], []
+                with gr.Accordion("New classes (optional)", open=False):
+                    with gr.Row():
+                        for i in range(finetune.MAX_NEW_CLASSES):
+                            with gr.Column():
+                                new_names.append(gr.Textbox(label=f"New class {i + 1} name", elem_id=f"new-name-{i}"))
+                                new_zones.append(gr.File(file_count="multiple", file_types=["image"], height=120,
+                                                         label=f"New class {i + 1} images", elem_id=f"new-zone-{i}"))
+                with gr.Row():
+                    ft_cifar = gr.Slider(0, finetune.MAX_CIFAR_PER_CLASS, value=0, step=1,
+                                         label="…and/or a CIFAR-10 training subset (images per class, 0 = none)",
+                                         interactive=data_source is not None)
+                    ft_layers = gr.Radio(list(finetune.TRAIN_LAYERS), value="head", label="What to train",
+                                         info="head = classifier only; last_stage = layer3 + head; all = every layer")
+                with gr.Row():
+                    ft_epochs = gr.Slider(1, finetune.MAX_EPOCHS, value=3, step=1, label="Epochs")
+                    ft_lr = gr.Number(value=0.01, label="Learning rate", minimum=1e-5, maximum=1.0)
+                    ft_bs = gr.Dropdown([8, 16, 32, 64, 128], value=32, label="Batch size")
+                with gr.Row():
+                    ft_train = gr.Button("Train", variant="primary", elem_id="ft-train")
+                    ft_stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")
+                ft_status = gr.Markdown(elem_id="ft-status")
+                ft_plot = gr.LinePlot(x="epoch", y="value", color="series", label="Loss and accuracy",
+                                      x_title="epoch", y_title="", height=260)
+                ft_result = gr.Markdown(elem_id="ft-result")
+                with gr.Row():
+                    ft_use = gr.Button("Use this model (this session only)", elem_id="ft-use")
+                    ft_reset = gr.Button("Back to the shared model")
+                    ft_download = gr.DownloadButton("Download fine-tuned checkpoint (.safetensors)", value=None,
+                                                    elem_id="ft-download")
+                ft_ckpt = gr.File(label="Continue from an exported checkpoint (.safetensors)", file_count="single",
+                                  elem_id="ft-ckpt")
+
+            # ---------------------------------------------------------------- About
+            with gr.Tab("About the architecture", id="about"):
+                gr.Markdown(ABOUT_TEXT)
+                with gr.Row():
+                    with gr.Column():
+                        ab_stage = gr.Slider(0, 2, value=0, step=1, label="Stage (0-based) drawn")
+                        ab_diagram = gr.Image(label="One block of the loaded model", interactive=False,
+                                              elem_id="ab-diagram")
+                    with gr.Column():
+                        ab_md = gr.Markdown(elem_id="ab-md")
+                        ab_table = gr.Dataframe(label="Same budget, other cardinalities (computed)", interactive=False)
+                        ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False)
+                ab_btn = gr.Button("Refresh", elem_id="ab-btn")
+
+        # ---------------------------------------------------------------- events
+        full_outputs = [label, seen, info]
+        predict_btn.click(h.predict_full, [image, k, session, truth], full_outputs, api_name="classify", **heavy)
+        image.upload(lambda: None, None, truth, api_visibility="private", queue=False) \
+            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        image.clear(lambda: None, None, truth, api_visibility="private", queue=False)
+        api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy)
+        # one input image for the three analysis tabs: copy it over whenever it changes
+        image.change(lambda v: (v, v), image, [fm_image, at_image], api_visibility="private", queue=False)
+        random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample") \
+            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        gallery.select(h.select_sample, None, [image, truth], api_visibility="private") \
+            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        mis_btn.click(h.misclassified, session, [mis_gallery, mis_indices, mis_md], api_name="misclassified", **heavy)
+        mis_gallery.select(h.select_misclassified, mis_indices, [image, truth], api_visibility="private") \
+            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
+
+        fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session]
+        fm_btn.click(h.feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)
+
+        at_params = [at_steps, at_baseline, at_samples, at_noise, at_layer, at_window, at_stride]
+        at_method.change(h.param_visibility, at_method, at_params, api_visibility="private", queue=False)
+        at_btn.click(h.attribute, [at_image, at_method, at_target, at_signed, at_opacity, *at_params, session],
+                     [at_out, at_md], api_name="attribute", **heavy)
+        at_cmp_btn.click(h.compare, [at_image, at_method, at_method_b, at_target, at_signed, at_opacity, *at_params,
+                                     session], [at_cmp, at_cmp_md], api_name="compare", **heavy)
+
+        ft_inputs = [session, stop_flag, ft_cifar, ft_layers, ft_epochs, ft_lr, ft_bs, *zones, *new_names, *new_zones]
+        ft_train.click(h.finetune, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
+                       api_name="finetune", concurrency_id=HEAVY, concurrency_limit=HEAVY_LIMIT)
+        ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
+        ft_use.click(h.use_model, pending, [session, banner], api_name="use_model")
+        ft_reset.click(h.reset_model, None, [session, banner], api_name="reset_model")
+        ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint")
+
+        ab_outputs = [ab_diagram, ab_table, ab_curve, ab_md]
+        ab_btn.click(h.about, [session, ab_stage], ab_outputs, api_name="about")
+        ab_stage.release(h.about, [session, ab_stage], ab_outputs, api_visibility="private")
+        if h.base is not None:
+            demo.load(h.about, [session, ab_stage], ab_outputs, api_visibility="private")
+
+    demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=HEAVY_LIMIT)
+    demo.handlers = h  # for tests and the screenshot script
+    return demo
