@@ -6,10 +6,19 @@ closed by rendering them straight to an image.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyBboxPatch
 from PIL import Image
+
+from .model import ResNeXtConfig
+
+if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
+    from .explain import Attribution, GroupStats
 
 
 def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:
@@ -34,4 +43,231 @@ def confusion_figure(confusion: list[list[int]] | np.ndarray, classes: list[str]
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
+    return figure_to_image(fig)
+
+
+# ---------------------------------------------------------------- images the model sees
+
+
+def upscale(im32: Image.Image | np.ndarray, size: int = 224) -> Image.Image:
+    """Enlarge a small image with nearest-neighbour, so every one of the model's 32x32 pixels stays visible."""
+    if isinstance(im32, np.ndarray):
+        a = im32
+        if a.dtype != np.uint8:  # float images in 0..1
+            a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+        im32 = Image.fromarray(a)
+    return im32.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+
+
+# ---------------------------------------------------------------- feature maps per group
+
+
+def _unit(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] to [0, 1]; a constant map becomes 0 (e.g. a dead ReLU channel shows as the darkest colour)."""
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _tiles(maps: np.ndarray, gap: float = np.nan) -> np.ndarray:
+    """n x H x W -> one mosaic, ceil(sqrt(n)) tiles wide, with 1-pixel NaN gaps (drawn as background)."""
+    n, h, w = maps.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), gap, dtype=np.float64)
+    for i, m in enumerate(maps):
+        r, c = divmod(i, cols)
+        out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = m
+    return out
+
+
+def group_grid(groups: torch.Tensor | np.ndarray, scale: str = "group", view: str = "channels",
+               max_channels: int = 16) -> tuple[Image.Image, str]:
+    """One labelled panel per group (tiles of its channels, or their mean for view='summary'); returns (image, ranges text).
+
+    scale: 'channel' normalises each channel alone (shows patterns, hides strength), 'group' shares one
+    colour scale within a group, 'layer' one scale for everything (groups' strengths comparable).
+    """
+    if scale not in ("channel", "group", "layer"):
+        raise ValueError(f"scale must be 'channel', 'group' or 'layer', not {scale!r}")
+    if view not in ("channels", "summary"):
+        raise ValueError(f"view must be 'channels' or 'summary', not {view!r}")
+    g = np.asarray(groups.detach().float().cpu() if isinstance(groups, torch.Tensor) else groups,
+                   dtype=np.float64)  # G x w x H x W
+    n_groups, width = g.shape[:2]
+    shown = g.mean(1, keepdims=True) if view == "summary" else g[:, :max_channels]
+    lo_all, hi_all = float(g.min()), float(g.max())
+    panels = []
+    for grp in shown:  # normalise in numpy, then colour: ranges stay honest whatever the scale
+        if scale == "channel":
+            grp = np.stack([_unit(c, c.min(), c.max()) for c in grp])
+        elif scale == "group":
+            grp = _unit(grp, grp.min(), grp.max())
+        else:
+            grp = _unit(grp, lo_all, hi_all)
+        panels.append(_tiles(grp))
+    cmap = colormaps["viridis"].with_extremes(bad="white")  # NaN gaps between tiles -> white
+    cols = int(np.ceil(np.sqrt(n_groups)))
+    rows = int(np.ceil(n_groups / cols))
+    fig = Figure(figsize=(2.0 * cols, 2.2 * rows))
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(cmap(np.ma.masked_invalid(panel)), interpolation="nearest")
+        ax.set_title(f"group {i}", fontsize=9)
+        ax.set_axis_off()
+    what = "mean over channels" if view == "summary" else (
+        f"first {max_channels} of {width} channels" if width > max_channels else f"{width} channels")
+    lines = [f"{n_groups} groups x {width} channels ({what} shown), colour scale per {scale}",
+             f"all: min {lo_all:.4g}, max {hi_all:.4g}"]
+    lines += [f"group {i}: min {float(grp.min()):.4g}, max {float(grp.max()):.4g}" for i, grp in enumerate(g)]
+    return figure_to_image(fig), "\n".join(lines)
+
+
+def group_stats_figure(stats: GroupStats, title: str = "") -> Image.Image:
+    """Bar charts over groups of an explain.GroupStats: mean activation, L1 energy, sparsity."""
+    fig = Figure(figsize=(9, 2.6))
+    x = np.arange(len(stats.mean))
+    for i, (values, label, color) in enumerate([(stats.mean, "mean", "tab:blue"), (stats.l1, "L1 energy (mean |x|)", "tab:orange"),
+                                                (stats.sparsity, "sparsity (fraction <= 0)", "tab:gray")]):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.bar(x, values, color=color)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("group", fontsize=8)
+        ax.set_xticks(x if len(x) <= 16 else x[::max(1, len(x) // 8)])
+        ax.tick_params(labelsize=7)
+        if i == 2:
+            ax.set_ylim(0, 1)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return figure_to_image(fig)
+
+
+# ---------------------------------------------------------------- attributions
+
+
+def _heat(values: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Attribution map -> (RGB colours, strength in 0..1) normalised by max |v| so 0 stays 0."""
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    m = float(np.abs(v).max())
+    if m == 0:
+        return np.zeros((*v.shape, 3)), np.zeros(v.shape)
+    if signed:  # diverging map centred at 0: red = pushes the class up, blue = pushes it down
+        rgb = colormaps["bwr"]((v / m + 1) / 2)[..., :3]
+    else:
+        rgb = colormaps["inferno"](np.abs(v) / m)[..., :3]
+    return rgb, np.abs(v) / m
+
+
+def attribution_image(attr: Attribution, image32: Image.Image | np.ndarray, signed: bool = True, opacity: float = 0.5,
+                      size: int = 224) -> Image.Image:
+    """The attribution as a colour overlay on the nearest-upscaled image (size x size RGB)."""
+    base = np.asarray(upscale(image32, size), dtype=np.float64) / 255
+    rgb, strength = _heat(attr.values, signed)
+    if not strength.any():  # empty map: just the image; Attribution.note says why
+        return Image.fromarray((base * 255 + 0.5).astype(np.uint8))
+    # Per-pixel opacity grows with |v|: pixels without attribution show the image, not a wash of colour.
+    alpha = (float(np.clip(opacity, 0, 1)) * strength)[..., None]
+    idx = np.arange(size) * rgb.shape[0] // size  # nearest upscaling of the map, like the image
+    rgb, alpha = rgb[idx][:, idx], alpha[idx][:, idx]
+    out = (1 - alpha) * base + alpha * rgb
+    return Image.fromarray((np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def _attr_title(a: Attribution) -> str:
+    """Method, key params and the raw value range (normalisation must not hide magnitudes)."""
+    params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
+    return f"{a.method}" + (f"\n{params}" if params else "") + f"\nraw [{a.raw_min:.3g}, {a.raw_max:.3g}]"
+
+
+def attribution_pair(a: Attribution, b: Attribution, image32: Image.Image | np.ndarray, signed: bool = True,
+                     opacity: float = 0.5) -> Image.Image:
+    """Two attributions of the same image side by side, titled with method, params and raw ranges."""
+    fig = Figure(figsize=(6.4, 3.8))
+    for i, attr in enumerate((a, b)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.imshow(attribution_image(attr, image32, signed=signed, opacity=opacity))
+        ax.set_title(_attr_title(attr) + ("\n(" + attr.note[:40] + "…)" if attr.note else ""), fontsize=8)
+        ax.set_axis_off()
+    return figure_to_image(fig)
+
+
+# ---------------------------------------------------------------- training and architecture
+
+
+def curve_figure(history: list[dict]) -> Image.Image:
+    """Loss and accuracy per epoch from a checkpoint's history (test_acc may be None)."""
+    fig = Figure(figsize=(8, 3))
+    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ep = [h["epoch"] for h in history]
+    ax_loss.plot(ep, [h.get("train_loss") for h in history], "o-", ms=3, label="train loss")
+    ax_acc.plot(ep, [h.get("train_acc") for h in history], "o-", ms=3, label="train acc")
+    test = [(h["epoch"], h["test_acc"]) for h in history if h.get("test_acc") is not None]
+    if test:
+        ax_acc.plot(*zip(*test), "s-", ms=3, label="test acc")
+    if not history:
+        ax_loss.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax_loss.transAxes)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if history:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return figure_to_image(fig)
+
+
+def _box(ax, x: float, y: float, text: str, w: float = 1.5, h: float = 0.5, color: str = "#dbe9f6") -> None:
+    """A rounded labelled box centred at (x, y)."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="black", lw=0.8))
+    ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+
+
+def _arrow(ax, x0: float, y0: float, x1: float, y1: float) -> None:
+    """A thin arrow from (x0, y0) to (x1, y1)."""
+    ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", lw=0.8, shrinkA=0, shrinkB=0))
+
+
+def block_diagram(config: ResNeXtConfig, stage: int = 0) -> Image.Image:
+    """One ResNeXt block of `stage` with the config's real numbers: C parallel paths of width d, summed, + shortcut, ReLU."""
+    if not 0 <= stage < len(config.widths):
+        raise ValueError(f"stage must be in [0, {len(config.widths)}), not {stage}")
+    c, d, ch = config.cardinality, config.group_width(stage), config.widths[stage]
+    # Draw at most 8 paths: for larger C, the first 3, an ellipsis, and the last (C-th) path.
+    paths = list(range(c)) if c <= 8 else [0, 1, 2, None, c - 1]
+    n = len(paths)
+    step = 1.8
+    width = max(6.0, n * step + 2.5)
+    fig = Figure(figsize=(width * 0.8, 7.2 * 0.8))  # same scale on both axes: the (+) stays a circle
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-1.2, width - 1.2)
+    ax.set_ylim(-0.6, 6.6)
+    ax.set_axis_off()
+    cx = (n - 1) * step / 2  # centre of the paths
+    _box(ax, cx, 5.9, f"input: {ch} channels", w=2.6, color="#eeeeee")
+    for i, p in enumerate(paths):
+        x = i * step
+        if p is None:
+            ax.text(x, 3.2, "…", ha="center", va="center", fontsize=18)
+            ax.text(x, 2.5, f"{c - 4} more", ha="center", va="center", fontsize=7)
+            continue
+        _arrow(ax, cx, 5.62, x, 4.95)
+        _box(ax, x, 4.7, f"1x1, {ch}→{d}")
+        _box(ax, x, 3.7, f"3x3, {d}→{d}", color="#f9dcc4")
+        _box(ax, x, 2.7, f"1x1, {d}→{ch}")
+        _arrow(ax, x, 4.45, x, 3.95)
+        _arrow(ax, x, 3.45, x, 2.95)
+        _arrow(ax, x, 2.45, cx - 0.05 * (cx - x), 1.72)
+        ax.text(x, 5.15, f"path {p + 1}", ha="center", fontsize=7, color="dimgray")
+    ax.add_patch(Circle((cx, 1.5), 0.22, fc="white", ec="black", lw=0.8))
+    ax.text(cx, 1.5, "+", ha="center", va="center", fontsize=12)
+    # Shortcut: identity (projection + stride 2 in the first block of stages after the first).
+    sx = (n - 1) * step + 1.3
+    ax.plot([cx + 1.3, sx, sx, cx + 0.22], [5.9, 5.9, 1.5, 1.5], color="black", lw=0.8)
+    ax.text(sx + 0.08, 3.7, "shortcut\n(identity;\n1x1 conv + BN\nwhere the\nshape changes)", fontsize=7, va="center")
+    _arrow(ax, cx, 1.28, cx, 0.85)
+    _box(ax, cx, 0.6, "ReLU", w=1.0, h=0.4, color="#d8f3dc")
+    _arrow(ax, cx, 0.4, cx, 0.05)
+    ax.text(cx, -0.2, f"output: {ch} channels", ha="center", va="center", fontsize=7.5)
+    ax.text(-1.1, 6.55, f"stage {stage + 1}, cardinality C = {c}, path width d = {d}   "
+            f"(≡ 1x1 {ch}→{c * d}, 3x3 grouped conv groups={c}, 1x1 {c * d}→{ch}; BN after each conv)",
+            fontsize=7.5, va="top")
     return figure_to_image(fig)

@@ -1,0 +1,118 @@
+"""visualize.py: every renderer returns an RGB PIL image of the expected size and leaks no figure."""
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from resnext_demo import visualize
+from resnext_demo.explain import Attribution, GroupStats, split_groups
+from resnext_demo.model import get_config
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_figures(monkeypatch):
+    """Every figure a test makes must be garbage once the image is returned (no pyplot, nothing kept)."""
+    made = []
+
+    class Tracked(Figure):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(visualize, "Figure", Tracked)
+    yield
+    gc.collect()
+    assert all(r() is None for r in made), "a matplotlib figure is still alive"
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+@pytest.fixture
+def image32() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def _attr(values, method="Saliency", note=None) -> Attribution:
+    v = np.asarray(values, dtype=np.float32)
+    return Attribution(v, float(v.min()), float(v.max()), method, 0, {"steps": 8}, note)
+
+
+def _rgb(im, size=None):
+    assert isinstance(im, Image.Image) and im.mode == "RGB"
+    if size:
+        assert im.size == size
+    return np.asarray(im)
+
+
+def test_upscale_is_nearest(image32):
+    big = _rgb(visualize.upscale(image32, 224), (224, 224))
+    small = np.asarray(image32)
+    assert (big[::7, ::7] == small).all()  # every 7x7 block is one original pixel
+    _rgb(visualize.upscale(np.asarray(image32) / 255.0, 64), (64, 64))  # float arrays too
+
+
+@pytest.mark.parametrize("view", ["channels", "summary"])
+@pytest.mark.parametrize("scale", ["channel", "group", "layer"])
+def test_group_grid(view, scale):
+    fmap = torch.randn(1, 8, 6, 6)
+    fmap[0, 2] = 0  # a dead channel must not break per-channel normalisation
+    im, text = visualize.group_grid(split_groups(fmap, 4), scale=scale, view=view)
+    _rgb(im)
+    assert "group 3" in text and f"{fmap.min().item():.4g}" in text and f"{fmap.max().item():.4g}" in text
+
+
+def test_group_grid_caps_channels():
+    im, text = visualize.group_grid(torch.randn(2, 40, 4, 4), max_channels=9)
+    _rgb(im)
+    assert "first 9 of 40" in text
+    with pytest.raises(ValueError):
+        visualize.group_grid(torch.randn(2, 4, 4, 4), scale="pixel")
+
+
+def test_group_stats_figure():
+    s = GroupStats(np.arange(8.0), np.arange(8.0) + 1, np.linspace(0, 1, 8), np.arange(8.0) * 2)
+    _rgb(visualize.group_stats_figure(s, title="layer1.0.conv2"))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_attribution_image(image32, signed):
+    v = np.zeros((32, 32))
+    v[:16] = 1.0
+    v[16:, :8] = -0.5
+    out = _rgb(visualize.attribution_image(_attr(v), image32, signed=signed, opacity=0.7, size=96), (96, 96))
+    base = np.asarray(visualize.upscale(image32, 96))
+    assert (out[60:, 40:] == base[60:, 40:]).all()  # zero attribution: the image shows through
+    assert not (out[:40] == base[:40]).all()  # attributed pixels are tinted
+    if signed:  # red for positive, blue for negative
+        assert out[:40, :, 0].mean() > base[:40, :, 0].mean()
+        assert out[60:, :20, 2].mean() > base[60:, :20, 2].mean()
+
+
+def test_attribution_image_empty_map_is_just_the_image(image32):
+    out = visualize.attribution_image(_attr(np.zeros((32, 32)), note="all zeros"), image32, size=64)
+    assert (np.asarray(out) == np.asarray(visualize.upscale(image32, 64))).all()
+
+
+def test_attribution_pair(image32):
+    a, b = _attr(np.random.rand(32, 32)), _attr(np.zeros((32, 32)), "Grad-CAM", note="all zeros: …")
+    _rgb(visualize.attribution_pair(a, b, image32, signed=False))
+
+
+def test_curve_figure():
+    hist = [{"epoch": i, "train_loss": 2 / i, "train_acc": 1 - 1 / i, "test_acc": None if i % 2 else 0.5}
+            for i in range(1, 6)]
+    _rgb(visualize.curve_figure(hist))
+    _rgb(visualize.curve_figure([]))
+
+
+@pytest.mark.parametrize("name,stage", [("resnext29_8x4d_micro", 0), ("resnext29_32x4d", 2), ("resnext29_16x64d", 1)])
+def test_block_diagram(name, stage):
+    _rgb(visualize.block_diagram(get_config(name), stage))
+    with pytest.raises(ValueError):
+        visualize.block_diagram(get_config(name), 5)
