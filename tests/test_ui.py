@@ -1,0 +1,356 @@
+"""Every UI handler called directly on the tiny model (no server, no browser)."""
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from resnext_demo import data, explain, finetune, ui, weights
+from resnext_demo.model import config_params
+from resnext_demo.predict import predict_batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight a background job for both cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _state_dict_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> str:
+    """A synthetic 48x40 image file (no CIFAR data)."""
+    rng = np.random.default_rng(0)
+    p = tmp_path / "synthetic.png"
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(p)
+    return str(p)
+
+
+@pytest.fixture
+def handlers(tiny_model) -> ui.Handlers:
+    """Handlers over the tiny model, no data source."""
+    return ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, "tiny.safetensors")
+
+
+def _synthetic_files(tmp_path: Path, name: str, n: int, colour: tuple[int, int, int]) -> list[str]:
+    out = []
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    for i in range(n):
+        a = np.clip(np.array(colour)[None, None] + rng.normal(0, 20, (36, 36, 3)), 0, 255).astype(np.uint8)
+        p = tmp_path / f"{name}-{i}.png"
+        Image.fromarray(a).save(p)
+        out.append(str(p))
+    return out
+
+
+def _uploads(files: dict[str, list[str]], new: dict[str, list[str]] | None = None) -> list:
+    """The positional `uploads` of Handlers.finetune: 10 class zones, new names, new zones."""
+    new = dict(new or {})
+    names = list(new) + [""] * (finetune.MAX_NEW_CLASSES - len(new))
+    zones = list(new.values()) + [None] * (finetune.MAX_NEW_CLASSES - len(new))
+    return [files.get(c) for c in data.CLASSES] + names + zones
+
+
+def _run_finetune(h: ui.Handlers, session, flag, files, new=None, epochs=1, layers="head", on_step=None):
+    outs = []
+    for out in h.finetune(session, flag, 0, layers, epochs, 0.05, 8, *_uploads(files, new)):
+        outs.append(out)
+        if on_step:
+            on_step(out)
+    return outs
+
+
+# ---------------------------------------------------------------- build
+
+
+def test_build_demo_has_named_endpoints(tiny_model):
+    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, None)
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    for n in ("predict", "classify", "random_sample", "misclassified", "feature_maps", "attribute", "compare",
+              "finetune", "stop", "use_model", "reset_model", "load_checkpoint", "about"):
+        assert n in names, n
+    assert isinstance(demo, gr.Blocks)
+
+
+def test_build_demo_without_model_explains_how_to_get_one(image_path):
+    demo = ui.build_demo(None, None, None, weights_path="weights/default.safetensors", load_error="No checkpoint")
+    h = demo.handlers
+    assert "python -m resnext_demo.train" in h.model_banner(None)
+    with pytest.raises(gr.Error, match="resnext_demo.train"):
+        h.predict_label(image_path, 3, None)
+    with pytest.raises(gr.Error):
+        h.about(None, 0)
+
+
+# ---------------------------------------------------------------- Predict
+
+
+def test_predict_label_top_k(handlers, image_path):
+    out = handlers.predict_label(image_path, 4, None)
+    assert len(out) == 4 and set(out) <= set(data.CLASSES)
+    assert list(out.values()) == sorted(out.values(), reverse=True)
+    assert all(0 <= v <= 1 for v in out.values())
+
+
+def test_predict_full_shows_input_time_and_truth(handlers, image_path):
+    top, seen, info = handlers.predict_full(image_path, 2, None, None)
+    assert len(top) == 2
+    assert seen.size == (ui.DISPLAY, ui.DISPLAY)
+    assert "ms" in info and "cpu" in info
+    pred = next(iter(top))
+    _, _, ok = handlers.predict_full(image_path, 2, None, {"index": 7, "label": pred})
+    assert "correct" in ok and "incorrect" not in ok
+    wrong = next(c for c in data.CLASSES if c != pred)
+    _, _, bad = handlers.predict_full(image_path, 2, None, {"index": 7, "label": wrong})
+    assert "incorrect" in bad and wrong in bad
+
+
+def test_predict_bad_input_is_a_gradio_error(handlers, tmp_path):
+    with pytest.raises(gr.Error):
+        handlers.predict_full(None, 3, None, None)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"hello, not a png")
+    with pytest.raises(gr.Error, match="not an image"):
+        handlers.predict_label(str(bad), 3, None)
+
+
+def test_no_data_source_says_how_to_get_one(handlers):
+    gallery, md = handlers.sample_gallery()
+    assert "RESNEXT_DEMO_DATA" in md and "--data" in md
+    with pytest.raises(gr.Error, match="RESNEXT_DEMO_DATA"):
+        handlers.random_sample()
+    items, idx, md = handlers.misclassified(None, progress=lambda *a, **k: None)
+    assert items == [] and "RESNEXT_DEMO_DATA" in md
+
+
+def test_samples_from_cifar(tiny_model, cifar_source):
+    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, cifar_source)
+    gallery, md = h.sample_gallery()
+    assert len(gallery.value) == ui.N_SAMPLES
+    im, truth = h.random_sample()
+    assert im.size == (32, 32) and truth["label"] in data.CLASSES
+    im5, t5 = h.load_sample(5)
+    x, y = h.test_split()
+    assert np.array_equal(np.asarray(im5), x[5].permute(1, 2, 0).numpy()) and t5["label"] == data.CLASSES[int(y[5])]
+    items, idx, md = h.misclassified(None, progress=lambda *a, **k: None)
+    assert len(items) == len(idx) <= ui.MISCLASSIFIED_SHOW
+    probs = predict_batch(tiny_model, x[idx])
+    assert all(int(probs[j].argmax()) != int(y[i]) for j, i in enumerate(idx))
+    assert "misclassified" in md
+
+
+# ---------------------------------------------------------------- Feature maps
+
+
+def test_feature_maps_every_layer(handlers, tiny_model, image_path):
+    for _, layer in ui.layer_dropdown_choices(tiny_model):
+        grid, md, stats = handlers.feature_maps(image_path, layer, "channels", "group", None)
+        assert isinstance(grid, Image.Image) and isinstance(stats, Image.Image)
+        assert f"{explain.groups_of(tiny_model, layer)} group" in md
+    for view in ("channels", "summary"):
+        for scale in ("channel", "group", "layer"):
+            grid, md, _ = handlers.feature_maps(image_path, "layer1.0.conv2", view, scale, None)
+            assert grid.size[0] > 0
+
+
+def test_feature_maps_bad_layer(handlers, image_path):
+    with pytest.raises(gr.Error):
+        handlers.feature_maps(image_path, "layer9.0.conv2", "channels", "group", None)
+    with pytest.raises(gr.Error):
+        handlers.feature_maps(None, "layer1.0.conv2", "channels", "group", None)
+
+
+# ---------------------------------------------------------------- Attributions
+
+
+@pytest.mark.parametrize("method", explain.METHODS)
+def test_attribute_every_method(handlers, image_path, method):
+    img, md = handlers.attribute(image_path, method, "predicted", True, 0.5, steps=4, samples=2, window=8, stride=8)
+    assert isinstance(img, Image.Image)
+    assert method in md and "raw range" in md
+
+
+def test_attribute_target_and_params(handlers, image_path):
+    img, md = handlers.attribute(image_path, "Grad-CAM", "ship", False, 0.3, layer="layer2.0.conv2")
+    assert "**ship**" in md and "layer2.0.conv2" in md
+    with pytest.raises(gr.Error):
+        handlers.attribute(image_path, "Saliency", "zebra")
+    with pytest.raises(gr.Error):
+        handlers.attribute(image_path, "Occlusion", "predicted", window=64)  # larger than the image
+    assert Handlers_params("Integrated Gradients") == {"steps", "baseline"}
+    assert Handlers_params("Occlusion") == {"window", "stride", "baseline"}
+
+
+def Handlers_params(method):
+    return set(ui.Handlers.method_params(method, 8, "black", 4, 0.1, None, 8, 4))
+
+
+def test_param_visibility_follows_method():
+    vis = ui.Handlers.param_visibility("SmoothGrad")
+    shown = [u["visible"] for u in vis]
+    assert shown == [False, False, True, True, False, False, False]
+    assert [u["visible"] for u in ui.Handlers.param_visibility("Grad-CAM")][4] is True
+
+
+def test_compare_two_methods(handlers, image_path):
+    img, md = handlers.compare(image_path, "Saliency", "Grad-CAM", "predicted", True, 0.5)
+    assert isinstance(img, Image.Image)
+    assert "Saliency" in md and "Grad-CAM" in md
+
+
+# ---------------------------------------------------------------- Fine-tune
+
+
+def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, image_path):
+    before = _state_dict_copy(tiny_model)
+    files = {"cat": _synthetic_files(tmp_path, "cat", 4, (200, 120, 40)),
+             "ship": _synthetic_files(tmp_path, "ship", 4, (30, 60, 200))}
+    new = {"zebra": _synthetic_files(tmp_path, "zebra", 4, (250, 250, 250))}
+    outs = _run_finetune(handlers, None, ui.StopFlag(), files, new, epochs=2, layers="all")
+    status, df, result_md, path, pending = outs[-1]
+    assert isinstance(df, pd.DataFrame) and {"epoch", "series", "value"} <= set(df.columns)
+    assert "before" in result_md and "after" in result_md
+    assert pending is not None and pending.classes[-1] == "zebra" and len(pending.classes) == 11
+    assert _same(before, _state_dict_copy(tiny_model)), "the shared model was modified"
+    # the download is a loadable checkpoint declaring its custom classes
+    model, meta = weights.load_checkpoint(path)
+    assert meta["classes"][-1] == "zebra" and meta["custom_classes"] is True
+    # "use this model" swaps only the session's state
+    session, banner = handlers.use_model(pending)
+    assert session is pending and "session" in banner
+    probs = handlers.predict_label(image_path, 11, session)
+    assert "zebra" in probs
+    assert "zebra" not in handlers.predict_label(image_path, 10, None)
+    # re-upload the exported file to continue
+    s2, banner2 = handlers.load_checkpoint(path)
+    assert s2.classes == pending.classes and Path(path).name in banner2
+    assert handlers.reset_model()[0] is None
+
+
+def test_finetune_stop_button(handlers, tmp_path):
+    flag = ui.StopFlag()
+    files = {c: _synthetic_files(tmp_path, c, 5, (i * 25, 100, 200 - i * 20)) for i, c in enumerate(data.CLASSES[:4])}
+    seen = []
+
+    def on_step(out):
+        seen.append(out)
+        if len(seen) == 2:  # the first progress event after "Preparing…"
+            handlers.stop(flag)
+    outs = _run_finetune(handlers, None, flag, files, epochs=finetune.MAX_EPOCHS, on_step=on_step)
+    _, _, result_md, path, pending = outs[-1]
+    assert "Stopped" in result_md
+    assert len(weights.read_metadata(path)["history"]) < finetune.MAX_EPOCHS
+
+
+def test_finetune_rejects_bad_input(handlers, tmp_path):
+    flag = ui.StopFlag()
+    with pytest.raises(gr.Error, match="No training images"):
+        _run_finetune(handlers, None, flag, {})
+    with pytest.raises(gr.Error, match="CIFAR-10 subset needs a data source"):
+        list(handlers.finetune(None, flag, 5, "head", 1, 0.01, 8, *_uploads({})))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(gr.Error, match="bad.jpg"):
+        _run_finetune(handlers, None, flag, {"cat": [str(bad)] * 2})
+    files = {"cat": _synthetic_files(tmp_path, "c", 3, (1, 2, 3))}
+    with pytest.raises(gr.Error, match="Epochs"):
+        list(handlers.finetune(None, flag, 0, "head", finetune.MAX_EPOCHS + 1, 0.01, 8, *_uploads(files)))
+    with pytest.raises(gr.Error, match="name"):
+        _run_finetune(handlers, None, flag, files, {"": _synthetic_files(tmp_path, "x", 2, (9, 9, 9))})
+    with pytest.raises(gr.Error):
+        handlers.use_model(None)
+
+
+def test_two_sessions_finetunes_are_isolated(handlers, tiny_model, tmp_path, image_path):
+    """Two users fine-tune at the same time: each gets its own model; nobody else's changes."""
+    base = _state_dict_copy(tiny_model)
+    flag_a, flag_b = copy.deepcopy(ui.StopFlag()), copy.deepcopy(ui.StopFlag())  # what gr.State does per session
+    assert flag_a.event is not flag_b.event
+    files_a = {"cat": _synthetic_files(tmp_path, "a-cat", 4, (250, 0, 0)), "dog": _synthetic_files(tmp_path, "a-dog", 4, (0, 250, 0))}
+    files_b = {"ship": _synthetic_files(tmp_path, "b-ship", 4, (0, 0, 250))}
+    new_b = {"kite": _synthetic_files(tmp_path, "b-kite", 4, (250, 250, 0))}
+    results: dict[str, list] = {}
+    errors = []
+
+    def run(name, flag, files, new):
+        try:
+            results[name] = _run_finetune(handlers, None, flag, files, new, epochs=2, layers="all")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=("a", flag_a, files_a, None)),
+               threading.Thread(target=run, args=("b", flag_b, files_b, new_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    pa, pb = results["a"][-1][-1], results["b"][-1][-1]
+    assert pa.model is not pb.model and pa.model is not tiny_model and pb.model is not tiny_model
+    assert pa.classes == list(data.CLASSES) and pb.classes == list(data.CLASSES) + ["kite"]
+    assert _same(base, _state_dict_copy(tiny_model)), "the shared model was modified"
+    sa, _ = handlers.use_model(pa)
+    sb, _ = handlers.use_model(pb)
+    assert "kite" in handlers.predict_label(image_path, 11, sb)
+    assert "kite" not in handlers.predict_label(image_path, 11, sa)
+    assert results["a"][-1][3] != results["b"][-1][3]  # separate exported files
+
+
+def test_load_checkpoint_refuses_pickles(handlers, tiny_checkpoint, tmp_path):
+    session, banner = handlers.load_checkpoint(str(tiny_checkpoint))
+    assert isinstance(session, ui.SessionModel) and "tiny.safetensors" in banner
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pt)
+    with pytest.raises(gr.Error, match="pickle"):
+        handlers.load_checkpoint(str(pt))
+    with pytest.raises(gr.Error):
+        handlers.load_checkpoint(None)
+
+
+def test_stop_flag_is_per_session():
+    a = ui.StopFlag()
+    b = copy.deepcopy(a)
+    a.event.set()
+    assert not b.event.is_set()
+
+
+# ---------------------------------------------------------------- About
+
+
+def test_about_is_computed_from_the_model(handlers, tiny_model):
+    diagram, table, curve, md = handlers.about(None, 1)
+    assert isinstance(diagram, Image.Image)
+    assert list(table["C (groups)"]) == list(ui.CARDINALITIES)
+    loaded = table[table["loaded"] != ""]
+    assert len(loaded) == 1 and loaded["params (M)"].iloc[0] == round(config_params(tiny_model.config) / 1e6, 3)
+    assert curve is None and "no training history" in md
+    hist = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_acc": 0.3, "seconds": 1.0, "complete": True},
+            {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_acc": 0.45, "seconds": 2.0, "complete": True}]
+    h2 = ui.Handlers(tiny_model, {"classes": list(data.CLASSES), "history": hist, "accuracy": 0.45}, None)
+    _, _, curve2, md2 = h2.about(None, 0)
+    assert isinstance(curve2, Image.Image) and "45.00 %" in md2
+
+
+def test_equal_budget_table_named_recipe():
+    from resnext_demo.model import get_config
+    t = ui.equal_budget_table(get_config("resnext29_8x8d_tiny"), "resnext29_8x8d_tiny")
+    assert len(t) == len(ui.CARDINALITIES)
+    ref = t[t["C (groups)"] == 8]["params (M)"].iloc[0]
+    # equal complexity within 10 % up to C=16 (at C=32 the integer d=3 of a tiny model overshoots)
+    assert all(abs(p - ref) / ref < 0.1 for p in t[t["C (groups)"] <= 16]["params (M)"])
