@@ -221,9 +221,31 @@ def matched_base_width(config: ResNeXtConfig, cardinality: int) -> int:
     target = (cin + cout) * c0 * d0 + 9 * c0 * d0 * d0
     guess = min(range(1, 4 * d0 * c0 + 1),
                 key=lambda d: abs((cin + cout) * cardinality * d + 9 * cardinality * d * d - target))
-    ref = config_params(config)
-    return min(range(max(1, guess - 2), guess + 3),
-               key=lambda d: abs(config_params(replace(config, cardinality=cardinality, base_width=d)) - ref))
+    p0, m0 = config_params(config), config_macs(config)
+
+    def worst(d: int) -> float:  # the larger relative miss of parameters and multiply-adds
+        c = replace(config, cardinality=cardinality, base_width=d)
+        return max(abs(config_params(c) - p0) / p0, abs(config_macs(c) - m0) / m0)
+
+    return min(range(max(1, guess - 2), guess + 3), key=worst)
+
+
+def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
+    """Multiply-adds of a cifar-family config on a size x size input, without building it (= count_macs)."""
+    hw = size * size
+    total = 27 * config.stem_width * hw
+    cin = config.stem_width
+    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+        w = config.bottleneck_width(i)
+        for b in range(depth):
+            c = cin if b == 0 else cout
+            hw_out = hw // 4 if (i > 0 and b == 0) else hw
+            total += c * w * hw + 9 * w * w // config.cardinality * hw_out + w * cout * hw_out
+            if c != cout or (i > 0 and b == 0):
+                total += c * cout * hw_out
+            hw = hw_out
+        cin = cout
+    return total + cin * config.num_classes
 
 
 def config_params(config: ResNeXtConfig) -> int:
@@ -252,9 +274,10 @@ def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict
     return out
 
 
-# The paper's Table 3 comparison at CPU size: same parameters and FLOPs, cardinality 1 (a plain ResNet
-# bottleneck, wider) up to 16 (narrower groups).
-_CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4, 16)))
+# The paper's Table 3 comparison at CPU size: same parameters and FLOPs (each within 6 %: d is an
+# integer, so the match is coarse at high C on narrow nets), cardinality 1 (a plain, wider ResNet
+# bottleneck) up to 16 (narrower groups). C=16 on the tiny widths would miss by 8.5 %, so it is left out.
+_CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4)))
 _CONFIGS.update(equal_budget_configs("resnext29_8x16d_small", (1, 4, 16)))
 _CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
                                             cardinality=32, base_width=4, family="torchvision")

@@ -207,6 +207,9 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
                                opt.param_groups[0]["lr"], time.perf_counter() - t0)
             if stopped:
                 break
+        if world > 1:  # BN statistics are per rank; rank 0's are the ones evaluated and saved
+            for b in model.buffers():
+                dist.broadcast(b, 0)
         eval_model = ema.module if ema is not None else model
         test_acc = None
         if test is not None:

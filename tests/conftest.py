@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models for fast unit tests; the shared CIFAR-10 archive when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnext_demo import data, weights
+from resnext_demo.model import ResNeXt, ResNeXtConfig
+
+# Keep the suite on the CPU and deterministic, whatever the machine has.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = ResNeXtConfig(depths=(1, 1, 1), stem_width=8, widths=(16, 32, 64), cardinality=4, base_width=2)
+
+
+@pytest.fixture
+def tiny_config() -> ResNeXtConfig:
+    """A 3-stage, 1-block-per-stage ResNeXt with C=4 groups: milliseconds per forward."""
+    return TINY
+
+
+@pytest.fixture
+def tiny_model() -> ResNeXt:
+    """A seeded random tiny model in eval mode (BN statistics randomised so BN is not the identity)."""
+    torch.manual_seed(0)
+    m = ResNeXt(TINY)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, tiny_model: ResNeXt) -> Path:
+    """The tiny model saved as a checkpoint file."""
+    return weights.save_checkpoint(tmp_path / "tiny.safetensors", tiny_model, {"accuracy": None})
+
+
+@pytest.fixture(scope="session")
+def cifar_source() -> str:
+    """The CIFAR-10 source (shared archive or $RESNEXT_DEMO_DATA); skips when there is none."""
+    src = data.default_source()
+    if src is None or not Path(src).exists():
+        pytest.skip("no CIFAR-10 source: ../shared/cifar10/cifar10-jpeg.tar.gz is absent and RESNEXT_DEMO_DATA is unset")
+    return src
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cifar_source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole CIFAR-10 test split (uint8, classes interleaved so any prefix is balanced)."""
+    return data.load_split(cifar_source, "test")
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint() -> Path:
+    """weights.DEFAULT_WEIGHTS; skips when no default checkpoint has been shipped yet."""
+    if not weights.DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"no shipped checkpoint at {weights.DEFAULT_WEIGHTS}")
+    return weights.DEFAULT_WEIGHTS

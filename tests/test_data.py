@@ -1,0 +1,173 @@
+"""Data sources and preprocessing of arbitrary user images."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext_demo import data
+
+
+def test_shared_archive_splits_have_official_sizes(cifar_source: str) -> None:
+    x, y = data.load_split(cifar_source, "train")
+    assert x.shape == (50_000, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.bincount(y, minlength=10).tolist() == [5000] * 10
+    xt, yt = data.load_split(cifar_source, "test")
+    assert xt.shape == (10_000, 3, 32, 32)
+    assert torch.bincount(yt, minlength=10).tolist() == [1000] * 10
+    assert torch.bincount(yt[:1000], minlength=10).tolist() == [100] * 10  # prefixes are balanced
+    assert 60 < x[:1000].float().mean() < 200  # real pictures, not zeros
+
+
+def _folder_tree(root, n_per_class: int = 3, size: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in data.CLASSES[:3]:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_image_folder_directory_and_tarball_agree(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    _folder_tree(tmp_path / "tree")
+    x1, y1 = data.load_split(tmp_path / "tree", "train")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+    x2, y2 = data.load_split(tmp_path / "tree.tar.gz", "train")
+    assert x1.shape == (9, 3, 32, 32) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert sorted(y1.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # PNG is lossless: the first stored image comes back exactly.
+    first = np.array(Image.open(tmp_path / "tree" / "train" / "airplane" / "0.png"))
+    assert torch.equal(x1[y1 == 0][0], torch.from_numpy(first).permute(2, 0, 1))
+    # Cached: a second load reads the cache, not the tree.
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    x3, _ = data.load_split(tmp_path / "tree.tar.gz", "train")
+    assert torch.equal(x2, x3)
+
+
+def test_foreign_class_folder_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t" / "train" / "unicorn").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "t" / "train" / "unicorn" / "0.png")
+    with pytest.raises(ValueError, match="not a CIFAR-10 class"):
+        data.load_split(tmp_path / "t", "train")
+
+
+def test_missing_torchvision_root_without_download_is_clear(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="download"):
+        data.load_split(tmp_path / "nothing-here", "test")
+
+
+def _rgb(w: int = 64, h: int = 48) -> Image.Image:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+    a[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    a[..., 2] = 128
+    return Image.fromarray(a)
+
+
+MODES = ["RGB", "L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F", "YCbCr", "HSV", "PA", "RGBX"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_preprocess_every_mode(mode: str) -> None:
+    im = _rgb()
+    if mode == "I;16":
+        im = Image.fromarray((np.asarray(im.convert("L"), np.uint16) * 257).astype("<u2"))
+        assert im.mode == "I;16"
+    elif mode == "PA":
+        im = im.convert("RGBA").convert("PA")
+    else:
+        im = im.convert(mode)
+    x = data.preprocess(im)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    # Every mode keeps the picture: the left-to-right brightness ramp survives conversion.
+    shown = np.asarray(data.prepare_image(im).convert("L"), np.float32)
+    if mode not in ("1", "HSV"):  # 1-bit dithers; HSV's channel order changes brightness
+        assert shown[:, -4:].mean() > shown[:, :4].mean() + 20
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    a = np.full((8, 8), 32768, np.uint16)  # mid-grey in 16 bits
+    out = np.asarray(data.prepare_image(Image.fromarray(a.astype("<u2"))))
+    assert 120 < out.mean() < 136
+
+
+def test_transparency_is_composited_on_white() -> None:
+    im = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red
+    assert np.asarray(data.prepare_image(im)).min() == 255
+    la = Image.new("LA", (40, 40), (0, 0))
+    assert np.asarray(data.prepare_image(la)).min() == 255
+
+
+def test_exif_orientation_is_applied() -> None:
+    im = Image.new("RGB", (60, 30), "black")
+    im.paste((255, 255, 255), (0, 0, 30, 30))  # white on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the left half ends up on top
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif, quality=95)
+    out = np.asarray(data.prepare_image(buf.getvalue()).convert("L"), np.float32)
+    assert out[:8].mean() > 200 and out[-8:].mean() < 60
+
+
+def test_first_frame_of_animation() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = np.asarray(data.prepare_image(buf.getvalue()))
+    assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 3), (3, 1000), (4000, 3000)])
+def test_odd_sizes_become_32x32(size) -> None:
+    out = data.prepare_image(_rgb(*size))
+    assert out.size == (32, 32) and out.mode == "RGB"
+
+
+def test_non_square_is_centre_cropped() -> None:
+    """A wide image keeps its centre square, undistorted: the outer thirds are cut."""
+    im = Image.new("RGB", (96, 32), (255, 0, 0))
+    im.paste((0, 255, 0), (32, 0, 64, 32))
+    out = np.asarray(data.prepare_image(im))
+    assert out[..., 1].min() == 255 and out[..., 0].max() == 0
+
+
+def test_numpy_and_bytes_inputs_match_pil() -> None:
+    im = _rgb()
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    ref = data.preprocess(im)
+    assert torch.equal(ref, data.preprocess(np.asarray(im)))
+    assert torch.equal(ref, data.preprocess(buf.getvalue()))
+    assert torch.allclose(ref, data.preprocess(np.asarray(im).astype(np.float32) / 255), atol=0.02)
+
+
+@pytest.mark.parametrize("raw,msg", [(b"", "empty|not an image"), (b"hello, I am text", "not an image"),
+                                     (None, "damaged or truncated")])
+def test_bad_files_raise_image_error(raw, msg) -> None:
+    if raw is None:
+        buf = io.BytesIO()
+        _rgb(200, 200).save(buf, "PNG")
+        raw = buf.getvalue()[: len(buf.getvalue()) // 2]
+    with pytest.raises(data.ImageError, match=msg):
+        data.prepare_image(raw)
+
+
+def test_decompression_bomb_is_refused() -> None:
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, "PNG")  # 400 MP, a few kB on disk
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(data.ImageError, match="too large"):
+        data.prepare_image(buf.getvalue())
+
+
+def test_normalize_round_trip() -> None:
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(data.denormalize(data.normalize(x)), x.float() / 255, atol=1e-6)

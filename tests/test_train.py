@@ -1,0 +1,146 @@
+"""fit(): it learns, resumes exactly, respects frozen layers and stop; DDP under torchrun agrees."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnext_demo import data, train, weights
+from resnext_demo.model import ResNeXt
+
+
+def _colour_classes(n_per_class: int = 24, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable toy set: class c is a distinct colour plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.randint(0, 256, (k, 3, 1, 1), generator=g).float()
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    x = (palette[y] + 40 * torch.randn(len(y), 3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
+    return x, y
+
+
+def _eval_loss(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(data.normalize(x)), y).item()
+
+
+def test_fit_lowers_the_loss(tiny_config) -> None:
+    torch.manual_seed(0)
+    model = ResNeXt(tiny_config)
+    x, y = _colour_classes()
+    before = _eval_loss(model, x, y)
+    cfg = train.TrainConfig(epochs=4, batch_size=32, lr=0.05, warmup_epochs=0, log_every=1)
+    events = list(train.fit(model, (x, y), cfg, (x, y), "cpu"))
+    assert _eval_loss(model, x, y) < 0.7 * before
+    kinds = [e.kind for e in events]
+    assert kinds.count("epoch") == 4 and kinds[-1] == "done" and "step" in kinds
+    assert events[-1].history[-1]["test_acc"] > 0.3 and len(events[-1].history) == 4
+    assert not model.training
+
+
+def test_resume_is_exact(tiny_config) -> None:
+    """Two epochs straight == one epoch, save (weights + optimizer/EMA state), a fresh model, one more."""
+    x, y = _colour_classes(8)
+    cfg = train.TrainConfig(epochs=2, batch_size=16, ema_decay=0.9, cutout=8, log_every=100)
+    torch.manual_seed(0)
+    straight = ResNeXt(tiny_config)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    list(train.fit(straight, (x, y), cfg, device="cpu"))
+
+    first = ResNeXt(tiny_config)
+    first.load_state_dict(init)
+    gen = train.fit(first, (x, y), cfg, device="cpu")
+    ev = next(e for e in gen if e.kind == "epoch")
+    gen.close()
+    state = {k: v.clone() for k, v in ev.state.items()}
+    resumed = ResNeXt(tiny_config)
+    resumed.load_state_dict(first.state_dict())
+    list(train.fit(resumed, (x, y), cfg, device="cpu", start_epoch=1, resume_state=state, history=ev.history))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_head_only_training_touches_only_the_head(tiny_model) -> None:
+    x, y = _colour_classes(4)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    cfg = train.TrainConfig(epochs=1, batch_size=20, train_layers="head")
+    list(train.fit(tiny_model, (x, y), cfg, device="cpu"))
+    after = tiny_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # frozen BatchNorms keep their running statistics too
+
+
+def test_last_stage_training_leaves_earlier_stages(tiny_model) -> None:
+    x, y = _colour_classes(4)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    list(train.fit(tiny_model, (x, y), train.TrainConfig(epochs=1, batch_size=20, train_layers="last_stage"), device="cpu"))
+    changed = {k.split(".")[0] for k, v in tiny_model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"layer3", "fc"}
+
+
+def test_stop_event_ends_training_early(tiny_model) -> None:
+    x, y = _colour_classes(16)
+    stop = threading.Event()
+    stop.set()
+    events = list(train.fit(tiny_model, (x, y), train.TrainConfig(epochs=5, batch_size=16), device="cpu", stop=stop))
+    assert events[-1].kind == "done" and events[-1].stopped and len(events[-1].history) == 1
+
+
+def test_augment_properties() -> None:
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    plain = train.augment(x, g, padding=0, flip=False)
+    assert torch.allclose(plain, data.normalize(x))
+    out = train.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
+    assert out.shape == (64, 3, 32, 32) and torch.isfinite(out).all()
+    same = train.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
+    assert torch.equal(out, same)  # random choices come only from the generator
+    # A crop with padding p is the padded image shifted by at most p: every output pixel row exists in it.
+    flipped = train.augment(x, torch.Generator().manual_seed(2), padding=0, flip=True)
+    for i in range(8):
+        assert torch.equal(flipped[i], data.normalize(x[i:i + 1])[0]) or \
+            torch.equal(flipped[i], data.normalize(x[i:i + 1]).flip(3)[0])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+def test_lr_schedules_are_bounded_and_end_low(schedule: str) -> None:
+    f = [train.lr_factor(s, 100, 10, schedule) for s in range(100)]
+    assert all(0 <= v <= 1 for v in f) and max(f) > 0.9
+    if schedule != "constant":
+        assert f[-1] < 0.05
+
+
+def test_subset_is_balanced() -> None:
+    x, y = _colour_classes(30)
+    xs, ys = train.subset(x, y, 50)
+    assert len(ys) == 50 and torch.bincount(ys).tolist() == [5] * 10
+
+
+def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
+    """2-process DistributedDataParallel on CPU (gloo): both ranks end identical, and equal to the file."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in data.CLASSES:
+            d = tmp_path / "tree" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "RESNEXT_DEMO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "resnext_demo.train", "--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"),
+           "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out), "--log-every", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=data.PROJECT_ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    digests = dict(re.findall(r"rank (\d) final-params-sha256 ([0-9a-f]{64})", res.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    model, meta = weights.load_checkpoint(out)
+    assert train.params_digest(model) == digests["0"]
+    assert meta["world_size"] == 2 and meta["epochs"] == 2 and (tmp_path / "ddp.curve.json").is_file()
