@@ -337,8 +337,31 @@ def describe(name: str) -> dict:
             "params": count_params(m), "macs": count_macs(m)}
 
 
-if __name__ == "__main__":  # python -m resnext_demo.model: the family table for the README
-    print(f"{'name':24} {'C x d':>8} {'params (M)':>11} {'MFLOPs':>8}")
+def cpu_latency_ms(model: nn.Module, budget_s: float = 2.0) -> float:
+    """Median single-image (batch 1, 32x32) forward time in ms, eval + inference_mode + channels_last."""
+    import statistics
+    import time
+
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: first calls pick kernels and allocate
+            model(x)
+        while len(times) < 5 or (sum(times) < budget_s and len(times) < 50):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+if __name__ == "__main__":  # python -m resnext_demo.model [--latency]: the family table for the README
+    import sys
+
+    latency = "--latency" in sys.argv
+    print(f"| name | C x d | params (M) | MFLOPs |" + (f" CPU ms/image ({torch.get_num_threads()} threads) |" if latency else ""))
+    print("|---|---|---:|---:|" + ("---:|" if latency else ""))
     for n in list_models():
         d = describe(n)
-        print(f"{n:24} {d['cardinality']:>3} x {d['base_width']:<3} {d['params'] / 1e6:>11.2f} {d['macs'] / 1e6:>8.0f}")
+        ms = f" {cpu_latency_ms(build_model(n)):.1f} |" if latency else ""
+        print(f"| `{n}` | {d['cardinality']} x {d['base_width']}d | {d['params'] / 1e6:.2f} | {d['macs'] / 1e6:.0f} |{ms}")
