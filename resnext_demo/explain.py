@@ -9,6 +9,7 @@ tree that shares the weight tensors: the shared model is never hooked, switched 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,10 @@ from torchvision.transforms.functional import gaussian_blur
 
 from . import data
 from .predict import eval_view
+
+# Captum warns on every GuidedBackprop/DeepLift call that it hooks the ReLUs (and removes the hooks
+# after): expected here, and on the private view, so it is noise in a server log. Set once at import.
+warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", category=UserWarning)
 
 # ---------------------------------------------------------------- layers and feature maps
 
@@ -252,7 +257,7 @@ def _run(view: nn.Module, x: torch.Tensor, method: str, target: int, p: dict) ->
     if method == "Saliency":
         return Saliency(view).attribute(x, target=target, abs=True)
     if method == "SmoothGrad":
-        stdev = float(p["noise"]) * float(x.max() - x.min())  # noise relative to this input's range
+        stdev = float(p["noise"]) * float(x.detach().max() - x.detach().min())  # noise relative to this input's range
         return NoiseTunnel(Saliency(view)).attribute(
             x, nt_type="smoothgrad", nt_samples=p["samples"], nt_samples_batch_size=p["samples"],
             stdevs=stdev, target=target, abs=True)

@@ -545,7 +545,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         image = gr.Image(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
                                          label="Image (any size; it is centre-cropped and shrunk to 32×32)",
                                          elem_id="predict-image")
-                        k = gr.Slider(1, len(classes), value=3, step=1, label="Top-k classes shown")
+                        k = gr.Slider(1, len(classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown")
                         with gr.Row():
                             predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
                             random_btn = gr.Button("Random test image", elem_id="random-btn")
@@ -644,7 +644,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                 with gr.Row():
                     ft_epochs = gr.Slider(1, finetune.MAX_EPOCHS, value=3, step=1, label="Epochs")
                     ft_lr = gr.Number(value=0.01, label="Learning rate", minimum=1e-5, maximum=1.0)
-                    ft_bs = gr.Dropdown([8, 16, 32, 64, 128], value=32, label="Batch size")
+                    ft_bs = gr.Slider(1, finetune.MAX_BATCH_SIZE, value=32, step=1, label="Batch size")
                 with gr.Row():
                     ft_train = gr.Button("Train", variant="primary", elem_id="ft-train")
                     ft_stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")

@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from resnext_demo import data, explain
 
 
+# Fewer steps/samples where a test checks side effects, not values: keeps the file fast.
+CHEAP = {"Integrated Gradients": {"steps": 4}, "SmoothGrad": {"samples": 2}, "Occlusion": {"window": 16, "stride": 16}}
+
+
 @pytest.fixture
 def x() -> torch.Tensor:
     """A fixed normalized input (a smooth random image, so gradients are not pure noise)."""
@@ -160,7 +164,7 @@ def test_attribute_leaves_model_alone(tiny_model, x):
     for mode in (False, True):
         tiny_model.train(mode)
         for method in explain.METHODS:
-            explain.attribute(tiny_model, x, method, target=1)
+            explain.attribute(tiny_model, x, method, target=1, **CHEAP.get(method, {}))
         assert tiny_model.training is mode
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -203,3 +207,21 @@ def test_default_params_are_fresh_copies():
     assert explain.default_params("Occlusion")["window"] == 8
     with pytest.raises(ValueError):
         explain.default_params("nope")
+
+
+def test_torchvision_seed_model(x):
+    from resnext_demo.model import build_model
+
+    torch.manual_seed(0)
+    seed = build_model("resnext50_32x4d").eval()  # torchvision's ResNeXt-50 behind our interface ("net." names)
+    ch = explain.layer_choices(seed)
+    assert ch["stages"] == ["net.conv1", "net.layer1", "net.layer2", "net.layer3", "net.layer4"]
+    assert ch["grouped"][0] == "net.layer1.0.conv2" and explain.groups_of(seed, ch["grouped"][0]) == 32
+    conv, stem = ch["grouped"][0], ch["stages"][0]
+    act = explain.activation_node(seed, conv)
+    maps = explain.feature_maps(seed, x, [stem, conv, act])
+    assert maps[stem].shape == (1, 64, 16, 16) and maps[stem].min() >= 0  # the stem after its ReLU
+    assert maps[conv].shape == maps[act].shape == (1, 128, 8, 8) and maps[act].min() >= 0
+    a = explain.attribute(seed, x, "Grad-CAM", target=0)
+    assert a.params["layer"] == "net.layer4" and a.values.shape == (32, 32) and np.isfinite(a.values).all()
+    assert "unreliable" in explain.attribute(seed, x, "GuidedBackprop", target=0).note
