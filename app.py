@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="checkpoint (.safetensors); default $RESNEXT_DEMO_WEIGHTS or weights/default.safetensors")
     ap.add_argument("--data", default=data.default_source(),
                     help="CIFAR-10 source for the sample gallery (torchvision root, image folder or .tar.gz); "
-                         "default $RESNEXT_DEMO_DATA or ../shared/cifar10/cifar10-jpeg.tar.gz when present")
+                         "default $RESNEXT_DEMO_DATA or ../shared/cifar10/cifar10-jpeg.tar.gz when present; '' for none")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"),
                     help="interface to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     ap.add_argument("--port", type=int, default=int(os.environ["GRADIO_SERVER_PORT"])
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     except weights.CheckpointError as e:  # missing or invalid: the app still starts and says what to do
         error = str(e)
         print(f"warning: {error} The app starts without a model.", flush=True)
-    demo = build_demo(model, meta, args.data, weights_path=args.weights, load_error=error)
+    demo = build_demo(model, meta, args.data or None, weights_path=args.weights, load_error=error)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, show_error=True)
 
 

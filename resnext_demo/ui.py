@@ -193,12 +193,12 @@ class Handlers:
                 try:
                     self._test = data.load_split(self.data_source, "test")
                 except (OSError, ValueError) as e:  # missing/bad source: the app works without samples
-                    self._test_error = f"Could not read the CIFAR-10 source {self.data_source}: {e}"
+                    self._test_error = f"Could not read the CIFAR-10 source {self.data_source}: {e}".rstrip(".")
             return self._test
 
     def data_help(self) -> str:
         """Why there are no samples."""
-        return self._test_error or NO_DATA_HELP
+        return f"{self._test_error}. {NO_DATA_HELP}" if self._test_error else NO_DATA_HELP
 
     def model_banner(self, session: SessionModel | None) -> str:
         """One line: which model this session uses."""
@@ -544,7 +544,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     with gr.Column():
                         image = gr.Image(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
                                          label="Image (any size; it is centre-cropped and shrunk to 32×32)",
-                                         elem_id="predict-image")
+                                         height=320, elem_id="predict-image")
                         k = gr.Slider(1, len(classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown")
                         with gr.Row():
                             predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
@@ -554,9 +554,11 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         seen = gr.Image(label="What the model sees (32×32, enlarged)", interactive=False,
                                         format="png", elem_id="predict-seen")
                         info = gr.Markdown(elem_id="predict-info")
-                gallery_md = gr.Markdown()
+                gallery_md = gr.Markdown(NO_DATA_HELP if data_source is None else "Loading CIFAR-10 samples…",
+                                         elem_id="gallery-md")
                 gallery = gr.Gallery(label="CIFAR-10 test samples (true label in the caption)", columns=10,
-                                     height="auto", allow_preview=False, elem_id="sample-gallery")
+                                     visible=data_source is not None,
+                                     height=260, allow_preview=False, elem_id="sample-gallery")
                 with gr.Accordion("Misclassified examples", open=False):
                     mis_btn = gr.Button(f"Find misclassified images among the first {MISCLASSIFIED_SLICE} test images")
                     mis_md = gr.Markdown()
@@ -579,7 +581,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     with gr.Column(scale=2):
                         fm_grid = gr.Image(label="Feature maps by group", interactive=False, elem_id="fm-grid")
                         fm_md = gr.Markdown()
-                        fm_stats = gr.Image(label="Per-group statistics", interactive=False)
+                        fm_stats = gr.Image(label="Per-group statistics", interactive=False, elem_id="fm-stats")
 
             # ---------------------------------------------------------------- Attributions
             with gr.Tab("Attributions", id="attributions"):
@@ -610,7 +612,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     with gr.Column(scale=2):
                         at_out = gr.Image(label="Attribution", interactive=False, elem_id="at-out")
                         at_md = gr.Markdown(elem_id="at-md")
-                        at_cmp = gr.Image(label="Comparison", interactive=False)
+                        at_cmp = gr.Image(label="Comparison", interactive=False, elem_id="at-cmp")
                         at_cmp_md = gr.Markdown()
 
             # ---------------------------------------------------------------- Fine-tune
@@ -642,7 +644,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     ft_layers = gr.Radio(list(finetune.TRAIN_LAYERS), value="head", label="What to train",
                                          info="head = classifier only; last_stage = layer3 + head; all = every layer")
                 with gr.Row():
-                    ft_epochs = gr.Slider(1, finetune.MAX_EPOCHS, value=3, step=1, label="Epochs")
+                    ft_epochs = gr.Slider(1, finetune.MAX_EPOCHS, value=3, step=1, label="Epochs", elem_id="ft-epochs")
                     ft_lr = gr.Number(value=0.01, label="Learning rate", minimum=1e-5, maximum=1.0)
                     ft_bs = gr.Slider(1, finetune.MAX_BATCH_SIZE, value=32, step=1, label="Batch size")
                 with gr.Row():
@@ -671,7 +673,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     with gr.Column():
                         ab_md = gr.Markdown(elem_id="ab-md")
                         ab_table = gr.Dataframe(label="Same budget, other cardinalities (computed)", interactive=False)
-                        ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False)
+                        ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False, elem_id="ab-curve")
                 ab_btn = gr.Button("Refresh", elem_id="ab-btn")
 
         # ---------------------------------------------------------------- events
@@ -690,7 +692,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         mis_btn.click(h.misclassified, session, [mis_gallery, mis_indices, mis_md], api_name="misclassified", **heavy)
         mis_gallery.select(h.select_misclassified, mis_indices, [image, truth], api_visibility="private") \
             .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
-        demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
+        if data_source is not None:
+            demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
 
         fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session]
         fm_btn.click(h.feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)

@@ -1,0 +1,219 @@
+"""Screenshots of every tab for the README: `python -m resnext_demo.screenshots --out docs/screenshots`.
+
+Launches `app.py` itself on a free port and drives it with Playwright and Debian's chromium
+(never a downloaded browser). By default the app runs without a CIFAR-10 source, and every image shown is
+a synthetic one drawn here, so the screenshots contain no CIFAR-10 image and may be committed;
+`--with-samples` shows the sample gallery too (then do not commit predict.png).
+The helpers here (launch_app, open_tab, upload, wait_image) are also what tests/test_browser.py uses.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import data, weights
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ROOT = data.PROJECT_ROOT
+TABS = {"predict": "Predict", "features": "Feature maps (per group)", "attributions": "Attributions",
+        "finetune": "Fine-tune", "about": "About the architecture"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launch_app(weights_path: str | Path, data_source: str | None = None, timeout: float = 120,
+               log: str | Path | None = None) -> Iterator[str]:
+    """Run app.py in a subprocess; yields its URL once it answers; always stops it."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    args = [sys.executable, str(ROOT / "app.py"), "--weights", str(weights_path), "--port", str(port),
+            "--host", "127.0.0.1", "--data", data_source or ""]  # "" = no data source
+    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        t0 = time.time()
+        while True:
+            if proc.poll() is not None:
+                out.seek(0)
+                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{out.read()}")
+            try:
+                with urllib.request.urlopen(url + "config", timeout=2):
+                    break
+            except OSError:
+                if time.time() - t0 > timeout:
+                    raise TimeoutError(f"app.py did not answer on {url} within {timeout} s")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        out.close()
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1280, height: int = 900):
+    """A Playwright page in Debian's headless chromium."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise FileNotFoundError(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def open_tab(page, key: str) -> None:
+    """Click a tab by its key in TABS."""
+    page.get_by_role("tab", name=TABS[key]).click()
+
+
+def upload(page, elem_id: str, files: list[str] | str) -> None:
+    """Put files into the file input of the component with this elem_id."""
+    page.locator(f"#{elem_id} input[type=file]").first.set_input_files(files)
+
+
+def wait_image(page, elem_id: str, timeout: float = 120_000) -> None:
+    """Wait until an output image component shows an image."""
+    page.wait_for_selector(f"#{elem_id} img", timeout=timeout)
+
+
+def wait_text(page, elem_id: str, pattern: str, timeout: float = 120_000) -> str:
+    """Wait until the component's text matches the regex `pattern`; returns the text."""
+    page.wait_for_function(
+        "([sel, pat]) => { const e = document.querySelector(sel); return e && new RegExp(pat).test(e.innerText); }",
+        arg=[f"#{elem_id}", pattern], timeout=timeout)
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def synthetic_image(kind: str = "truck", size: int = 256, seed: int = 0) -> Image.Image:
+    """A drawn picture (no dataset image): 'truck', 'ship', 'plane' on simple backgrounds, with noise."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (size, size), (120, 170, 230))
+    d = ImageDraw.Draw(im)
+    s = size / 256
+    if kind == "ship":
+        d.rectangle([0, 150 * s, size, size], fill=(30, 70, 140))
+        d.polygon([(40 * s, 140 * s), (216 * s, 140 * s), (190 * s, 180 * s), (66 * s, 180 * s)], fill=(200, 60, 50))
+        d.rectangle([100 * s, 100 * s, 150 * s, 140 * s], fill=(240, 240, 240))
+    elif kind == "plane":
+        d.polygon([(30 * s, 130 * s), (230 * s, 120 * s), (230 * s, 135 * s), (30 * s, 140 * s)], fill=(225, 225, 230))
+        d.polygon([(110 * s, 128 * s), (150 * s, 60 * s), (165 * s, 60 * s), (140 * s, 128 * s)], fill=(200, 200, 210))
+        d.polygon([(200 * s, 125 * s), (225 * s, 95 * s), (232 * s, 95 * s), (225 * s, 128 * s)], fill=(200, 200, 210))
+    else:  # truck on a road
+        d.rectangle([0, 180 * s, size, size], fill=(90, 90, 90))
+        d.rectangle([40 * s, 100 * s, 170 * s, 175 * s], fill=(200, 40, 40))
+        d.rectangle([170 * s, 125 * s, 220 * s, 175 * s], fill=(230, 200, 40))
+        for cx in (70, 150, 200):
+            d.ellipse([(cx - 15) * s, 165 * s, (cx + 15) * s, 195 * s], fill=(20, 20, 20))
+    a = np.asarray(im).astype(np.float32) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def write_synthetic(folder: Path, kind: str, n: int) -> list[str]:
+    """n noisy variants of a synthetic picture as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"{kind}-{i}.png"
+        synthetic_image(kind, 96, seed=i + 1).save(p)
+        out.append(str(p))
+    return out
+
+
+def take(url: str, out: Path, work: Path, finetune_epochs: int = 1) -> list[Path]:
+    """Drive every tab with synthetic images and save one full-page PNG per tab."""
+    out.mkdir(parents=True, exist_ok=True)
+    probe = work / "probe-truck.png"
+    synthetic_image("truck").save(probe)
+    shots = []
+    with browser_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#predict-image")
+        upload(page, "predict-image", str(probe))
+        wait_text(page, "predict-info", "ms")
+        shots.append(out / "predict.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        open_tab(page, "features")
+        page.locator("#fm-btn").click()
+        wait_image(page, "fm-grid")
+        wait_image(page, "fm-stats")
+        shots.append(out / "feature-maps.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        open_tab(page, "attributions")
+        page.locator("#at-btn").click()
+        wait_image(page, "at-out")
+        page.locator("#at-cmp-btn").click()
+        wait_image(page, "at-cmp")
+        shots.append(out / "attributions.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        open_tab(page, "finetune")
+        upload(page, "zone-truck", write_synthetic(work / "truck", "truck", 4))
+        upload(page, "zone-ship", write_synthetic(work / "ship", "ship", 4))
+        upload(page, "zone-airplane", write_synthetic(work / "plane", "plane", 4))
+        page.wait_for_timeout(1500)  # let the uploads finish
+        epochs = page.locator("#ft-epochs input[type=number]")
+        epochs.fill(str(finetune_epochs))
+        epochs.press("Enter")
+        page.locator("#ft-train").click()
+        wait_text(page, "ft-result", "after", timeout=300_000)
+        shots.append(out / "fine-tune.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
+        open_tab(page, "about")
+        wait_image(page, "ab-diagram")
+        shots.append(out / "about.png")
+        page.screenshot(path=shots[-1], full_page=True)
+    return shots
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    ap.add_argument("--weights", default=os.environ.get("RESNEXT_DEMO_WEIGHTS", str(weights.DEFAULT_WEIGHTS)))
+    ap.add_argument("--with-samples", action="store_true",
+                    help="give the app the CIFAR-10 source (the Predict tab then shows CIFAR images: do not commit it)")
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs in the Fine-tune screenshot")
+    args = ap.parse_args(argv)
+    if not Path(args.weights).is_file():
+        sys.exit(f"no checkpoint at {args.weights}: train one (python -m resnext_demo.train ...) or pass --weights")
+    source = data.default_source() if args.with_samples else None
+    with tempfile.TemporaryDirectory() as tmp, launch_app(args.weights, source, log=Path(tmp) / "app.log") as url:
+        for p in take(url, Path(args.out), Path(tmp), args.epochs):
+            print(p)
+
+
+if __name__ == "__main__":
+    main()
