@@ -81,17 +81,45 @@ def activation_node(model: nn.Module, layer: str) -> str:
     return f"{head}.relu_1" if _prefix(model) else f"{head}.act2"
 
 
+def _hooked_maps(view: nn.Module, x: torch.Tensor, nodes: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """Outputs of `nodes` (module paths) via forward hooks on the private view; None when a node is not a
+    module or a module runs more than once (a reused ReLU), where only FX tracing can tell the calls apart."""
+    try:
+        mods = {node: view.get_submodule(node) for node in nodes}
+    except AttributeError:
+        return None
+    got: dict[str, list[torch.Tensor]] = {node: [] for node in nodes}
+    handles = [m.register_forward_hook(lambda _m, _i, o, node=node: got[node].append(o)) for node, m in mods.items()]
+    try:
+        with torch.inference_mode():
+            view(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(v) != 1 for v in got.values()):
+        return None
+    return {nodes[node]: v[0] for node, v in got.items()}
+
+
 def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-    """Outputs (1 x C x H x W, detached float32 CPU) of `layers` for a normalized 1 x 3 x 32 x 32 input."""
+    """Outputs (1 x C x H x W, detached float32 CPU) of `layers` for a normalized 1 x 3 x 32 x 32 input.
+
+    Forward hooks on a private view whenever the layers are modules (always for our CIFAR ResNeXt):
+    FX tracing patches `nn.Module.__call__` process-wide while it runs, so a prediction or fine-tune in
+    another server thread fails during a trace ("module is not installed as a submodule"; found by
+    `python -m resnext_demo.loadtest`). FX stays the fallback for nodes that are not modules."""
     nodes = {_node(model, name): name for name in layers}  # FX node -> the caller's name
-    view = eval_view(model)  # tracing calls .train()/.eval(): do it on a private view
+    view = eval_view(model)  # hooks and tracing (which calls .train()/.eval()) land on a private view
+    device = next(model.parameters()).device
+    hooked = _hooked_maps(view, x.to(device), nodes)
+    if hooked is not None:
+        return {name: hooked[name].detach().float().cpu() for name in layers}
     try:
         extractor = create_feature_extractor(view, return_nodes=nodes)
     except ValueError as e:  # torchvision's message lists no valid names; ours does
         raise ValueError(f"{e}\nValid layers: {layer_choices(model)} or any FX node name "
                          "(torchvision.models.feature_extraction.get_graph_node_names)") from e
     extractor.eval()
-    device = next(model.parameters()).device
     with torch.inference_mode():
         out = extractor(x.to(device))
     return {name: out[name].detach().float().cpu() for name in layers}
