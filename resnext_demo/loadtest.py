@@ -1,0 +1,454 @@
+"""Load test of the web app: concurrent gradio_client users on loopback while a fine-tune runs.
+
+    python -m resnext_demo.loadtest                      # starts app.py on a free 127.0.0.1 port
+    python -m resnext_demo.loadtest --users 8 --requests 10 --json
+    python -m resnext_demo.loadtest --url http://127.0.0.1:7860/   # an app you started (loopback only)
+
+Phase 1 (load): one client starts a fine-tune (CIFAR-10 subset when the app has a data source, else
+synthetic uploads for two classes; 1 epoch), then N users each send R requests back to back, mixing
+/predict, /feature_maps and /attribute (Saliency / Grad-CAM, one Integrated Gradients in all), on
+synthetic images made here (never CIFAR-10 images). Reports p50/p95 latency, count and errors per
+endpoint and the throughput.
+Phase 2 (overload): two long fine-tunes occupy the model-running pool, then more predictions than the
+queue holds (ui.QUEUE_MAX) are submitted at once; reports how many the queue refused and the exact
+message the clients got, stops the fine-tunes, and checks that the server still answers.
+
+Everything is bounded: request counts are fixed, every wait has a timeout, and a server this command
+started is always stopped. Only loopback addresses are accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import data, finetune
+
+ROOT = data.PROJECT_ROOT
+STARTUP_TIMEOUT = 180.0
+QUEUE_MAX = 32  # mirrors ui.QUEUE_MAX; read from the ui module when gradio is importable (see _queue_max)
+HEAVY_LIMIT = 2
+
+
+# ---------------------------------------------------------------- the server
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_loopback(url: str) -> str:
+    """The URL normalised with a trailing slash; ValueError unless its host is a loopback address."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"refusing to load-test {url!r}: only loopback hosts (127.0.0.1, localhost, ::1) are allowed")
+    return url if url.endswith("/") else url + "/"
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Poll until the app answers /config (or its process died, or the timeout passed)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with code {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url + "config", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the app did not answer on {url} within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate, then kill after 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def app_server(args: list[str], log: str | Path, env: dict | None = None, timeout: float = STARTUP_TIMEOUT):
+    """`python app.py ARGS` on a free loopback port; yields (url, process); always stops it.
+
+    The log (stdout + stderr) goes to `log`; a failed start raises with the log's tail."""
+    port = free_port()
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
+                                 *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            try:
+                wait_ready(url, proc, timeout)
+            except Exception as e:
+                raise RuntimeError(f"{e}\n--- app log ---\n{Path(log).read_text()[-4000:]}") from e
+            yield url, proc
+        finally:
+            stop_process(proc)
+
+
+def default_checkpoint(tmp: Path) -> Path:
+    """The shipped checkpoint, or (none yet) a randomly initialised one of the same size in `tmp`.
+
+    Accuracy does not matter for a load test; compute per request does."""
+    from . import weights
+    if weights.DEFAULT_WEIGHTS.is_file():
+        return weights.DEFAULT_WEIGHTS
+    import torch
+    from .model import build_model
+    torch.manual_seed(0)
+    return weights.save_checkpoint(tmp / "random-micro.safetensors", build_model("resnext29_8x4d_micro").eval(),
+                                   {"accuracy": None})
+
+
+# ---------------------------------------------------------------- inputs
+
+def synthetic_image(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> str:
+    """A random picture (gradient + a few coloured rectangles + noise) saved as PNG."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    a = c0[None, None] * (1 - xx[..., None]) + c1[None, None] * xx[..., None] * (0.5 + 0.5 * yy[..., None])
+    for _ in range(3):
+        x0, y0 = rng.integers(0, w - 8), rng.integers(0, h - 8)
+        a[y0:y0 + rng.integers(8, h // 2), x0:x0 + rng.integers(8, w // 2)] = rng.integers(0, 256, 3)
+    a = np.clip(a + rng.normal(0, 10, a.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def _queue_max() -> int:
+    try:
+        from . import ui
+        return int(ui.QUEUE_MAX)
+    except Exception:  # gradio missing or ui broken: the documented default
+        return QUEUE_MAX
+
+
+# ---------------------------------------------------------------- measurements
+
+@dataclass
+class Sample:
+    endpoint: str
+    seconds: float
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class EndpointStats:
+    count: int
+    errors: int
+    p50_s: float | None
+    p95_s: float | None
+    max_s: float | None
+    error_messages: list[str] = field(default_factory=list)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no data."""
+    if not xs:
+        return None
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def summarize(samples: list[Sample]) -> dict[str, EndpointStats]:
+    by = defaultdict(list)
+    for s in samples:
+        by[s.endpoint].append(s)
+    out = {}
+    for ep, ss in sorted(by.items()):
+        ok = [s.seconds for s in ss if s.ok]
+        errs = sorted({s.error for s in ss if not s.ok})
+        out[ep] = EndpointStats(len(ss), sum(not s.ok for s in ss), percentile(ok, 50), percentile(ok, 95),
+                                max(ok) if ok else None, errs[:5])
+    return out
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()[:300]
+
+
+# ---------------------------------------------------------------- phase 1: load
+
+def _finetune_args(mode: str, images: list[str], per_class: int, epochs: int, batch: int) -> list:
+    """Positional arguments of /finetune: cifar_per_class, layers, epochs, lr, batch, 10 zones, names, new zones."""
+    from gradio_client import handle_file
+    zones: list = [None] * len(data.CLASSES)
+    if mode == "uploads":
+        half = len(images) // 2
+        zones[data.CLASSES.index("cat")] = [handle_file(p) for p in images[:half]]
+        zones[data.CLASSES.index("ship")] = [handle_file(p) for p in images[half:]]
+    n_new = finetune.MAX_NEW_CLASSES
+    return [per_class if mode == "cifar" else 0, "head", epochs, 0.01, batch, *zones, *([""] * n_new),
+            *([None] * n_new)]
+
+
+def _has_data_source(client) -> bool:
+    """Whether the app can do CIFAR-10 subsets: /random_sample works only with a data source."""
+    try:
+        client.predict(api_name="/random_sample")
+        return True
+    except Exception:
+        return False
+
+
+def _user(url: str, user: int, requests: int, images: list[str], ig_slot: tuple[int, int] | None,
+          deadline: float, timeout: float) -> list[Sample]:
+    """One simulated user: R requests back to back, cycling predict -> feature maps -> attribution."""
+    from gradio_client import Client, handle_file
+    c = Client(url, verbose=False, httpx_kwargs={"timeout": timeout})
+    out = []
+    for i in range(requests):
+        if time.monotonic() > deadline:
+            out.append(Sample("(not sent: deadline)", 0.0, False, "load phase deadline passed"))
+            continue
+        img = handle_file(images[(user * requests + i) % len(images)])
+        kind = (user + i) % 3
+        if kind == 0:
+            ep, args = "/predict", (img, 3)
+        elif kind == 1:
+            ep, args = "/feature_maps", (img,)
+        else:
+            method = "Integrated Gradients" if ig_slot == (user, i) else ("Saliency", "Grad-CAM")[(user + i // 3) % 2]
+            ep, args = "/attribute", (img, method)
+            ep_label = f"/attribute ({method})"
+        t0 = time.monotonic()
+        try:
+            c.submit(*args, api_name=ep).result(timeout=max(1.0, deadline - time.monotonic()))
+            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, True))
+        except Exception as e:  # every failure is counted and reported, never raised
+            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, False, _error_text(e)))
+    c.close()
+    return out
+
+
+def load_phase(url: str, users: int, requests: int, tmp: Path, finetune_epochs: int = 1,
+               cifar_per_class: int = 10, timeout: float = 300.0) -> dict:
+    """N users x R requests while one fine-tune runs; per-endpoint latency and error statistics."""
+    from gradio_client import Client
+    images = [synthetic_image(tmp / f"synthetic-{i}.png", 1000 + i) for i in range(max(4, users * 2))]
+    ft_images = [synthetic_image(tmp / f"train-{i}.png", 2000 + i, (40, 40)) for i in range(12)]
+    deadline = time.monotonic() + timeout
+    ft_client = Client(url, verbose=False, httpx_kwargs={"timeout": timeout})
+    mode = "cifar" if _has_data_source(ft_client) else "uploads"
+    ft_args = _finetune_args(mode, ft_images, cifar_per_class, finetune_epochs, 32)
+    t_ft = time.monotonic()
+    ft_job = ft_client.submit(*ft_args, api_name="/finetune")
+    # the fine-tune is queued first: give it a moment to start so the users really overlap with it
+    t_wait = time.monotonic()
+    while time.monotonic() - t_wait < 10 and ft_job.status().code.value not in ("PROCESSING", "ITERATING", "FINISHED"):
+        time.sleep(0.1)
+    ig_slot = (0, 2) if requests > 2 else None  # user 0's first attribution is the one Integrated Gradients
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(users) as ex:
+        futures = [ex.submit(_user, url, u, requests, images, ig_slot, deadline, timeout) for u in range(users)]
+        samples = [s for f in futures for s in f.result()]
+    wall = time.monotonic() - t0
+    ft_sample = None
+    try:
+        result = ft_job.result(timeout=max(1.0, deadline - time.monotonic()))
+        status_text = str(result[0]) if isinstance(result, (list, tuple)) else str(result)
+        ft_sample = Sample("/finetune", time.monotonic() - t_ft, "Done" in status_text, "" if "Done" in status_text
+                           else status_text[:200])
+    except Exception as e:
+        ft_sample = Sample("/finetune", time.monotonic() - t_ft, False, _error_text(e))
+    ft_client.close()
+    stats = summarize(samples + [ft_sample])
+    n_ok = sum(s.ok for s in samples)
+    return {"users": users, "requests_per_user": requests, "finetune_mode": mode,
+            "finetune": f"{'CIFAR-10 subset ' + str(cifar_per_class) + '/class' if mode == 'cifar' else '12 synthetic uploads, 2 classes'}, "
+                        f"{finetune_epochs} epoch(s), head only",
+            "wall_s": wall, "requests": len(samples), "failed": sum(not s.ok for s in samples) + (not ft_sample.ok),
+            "throughput_rps": n_ok / wall if wall > 0 else None,
+            "endpoints": {k: asdict(v) for k, v in stats.items()}}
+
+
+# ---------------------------------------------------------------- phase 2: overload
+
+def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) -> dict:
+    """Fill the queue past max_size while the pool is busy; count refusals and record the message."""
+    from gradio_client import Client, handle_file
+    qmax = _queue_max()
+    deadline = time.monotonic() + timeout
+    img = synthetic_image(tmp / "overload.png", 3000)
+    ft_images = [synthetic_image(tmp / f"hold-{i}.png", 4000 + i, (40, 40)) for i in range(40)]
+    # 1. occupy every slot of the model-running pool with a long fine-tune (stopped below)
+    holders = [Client(url, verbose=False, httpx_kwargs={"timeout": timeout}) for _ in range(HEAVY_LIMIT)]
+    hold_args = _finetune_args("uploads", ft_images, 0, finetune.MAX_EPOCHS, 1)
+    hold_args[1] = "all"  # train every layer, batch 1: the slowest fine-tune the caps allow
+    hold_jobs = [h.submit(*hold_args, api_name="/finetune") for h in holders]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60 and not all(j.status().code.value in ("PROCESSING", "ITERATING")
+                                                  for j in hold_jobs):
+        if any(j.done() for j in hold_jobs):
+            break
+        time.sleep(0.2)
+    busy = all(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
+    # 2. submit more predictions than the queue holds, all at once
+    n = qmax + extra
+    flood = Client(url, verbose=False, max_workers=n, httpx_kwargs={"timeout": timeout})
+    f = handle_file(img)
+    t_sub = time.monotonic()
+    jobs = [flood.submit(f, 3, api_name="/predict") for _ in range(n)]
+    rejected, accepted, other, messages = 0, 0, 0, defaultdict(int)
+    # 3. refusals come back at once; then release the pool so the accepted ones run
+    time.sleep(min(5.0, 0.1 * n))
+    for h in holders:
+        try:
+            h.predict(api_name="/stop")
+        except Exception:
+            pass
+    for j in jobs:
+        try:
+            j.result(timeout=max(1.0, deadline - time.monotonic()))
+            accepted += 1
+        except Exception as e:
+            msg = _error_text(e)
+            messages[msg] += 1
+            if "queue" in msg.lower() and "full" in msg.lower():
+                rejected += 1
+            else:
+                other += 1
+    submit_s = time.monotonic() - t_sub
+    for j in hold_jobs:
+        try:
+            j.result(timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:
+            pass
+    # 4. the server still answers normally afterwards
+    alive = False
+    try:
+        out = flood.predict(f, 3, api_name="/predict")
+        alive = isinstance(out, dict) and "label" in out
+    except Exception as e:
+        messages[f"(after overload) {_error_text(e)}"] += 1
+    for c in [*holders, flood]:
+        c.close()
+    return {"queue_max_size": qmax, "pool_busy_when_flooded": busy, "submitted": n, "completed": accepted,
+            "rejected_queue_full": rejected, "other_errors": other, "seconds": submit_s,
+            "messages": dict(messages), "server_alive_after": alive}
+
+
+# ---------------------------------------------------------------- CLI
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def report_text(r: dict) -> str:
+    lines = []
+    if "load" in r:
+        ld = r["load"]
+        lines.append(f"load: {ld['users']} users x {ld['requests_per_user']} requests while a fine-tune runs "
+                     f"({ld['finetune']}); {ld['requests']} requests in {ld['wall_s']:.1f} s, "
+                     f"{ld['throughput_rps']:.2f} req/s, {ld['failed']} failed")
+        lines.append(f"  {'endpoint':34s} {'count':>5s} {'errors':>6s} {'p50 s':>7s} {'p95 s':>7s} {'max s':>7s}")
+        for ep, s in ld["endpoints"].items():
+            lines.append(f"  {ep:34s} {s['count']:5d} {s['errors']:6d} {_fmt(s['p50_s']):>7s} {_fmt(s['p95_s']):>7s} "
+                         f"{_fmt(s['max_s']):>7s}")
+            for m in s["error_messages"]:
+                lines.append(f"      error: {m}")
+    if "overload" in r:
+        o = r["overload"]
+        lines.append(f"overload: {o['submitted']} predictions at once with the pool busy={o['pool_busy_when_flooded']} "
+                     f"(queue max_size {o['queue_max_size']}): {o['rejected_queue_full']} refused as queue full, "
+                     f"{o['completed']} completed, {o['other_errors']} other errors; server alive after: "
+                     f"{o['server_alive_after']}")
+        for m, k in o["messages"].items():
+            lines.append(f"  {k} x {m!r}")
+    lines.append(f"server: {r['server']}; machine: {r['machine']}")
+    return "\n".join(lines)
+
+
+def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path: str | None = None,
+        data_source: str | None = None, overload: bool = True, overload_extra: int = 8,
+        timeout: float = 600.0, log: str | Path | None = None) -> dict:
+    """The whole load test; returns the report as a dict (what --json prints)."""
+    if users < 1 or requests < 1:
+        raise ValueError("--users and --requests must be at least 1")
+    if users > 64 or requests > 200:
+        raise ValueError("refusing more than 64 users or 200 requests per user: this is a bounded test")
+    tmp = Path(tempfile.mkdtemp(prefix="resnext-loadtest-"))
+    machine = f"{os.cpu_count()} CPU cores, {sys.platform}"
+    t_end = time.monotonic() + timeout
+
+    def phases(u: str) -> dict:
+        out = {"load": load_phase(u, users, requests, tmp, timeout=max(30.0, 0.6 * (t_end - time.monotonic())))}
+        if overload:
+            out["overload"] = overload_phase(u, tmp, overload_extra, timeout=max(30.0, t_end - time.monotonic()))
+        return out
+
+    if url:
+        url = check_loopback(url)
+        wait_ready(url, None, 30)
+        rep = phases(url)
+        rep["server"] = url
+    else:
+        ckpt = Path(weights_path) if weights_path else default_checkpoint(tmp)
+        args = ["--weights", str(ckpt)]
+        src = data_source if data_source is not None else data.default_source()
+        if src:
+            args += ["--data", src]
+        with app_server(args, log or tmp / "app.log") as (u, _):
+            rep = phases(u)
+        rep["server"] = f"app.py --weights {ckpt.name}" + (f" --data {Path(src).name}" if src else "")
+    rep["machine"] = machine
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=4, help="concurrent gradio_client users (default 4)")
+    ap.add_argument("--requests", type=int, default=6, help="requests per user (default 6)")
+    ap.add_argument("--url", help="test an app already running on a loopback address instead of starting one")
+    ap.add_argument("--weights", help="checkpoint for the started app (default: the shipped one, else a random "
+                                      "resnext29_8x4d_micro)")
+    ap.add_argument("--data", help="CIFAR-10 source for the started app (default: the app's default)")
+    ap.add_argument("--no-overload", action="store_true", help="skip the queue-overflow phase")
+    ap.add_argument("--overload-extra", type=int, default=8, help="requests beyond the queue's max_size (default 8)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="overall time limit in seconds (default 600)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    a = ap.parse_args(argv)
+    try:
+        rep = run(a.users, a.requests, a.url, a.weights, a.data, not a.no_overload, a.overload_extra, a.timeout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rep, indent=2) if a.json else report_text(rep))
+    failed = rep["load"]["failed"]
+    o = rep.get("overload")
+    return 1 if failed or (o and (not o["server_alive_after"] or o["other_errors"])) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
