@@ -445,6 +445,8 @@ class Handlers:
                 result = u.result
                 break
             yield u.text, df, "", None, None
+        if result.stopped and not flag.event.is_set():
+            gr.Warning(f"Training reached the {int(self.max_seconds)} s limit and stopped; the model so far is kept.")
         out_dir = Path(tempfile.mkdtemp(prefix="resnext-finetune-"))
         path = finetune.export(result, out_dir / "resnext-finetuned.safetensors", {**sm.meta, "source_name": sm.name})
         meta = weights.read_metadata(path)
@@ -467,10 +469,20 @@ class Handlers:
         """An uploaded checkpoint becomes this session's model: (session, banner)."""
         if not file:
             raise gr.Error("Choose a .safetensors checkpoint to upload.")
-        device = self.base.model.fc.weight.device if self.base is not None and hasattr(self.base.model, "fc") else "cpu"
+        device = next(self.base.model.parameters()).device if self.base is not None else "cpu"
         model, meta = weights.load_checkpoint(file, device)
         sm = SessionModel(model, meta, list(meta["classes"]), Path(file).name)
         return sm, self.model_banner(sm)
+
+    def model_controls(self, session: SessionModel | None):
+        """Layer and target dropdowns that fit the session's model (its layers, its classes)."""
+        if session is None and self.base is None:
+            return gr.update(), gr.update(), gr.update()
+        sm = self.active(session)
+        layers = layer_dropdown_choices(sm.model)
+        return (gr.update(choices=layers, value=layers[0][1] if layers else None),
+                gr.update(choices=layers, value=None),
+                gr.update(choices=["predicted"] + list(sm.classes), value="predicted"))
 
     # ------------------------------------------------------------ About
 
@@ -709,9 +721,13 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         ft_train.click(h.finetune, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
                        api_name="finetune", concurrency_id=HEAVY, concurrency_limit=HEAVY_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
-        ft_use.click(h.use_model, pending, [session, banner], api_name="use_model")
-        ft_reset.click(h.reset_model, None, [session, banner], api_name="reset_model")
-        ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint")
+        controls = [fm_layer, at_layer, at_target]
+        ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
+            .success(h.model_controls, session, controls, api_visibility="private")
+        ft_reset.click(h.reset_model, None, [session, banner], api_name="reset_model") \
+            .success(h.model_controls, session, controls, api_visibility="private")
+        ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint") \
+            .success(h.model_controls, session, controls, api_visibility="private")
 
         ab_outputs = [ab_diagram, ab_table, ab_curve, ab_md]
         ab_btn.click(h.about, [session, ab_stage], ab_outputs, api_name="about")

@@ -238,6 +238,8 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
     probs = handlers.predict_label(image_path, 11, session)
     assert "zebra" in probs
     assert "zebra" not in handlers.predict_label(image_path, 10, None)
+    fm_layer, at_layer, at_target = handlers.model_controls(session)
+    assert "zebra" in at_target["choices"] and fm_layer["value"] == "layer1.0.conv2"
     # re-upload the exported file to continue
     s2, banner2 = handlers.load_checkpoint(path)
     assert s2.classes == pending.classes and Path(path).name in banner2
@@ -257,6 +259,13 @@ def test_finetune_stop_button(handlers, tmp_path):
     _, _, result_md, path, pending = outs[-1]
     assert "Stopped" in result_md
     assert len(weights.read_metadata(path)["history"]) < finetune.MAX_EPOCHS
+
+
+def test_finetune_wall_time_cap(tiny_model, tmp_path):
+    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, max_seconds=0.0)
+    files = {"cat": _synthetic_files(tmp_path, "cat", 4, (200, 120, 40))}
+    _, _, result_md, path, pending = _run_finetune(h, None, ui.StopFlag(), files, epochs=5)[-1]
+    assert "Stopped" in result_md and len(pending.meta["history"]) == 1
 
 
 def test_finetune_rejects_bad_input(handlers, tmp_path):
