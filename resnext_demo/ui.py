@@ -235,7 +235,7 @@ class Handlers:
         if truth and truth.get("label") is not None:
             ok = truth["label"] == p.top_class
             info += (f"\n\nTrue label (CIFAR-10 test image #{truth['index']}): **{truth['label']}** — "
-                     + ("✅ correct" if ok else f"❌ incorrect (predicted {p.top_class})"))
+                     + ("**correct**" if ok else f"**incorrect** (predicted {p.top_class})"))
         return top, _upscale(p.image32), info
 
     def sample_gallery(self):
@@ -344,7 +344,7 @@ class Handlers:
               f" · map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]"
               + (f" · {params}" if params else ""))
         if a.note:
-            md += f"\n\n⚠️ {a.note}"
+            md += f"\n\n**Note:** {a.note}"
         return md
 
     @_friendly
@@ -514,6 +514,13 @@ class Handlers:
             md.append("This checkpoint has no training history.")
         return diagram, table, curve, "\n\n".join(md)
 
+
+# Pass to launch(css=...) (Gradio 6 takes css there): 32x32 pictures are drawn large and with sharp pixels.
+CSS = """
+#predict-image img, #fm-image img, #at-image img, #predict-seen img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
+}
+"""
 
 ABOUT_TEXT = """
 ### What a ResNeXt block is
