@@ -295,6 +295,18 @@ def load_phase(url: str, users: int, requests: int, tmp: Path, finetune_epochs: 
 
 # ---------------------------------------------------------------- phase 2: overload
 
+def _direct_stop(url: str, session_hash: str) -> str:
+    """POST /gradio_api/run/stop for a session: the unqueued route the browser uses for queue=False events."""
+    req = urllib.request.Request(url + "gradio_api/run/stop", method="POST",
+                                 data=json.dumps({"data": [None], "session_hash": session_hash}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return "ok" if r.status == 200 else f"HTTP {r.status}"
+    except OSError as e:
+        return _error_text(e)
+
+
 def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) -> dict:
     """Fill the queue past max_size while the pool is busy; count refusals and record the message."""
     from gradio_client import Client, handle_file
@@ -314,6 +326,7 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
             break
         time.sleep(0.2)
     busy = all(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
+    timings = {"pool_busy_after_s": time.monotonic() - t0}
     # 2. submit more predictions than the queue holds, all at once
     n = qmax + extra
     flood = Client(url, verbose=False, max_workers=n, httpx_kwargs={"timeout": timeout})
@@ -323,11 +336,14 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
     rejected, accepted, other, messages = 0, 0, 0, defaultdict(int)
     # 3. refusals come back at once; then release the pool so the accepted ones run
     time.sleep(min(5.0, 0.1 * n))
+    stop_via_client, stop_direct = [], []
     for h in holders:
-        try:
+        try:  # gradio_client sends even queue=False events through the queue: refused while it is full
             h.predict(api_name="/stop")
-        except Exception:
-            pass
+            stop_via_client.append("ok")
+        except Exception as e:
+            stop_via_client.append(_error_text(e))
+        stop_direct.append(_direct_stop(url, h.session_hash))  # what the browser's Stop button does: a direct, unqueued call
     for j in jobs:
         try:
             j.result(timeout=max(1.0, deadline - time.monotonic()))
@@ -340,11 +356,13 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
             else:
                 other += 1
     submit_s = time.monotonic() - t_sub
+    t_hold = time.monotonic()
     for j in hold_jobs:
         try:
             j.result(timeout=max(1.0, deadline - time.monotonic()))
         except Exception:
             pass
+    timings["holders_stopped_after_s"] = time.monotonic() - t_hold
     # 4. the server still answers normally afterwards
     alive = False
     try:
@@ -356,7 +374,8 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
         c.close()
     return {"queue_max_size": qmax, "pool_busy_when_flooded": busy, "submitted": n, "completed": accepted,
             "rejected_queue_full": rejected, "other_errors": other, "seconds": submit_s,
-            "messages": dict(messages), "server_alive_after": alive}
+            "messages": dict(messages), "server_alive_after": alive,
+            "stop_via_gradio_client_while_full": stop_via_client, "stop_via_direct_route": stop_direct, **timings}
 
 
 # ---------------------------------------------------------------- CLI
@@ -403,9 +422,13 @@ def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path:
     t_end = time.monotonic() + timeout
 
     def phases(u: str) -> dict:
+        t = time.monotonic()
         out = {"load": load_phase(u, users, requests, tmp, timeout=max(30.0, 0.6 * (t_end - time.monotonic())))}
+        out["load"]["phase_s"] = time.monotonic() - t
         if overload:
+            t = time.monotonic()
             out["overload"] = overload_phase(u, tmp, overload_extra, timeout=max(30.0, t_end - time.monotonic()))
+            out["overload"]["phase_s"] = time.monotonic() - t
         return out
 
     if url:
