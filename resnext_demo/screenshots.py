@@ -150,7 +150,7 @@ def write_synthetic(folder: Path, kind: str, n: int) -> list[str]:
     return out
 
 
-def take(url: str, out: Path, work: Path, finetune_epochs: int = 1) -> list[Path]:
+def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path]:
     """Drive every tab with synthetic images and save one full-page PNG per tab."""
     out.mkdir(parents=True, exist_ok=True)
     probe = work / "probe-truck.png"
@@ -187,6 +187,9 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 1) -> list[Path
         epochs = page.locator("#ft-epochs input[type=number]")
         epochs.fill(str(finetune_epochs))
         epochs.press("Enter")
+        lr = page.locator("#ft-lr input")
+        lr.fill("0.05")
+        lr.press("Enter")
         page.locator("#ft-train").click()
         wait_text(page, "ft-result", "after", timeout=300_000)
         shots.append(out / "fine-tune.png")
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default=os.environ.get("RESNEXT_DEMO_WEIGHTS", str(weights.DEFAULT_WEIGHTS)))
     ap.add_argument("--with-samples", action="store_true",
                     help="give the app the CIFAR-10 source (the Predict tab then shows CIFAR images: do not commit it)")
-    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs in the Fine-tune screenshot")
+    ap.add_argument("--epochs", type=int, default=8, help="fine-tune epochs in the Fine-tune screenshot")
     args = ap.parse_args(argv)
     if not Path(args.weights).is_file():
         sys.exit(f"no checkpoint at {args.weights}: train one (python -m resnext_demo.train ...) or pass --weights")

@@ -147,9 +147,8 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
         cfgs = [replace(config, cardinality=c, base_width=matched_base_width(config, c)) for c in CARDINALITIES]
     rows = []
     for c in cfgs:
-        rows.append({"C (groups)": c.cardinality, "d (width/group, stage 1)": c.base_width,
-                     "bottleneck C×d": c.cardinality * c.base_width,
-                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs (multiply-adds)": round(_macs(c) / 1e6, 1),
+        rows.append({"C (groups)": c.cardinality, "d (stage 1)": c.base_width,
+                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs": round(_macs(c) / 1e6, 1),
                      "loaded": "◀" if (c.cardinality, c.base_width) == (config.cardinality, config.base_width) else ""})
     return pd.DataFrame(rows)
 
@@ -664,7 +663,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                          info="head = classifier only; last_stage = layer3 + head; all = every layer")
                 with gr.Row():
                     ft_epochs = gr.Slider(1, finetune.MAX_EPOCHS, value=3, step=1, label="Epochs", elem_id="ft-epochs")
-                    ft_lr = gr.Number(value=0.01, label="Learning rate", minimum=1e-5, maximum=1.0)
+                    ft_lr = gr.Number(value=0.01, label="Learning rate", minimum=1e-5, maximum=1.0, elem_id="ft-lr")
                     ft_bs = gr.Slider(1, finetune.MAX_BATCH_SIZE, value=32, step=1, label="Batch size")
                 with gr.Row():
                     ft_train = gr.Button("Train", variant="primary", elem_id="ft-train")
@@ -684,15 +683,15 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             # ---------------------------------------------------------------- About
             with gr.Tab("About the architecture", id="about"):
                 gr.Markdown(ABOUT_TEXT)
+                ab_md = gr.Markdown(elem_id="ab-md")
+                ab_stage = gr.Slider(0, max(1, len(base_model.config.depths) - 1) if base_model else 2, value=0, step=1,
+                                     label="Stage (0-based) drawn")
+                ab_diagram = gr.Image(label="One block of the loaded model", interactive=False, elem_id="ab-diagram")
                 with gr.Row():
-                    with gr.Column():
-                        ab_stage = gr.Slider(0, 2, value=0, step=1, label="Stage (0-based) drawn")
-                        ab_diagram = gr.Image(label="One block of the loaded model", interactive=False,
-                                              elem_id="ab-diagram")
-                    with gr.Column():
-                        ab_md = gr.Markdown(elem_id="ab-md")
-                        ab_table = gr.Dataframe(label="Same budget, other cardinalities (computed)", interactive=False)
-                        ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False, elem_id="ab-curve")
+                    ab_table = gr.Dataframe(label="Same budget, other cardinalities (computed by the code)",
+                                            interactive=False, wrap=True)
+                    ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False,
+                                        elem_id="ab-curve")
                 ab_btn = gr.Button("Refresh", elem_id="ab-btn")
 
         # ---------------------------------------------------------------- events
