@@ -186,35 +186,36 @@ def _load_torchvision(root: Path, split: str, download: bool) -> tuple[torch.Ten
 
 # ---------------------------------------------------------------- user images
 
-def open_image(file: str | Path | bytes | io.IOBase) -> Image.Image:
-    """Open a user image with bounded decoding; raises ImageError with a human message."""
+def open_image(file: str | Path | bytes | io.IOBase, draft: int | None = None) -> Image.Image:
+    """Open a user image with bounded decoding; raises ImageError with a human message.
+
+    `draft`: for JPEGs, let libjpeg decode at a reduced scale whose sides stay >= this many pixels
+    (a 50 MP photo then decodes in milliseconds and a few MB)."""
     try:
         src = io.BytesIO(file) if isinstance(file, (bytes, bytearray)) else file
         if isinstance(src, (str, Path)) and Path(src).stat().st_size == 0:
             raise ImageError("The file is empty.")
-        with _pixel_limit():
-            im = Image.open(src)
-            im.load()  # decode now, so truncated files fail here and not later
+        im = Image.open(src)  # reads the header only
+        # Checked here rather than through PIL's global MAX_IMAGE_PIXELS: that global is shared by every
+        # server thread, and a temporary change races with concurrent requests.
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageError(_too_large())
+        if draft and im.format == "JPEG" and min(im.size) > draft:
+            im.draft("RGB", (draft, draft))
+        im.load()  # decode now, so truncated files fail here and not later
         return im
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"The image is too large to decode safely (limit {MAX_PIXELS // 1_000_000} MP).") from e
+    except Image.DecompressionBombError as e:  # beyond PIL's own hard limit (~179 MP)
+        raise ImageError(_too_large()) from e
     except UnidentifiedImageError as e:
         raise ImageError("This file is not an image format I can read (PNG, JPEG, GIF, WebP, BMP, TIFF…).") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"The image file is damaged or truncated ({e}).") from e
 
 
-class _pixel_limit:
-    """Temporarily set PIL's decompression-bomb limit (it errors at 2x the value)."""
-
-    def __enter__(self):
-        self.old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
-
-    def __exit__(self, *exc):
-        Image.MAX_IMAGE_PIXELS = self.old
+def _too_large() -> str:
+    return f"The image is too large to decode safely (limit {MAX_PIXELS // 1_000_000} MP)."
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -264,11 +265,9 @@ def prepare_image(image: Image.Image | np.ndarray | str | Path | bytes) -> Image
     elif isinstance(image, Image.Image):
         im = image
     else:
-        im = open_image(image)
+        im = open_image(image, draft=4 * IMAGE_SIZE)  # JPEG's own fast downscale, before decoding
     if im.width < 1 or im.height < 1:
         raise ImageError("The image has no pixels.")
-    if im.format == "JPEG" and im.width * im.height > 4 * IMAGE_SIZE * IMAGE_SIZE:
-        im.draft("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))  # JPEG's own fast downscale; no-op once loaded
     return _square_resize(to_rgb(im))
 
 
