@@ -70,15 +70,20 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
-def bomb_png(d: Path, side: int = BOMB_SIDE) -> Path:
+def bomb_png(d: Path, side: int = BOMB_SIDE, name: str = "bomb.png") -> Path:
     """A real, valid 1-bit PNG of side x side black pixels (400 MP by default) that is only ~50 kB."""
     row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
     z = zlib.compressobj(9)
     idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    p = d / "bomb.png"
+    p = d / name
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
                   + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
     return p
+
+
+def bomb_png_100mp(d: Path) -> Path:
+    """100 MP: over the app's 64 MP cap but under PIL's own hard limit (~179 MP), so only our check stops it."""
+    return bomb_png(d, 10_000, "bomb-100mp.png")
 
 
 def png16(d: Path) -> Path:
@@ -160,7 +165,8 @@ def large_photo(d: Path, megapixels: float = 50.0) -> Path:
 
 
 BROKEN = {"empty": empty, "text renamed .png": text_as_png, "truncated PNG": truncated_png,
-          "truncated JPEG": truncated_jpeg, "decompression bomb": bomb_png}
+          "truncated JPEG": truncated_jpeg, "decompression bomb": bomb_png,
+          "100 MP bomb": bomb_png_100mp}
 ODD = {"16-bit PNG": png16, "CMYK JPEG": cmyk_jpeg, "palette PNG": palette_png, "LA PNG": la_png,
        "RGBA PNG": rgba_png, "animated GIF": animated_gif, "animated WebP": animated_webp, "1x1": one_pixel,
        "1x2000": tall, "2000x1": wide}

@@ -107,6 +107,7 @@ BROKEN_EXPECT = {
     "truncated PNG": ("damaged or truncated", True),
     "truncated JPEG": ("damaged or truncated", True),
     "decompression bomb": ("too large to decode safely", False),
+    "100 MP bomb": ("too large to decode safely", True),
 }
 
 
