@@ -71,6 +71,24 @@ class StopFlag:
         return StopFlag()
 
 
+class ImageInput(gr.Image):
+    """gr.Image that hands the uploaded file to our decoder untouched.
+
+    gr.Image opens uploads with PIL and converts their mode itself before any handler runs, so broken
+    files got Gradio's raw message and transparency / 16-bit were converted its way. Here the file
+    path goes straight to data.open_image / data.to_rgb (pixel limits, EXIF, white background,
+    16-bit scaling, human messages). Same front end as gr.Image.
+    """
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def preprocess(self, payload):
+        if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
+            return super().preprocess(payload)  # inline base64 (some webcam paths): Gradio decodes it
+        return str(payload.path)
+
+
 def _delete_pending(sm: SessionModel | None) -> None:
     """gr.State delete_callback: remove the exported file of an expired session's fine-tune."""
     if sm is not None and sm.path:
@@ -236,6 +254,17 @@ class Handlers:
             info += (f"\n\nTrue label (CIFAR-10 test image #{truth['index']}): **{truth['label']}** — "
                      + ("**correct**" if ok else f"**incorrect** (predicted {p.top_class})"))
         return top, _upscale(p.image32), info
+
+    @staticmethod
+    def share_image(image):
+        """The Predict tab's image for the Feature maps and Attributions tabs (unreadable files stay out)."""
+        if image is None:
+            return None, None
+        try:
+            data.open_image(image)
+        except data.ImageError:  # the Predict handler already told the user why
+            return gr.update(), gr.update()
+        return image, image
 
     def sample_gallery(self):
         """Gallery of test images with true labels, or a message on how to get a data source."""
@@ -560,7 +589,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             with gr.Tab("Predict", id="predict"):
                 with gr.Row():
                     with gr.Column():
-                        image = gr.Image(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
+                        image = ImageInput(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
                                          label="Image (any size; it is centre-cropped and shrunk to 32×32)",
                                          height=320, elem_id="predict-image")
                         k = gr.Slider(1, len(classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown")
@@ -589,7 +618,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                             "group g's inputs. Each panel is one group. Stage outputs are shown ungrouped for comparison.")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        fm_image = gr.Image(type="filepath", format="png", label="Image", elem_id="fm-image")
+                        fm_image = ImageInput(type="filepath", format="png", label="Image", elem_id="fm-image")
                         fm_layer = gr.Dropdown(choices=layer_choices, value=layer_choices[0][1] if layer_choices else None,
                                                label="Layer", elem_id="fm-layer")
                         fm_view = gr.Radio(["channels", "summary"], value="channels", label="View",
@@ -605,7 +634,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             with gr.Tab("Attributions", id="attributions"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        at_image = gr.Image(type="filepath", format="png", label="Image", elem_id="at-image")
+                        at_image = ImageInput(type="filepath", format="png", label="Image", elem_id="at-image")
                         at_method = gr.Dropdown(list(explain.METHODS), value=explain.METHODS[0], label="Method",
                                                 elem_id="at-method")
                         at_target = gr.Dropdown(["predicted"] + list(classes), value="predicted", label="Target class")
@@ -704,7 +733,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         image.clear(lambda: None, None, truth, api_visibility="private", queue=False)
         api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy)
         # one input image for the three analysis tabs: copy it over whenever it changes
-        image.change(lambda v: (v, v), image, [fm_image, at_image], api_visibility="private", queue=False)
+        image.change(h.share_image, image, [fm_image, at_image], api_visibility="private", queue=False)
         random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample") \
             .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         gallery.select(h.select_sample, None, [image, truth], api_visibility="private") \

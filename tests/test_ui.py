@@ -131,6 +131,14 @@ def test_predict_bad_input_is_a_gradio_error(handlers, tmp_path):
         handlers.predict_label(str(bad), 3, None)
 
 
+def test_share_image_skips_unreadable_files(image_path, tmp_path):
+    assert ui.Handlers.share_image(image_path) == (image_path, image_path)
+    assert ui.Handlers.share_image(None) == (None, None)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    assert all(isinstance(u, dict) and "value" not in u for u in ui.Handlers.share_image(str(bad)))
+
+
 def test_no_data_source_says_how_to_get_one(handlers):
     gallery, md = handlers.sample_gallery()
     assert "RESNEXT_DEMO_DATA" in md and "--data" in md
