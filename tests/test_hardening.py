@@ -278,6 +278,30 @@ def test_server_paths_in_requests_are_refused(server):
         assert "root:" not in text and "TOP-SECRET" not in text, text[:500]
 
 
+def test_uploads_are_bounded_by_max_file_size(server, client):
+    """launch(max_file_size=...): gradio_client refuses before sending, the server while streaming (413)."""
+    url, tmp, _ = server
+    with urllib.request.urlopen(url + "config", timeout=10) as r:
+        limit = json.loads(r.read()).get("max_file_size")
+    if limit is None:
+        pytest.xfail("app.py does not pass max_file_size to launch(): uploads are unbounded")
+    big = tmp / "too-big.png"
+    with open(big, "wb") as f:
+        f.truncate(int(limit) + 1)  # sparse: costs no disk
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        client.predict(handle_file(str(big)), api_name="/predict")
+    boundary = "resnextboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"too-big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    body = head + b"\0" * (int(limit) + 1) + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and b"maximum allowed size" in e.value.read()
+    still_alive(client, tmp)
+
+
 # ---------------------------------------------------------------- load
 
 def test_loadtest_command_smoke(server):
