@@ -71,22 +71,25 @@ class StopFlag:
         return StopFlag()
 
 
-class ImageInput(gr.Image):
-    """gr.Image that hands the uploaded file to our decoder untouched.
+def ImageInput(**kwargs) -> gr.Image:  # noqa: N802 (used like a component class)
+    """A gr.Image input that hands the uploaded file to our decoder untouched.
 
     gr.Image opens uploads with PIL and converts their mode itself before any handler runs, so broken
     files got Gradio's raw message and transparency / 16-bit were converted its way. Here the file
     path goes straight to data.open_image / data.to_rgb (pixel limits, EXIF, white background,
-    16-bit scaling, human messages). Same front end as gr.Image.
+    16-bit scaling, human messages). A factory, not a subclass: Gradio writes a .pyi stub next to the
+    source file of every Component subclass at import time (and fails on a read-only file system).
     """
+    comp = gr.Image(**kwargs)
+    gradio_preprocess = comp.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
-            return super().preprocess(payload)  # inline base64 (some webcam paths): Gradio decodes it
+            return gradio_preprocess(payload)  # inline base64 (some webcam paths): Gradio decodes it
         return str(payload.path)
+
+    comp.preprocess = preprocess
+    return comp
 
 
 def _delete_pending(sm: SessionModel | None) -> None:
