@@ -307,8 +307,17 @@ def _direct_stop(url: str, session_hash: str) -> str:
         return _error_text(e)
 
 
-def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) -> dict:
-    """Fill the queue past max_size while the pool is busy; count refusals and record the message."""
+NO_IMAGES = "No training images"  # the app's answer to a fine-tune without data: an instant, expected refusal
+
+
+def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, flood: str = "predict") -> dict:
+    """Fill the queue past max_size while the pool is busy; count refusals and record the message.
+
+    flood="predict": predictions wait behind the fine-tunes only while both share one pool (they do now).
+    flood="finetune": fine-tunes without data, which wait behind the holders in any pool layout and are
+    refused by the app in milliseconds once they run (counted as completed)."""
+    if flood not in ("predict", "finetune"):
+        raise ValueError("flood must be 'predict' or 'finetune'")
     from gradio_client import Client, handle_file
     qmax = _queue_max()
     deadline = time.monotonic() + timeout
@@ -320,19 +329,24 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
     hold_args[1] = "all"  # train every layer, batch 1: the slowest fine-tune the caps allow
     hold_jobs = [h.submit(*hold_args, api_name="/finetune") for h in holders]
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 60 and not all(j.status().code.value in ("PROCESSING", "ITERATING")
-                                                  for j in hold_jobs):
-        if any(j.done() for j in hold_jobs):
+    while time.monotonic() - t0 < 60:
+        running = sum(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
+        # all running; or some, after 10 s (a pool of its own for fine-tunes runs fewer at once)
+        if running == len(hold_jobs) or (running and time.monotonic() - t0 > 10) or any(j.done() for j in hold_jobs):
             break
         time.sleep(0.2)
     busy = all(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
     timings = {"pool_busy_after_s": time.monotonic() - t0}
     # 2. submit more predictions than the queue holds, all at once
     n = qmax + extra
-    flood = Client(url, verbose=False, max_workers=n, httpx_kwargs={"timeout": timeout})
+    flood_client = Client(url, verbose=False, max_workers=n, httpx_kwargs={"timeout": timeout})
     f = handle_file(img)
     t_sub = time.monotonic()
-    jobs = [flood.submit(f, 3, api_name="/predict") for _ in range(n)]
+    if flood == "predict":
+        jobs = [flood_client.submit(f, 3, api_name="/predict") for _ in range(n)]
+    else:
+        empty = _finetune_args("uploads", [], 0, 1, 32)
+        jobs = [flood_client.submit(*empty, api_name="/finetune") for _ in range(n)]
     rejected, accepted, other, messages = 0, 0, 0, defaultdict(int)
     # 3. refusals come back at once; then release the pool so the accepted ones run
     time.sleep(min(5.0, 0.1 * n))
@@ -350,8 +364,10 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
             accepted += 1
         except Exception as e:
             msg = _error_text(e)
-            messages[msg] += 1
-            if "queue" in msg.lower() and "full" in msg.lower():
+            messages[msg if NO_IMAGES not in msg else f"(expected, job ran) {msg}"] += 1
+            if flood == "finetune" and NO_IMAGES in msg:
+                accepted += 1
+            elif "queue" in msg.lower() and "full" in msg.lower():
                 rejected += 1
             else:
                 other += 1
@@ -366,13 +382,13 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0) 
     # 4. the server still answers normally afterwards
     alive = False
     try:
-        out = flood.predict(f, 3, api_name="/predict")
+        out = flood_client.predict(f, 3, api_name="/predict")
         alive = isinstance(out, dict) and "label" in out
     except Exception as e:
         messages[f"(after overload) {_error_text(e)}"] += 1
-    for c in [*holders, flood]:
+    for c in [*holders, flood_client]:
         c.close()
-    return {"queue_max_size": qmax, "pool_busy_when_flooded": busy, "submitted": n, "completed": accepted,
+    return {"flood": flood, "queue_max_size": qmax, "pool_busy_when_flooded": busy, "submitted": n, "completed": accepted,
             "rejected_queue_full": rejected, "other_errors": other, "seconds": submit_s,
             "messages": dict(messages), "server_alive_after": alive,
             "stop_via_gradio_client_while_full": stop_via_client, "stop_via_direct_route": stop_direct, **timings}
@@ -399,7 +415,7 @@ def report_text(r: dict) -> str:
                 lines.append(f"      error: {m}")
     if "overload" in r:
         o = r["overload"]
-        lines.append(f"overload: {o['submitted']} predictions at once with the pool busy={o['pool_busy_when_flooded']} "
+        lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once with the pool busy={o['pool_busy_when_flooded']} "
                      f"(queue max_size {o['queue_max_size']}): {o['rejected_queue_full']} refused as queue full, "
                      f"{o['completed']} completed, {o['other_errors']} other errors; server alive after: "
                      f"{o['server_alive_after']}")
@@ -411,7 +427,7 @@ def report_text(r: dict) -> str:
 
 def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path: str | None = None,
         data_source: str | None = None, overload: bool = True, overload_extra: int = 8,
-        timeout: float = 600.0, log: str | Path | None = None) -> dict:
+        timeout: float = 600.0, log: str | Path | None = None, flood: str = "predict") -> dict:
     """The whole load test; returns the report as a dict (what --json prints)."""
     if users < 1 or requests < 1:
         raise ValueError("--users and --requests must be at least 1")
@@ -427,7 +443,8 @@ def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path:
         out["load"]["phase_s"] = time.monotonic() - t
         if overload:
             t = time.monotonic()
-            out["overload"] = overload_phase(u, tmp, overload_extra, timeout=max(30.0, t_end - time.monotonic()))
+            out["overload"] = overload_phase(u, tmp, overload_extra, timeout=max(30.0, t_end - time.monotonic()),
+                                             flood=flood)
             out["overload"]["phase_s"] = time.monotonic() - t
         return out
 
@@ -459,11 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="CIFAR-10 source for the started app (default: the app's default)")
     ap.add_argument("--no-overload", action="store_true", help="skip the queue-overflow phase")
     ap.add_argument("--overload-extra", type=int, default=8, help="requests beyond the queue's max_size (default 8)")
+    ap.add_argument("--flood", choices=("predict", "finetune"), default="predict",
+                    help="overload with predictions (default) or with data-less fine-tunes (independent of the "
+                         "concurrency-pool layout)")
     ap.add_argument("--timeout", type=float, default=600.0, help="overall time limit in seconds (default 600)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
     try:
-        rep = run(a.users, a.requests, a.url, a.weights, a.data, not a.no_overload, a.overload_extra, a.timeout)
+        rep = run(a.users, a.requests, a.url, a.weights, a.data, not a.no_overload, a.overload_extra, a.timeout,
+                  flood=a.flood)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

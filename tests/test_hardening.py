@@ -310,7 +310,7 @@ def test_loadtest_command_smoke(server):
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "resnext_demo.loadtest", "--users", "2", "--requests", "2",
                           "--weights", str(tmp / "tiny.safetensors"), "--overload-extra", "4", "--timeout", "240",
-                          "--json"], cwd=data.PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                          "--flood", "finetune", "--json"], cwd=data.PROJECT_ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rep = json.loads(out.stdout)
