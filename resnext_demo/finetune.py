@@ -240,7 +240,9 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
                       lr=float(opts.lr), weight_decay=5e-4, label_smoothing=0.0, schedule="cosine",
                       warmup_epochs=0.0, channels_last=device.type == "cuda", bf16=True, seed=int(opts.seed),
                       train_layers=opts.train_layers, max_seconds=float(max_seconds), log_every=1)
-    curve: list[dict] = []
+    # The held-out score before training starts the curve at epoch 0 (and puts all series in the first plot).
+    curve: list[dict] = [] if before["holdout"] is None else \
+        [{"epoch": 0.0, "series": "held-out accuracy", "value": before["holdout"]}]
     t0 = time.perf_counter()
     history: list[dict] = []
     stopped = False

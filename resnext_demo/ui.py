@@ -702,8 +702,6 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     ft_stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")
                 ft_status = gr.Markdown(elem_id="ft-status")
                 ft_plot = gr.LinePlot(x="epoch", y="value", color="series", label="Loss and accuracy",
-                                      color_map={"train loss": "#d62728", "train accuracy": "#1f77b4",
-                                                 "held-out accuracy": "#ff7f0e"},
                                       x_title="epoch", y_title="", height=260)
                 ft_result = gr.Markdown(elem_id="ft-result")
                 with gr.Row():
