@@ -174,6 +174,29 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
     return pd.DataFrame(rows)
 
 
+SWEEP_RESULTS = weights.WEIGHTS_DIR / "sweep" / "results.json"  # shipped by the cardinality sweep (issue 7)
+
+
+def sweep_table(path: str | Path = SWEEP_RESULTS) -> pd.DataFrame | None:
+    """The shipped cardinality sweep's results as a table, or None when not shipped (or unreadable)."""
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(raw, dict):  # {"results": [...]} / {"runs": [...]} / {name: row}
+        rows = next((raw[k] for k in ("results", "runs", "models", "rows") if isinstance(raw.get(k), list)), None)
+        if rows is None:
+            rows = [{"name": k, **v} for k, v in raw.items() if isinstance(v, dict)]
+    else:
+        rows = raw
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return None
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
+    return pd.DataFrame(flat)
+
+
 class Handlers:
     """Every event handler of the app; shared read-only state only (per-session state comes in as args)."""
 
@@ -517,6 +540,16 @@ class Handlers:
 
     # ------------------------------------------------------------ About
 
+    @staticmethod
+    def sweep(path: str | Path = SWEEP_RESULTS):
+        """(table update, markdown) of the shipped cardinality sweep; hidden when there is none."""
+        t = sweep_table(path)
+        if t is None:
+            return gr.update(visible=False), ""
+        return gr.update(value=t, visible=True), (
+            "**Cardinality sweep** (`weights/sweep/results.json`): models of one budget at different C, "
+            "trained with the same recipe.")
+
     @_friendly
     def about(self, session: SessionModel | None = None, stage: int = 0):
         """(block diagram, equal-budget table, training curve or None, markdown) of the session's model."""
@@ -724,6 +757,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                             interactive=False, wrap=True)
                     ab_curve = gr.Image(label="Training curve of the loaded checkpoint", interactive=False,
                                         elem_id="ab-curve")
+                ab_sweep_md = gr.Markdown()
+                ab_sweep = gr.Dataframe(label="Cardinality sweep results", interactive=False, visible=False,
+                                        elem_id="ab-sweep")
                 ab_btn = gr.Button("Refresh", elem_id="ab-btn")
 
         # ---------------------------------------------------------------- events
@@ -767,6 +803,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint") \
             .success(h.model_controls, session, controls, api_visibility="private")
 
+        demo.load(h.sweep, None, [ab_sweep, ab_sweep_md], api_visibility="private")
         ab_outputs = [ab_diagram, ab_table, ab_curve, ab_md]
         ab_btn.click(h.about, [session, ab_stage], ab_outputs, api_name="about")
         ab_stage.release(h.about, [session, ab_stage], ab_outputs, api_visibility="private")

@@ -371,3 +371,16 @@ def test_equal_budget_table_named_recipe():
     ref = t[t["C (groups)"] == 8]["params (M)"].iloc[0]
     # equal complexity within 10 % up to C=16 (at C=32 the integer d=3 of a tiny model overshoots)
     assert all(abs(p - ref) / ref < 0.1 for p in t[t["C (groups)"] <= 16]["params (M)"])
+
+
+def test_sweep_table_when_shipped(tmp_path):
+    assert ui.sweep_table(tmp_path / "missing.json") is None
+    assert ui.Handlers.sweep(tmp_path / "missing.json")[0]["visible"] is False
+    p = tmp_path / "results.json"
+    p.write_text('{"results": [{"cardinality": 1, "top1": 0.81, "curve": [1, 2]}, {"cardinality": 8, "top1": 0.84}]}')
+    t = ui.sweep_table(p)
+    assert list(t["cardinality"]) == [1, 8] and "curve" not in t.columns
+    upd, md = ui.Handlers.sweep(p)
+    assert upd["visible"] is True and "sweep" in md.lower()
+    p.write_text("not json")
+    assert ui.sweep_table(p) is None
