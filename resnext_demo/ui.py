@@ -27,6 +27,10 @@ from .predict import predict, predict_batch
 
 HEAVY = "heavy"  # one concurrency pool for every model-running event
 HEAVY_LIMIT = 2  # at most this many model-running events at once (2 cores, each op uses them all anyway)
+# Fine-tunes hold a slot for minutes: they get a pool of their own, so two of them never stall everyone's
+# predictions; at most TRAIN_LIMIT run at once and the others wait in the queue.
+TRAIN_POOL = "finetune"
+TRAIN_LIMIT = 1
 QUEUE_MAX = 32  # waiting requests beyond this are refused with "queue full"
 SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its last use
 N_SAMPLES = 20  # sample gallery: two test images per class
@@ -793,7 +797,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
 
         ft_inputs = [session, stop_flag, ft_cifar, ft_layers, ft_epochs, ft_lr, ft_bs, *zones, *new_names, *new_zones]
         ft_train.click(h.finetune, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
-                       api_name="finetune", concurrency_id=HEAVY, concurrency_limit=HEAVY_LIMIT)
+                       api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
         controls = [fm_layer, at_layer, at_target]
         ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
