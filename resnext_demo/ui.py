@@ -772,7 +772,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         image.upload(lambda: None, None, truth, api_visibility="private", queue=False) \
             .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         image.clear(lambda: None, None, truth, api_visibility="private", queue=False)
-        api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy)
+        api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy,
+                      api_description="Classify one image: image file in, the top-k {class: probability} out "
+                                      "(k defaults to 3). Stable endpoint for gradio_client.")
         # one input image for the three analysis tabs: copy it over whenever it changes
         image.change(h.share_image, image, [fm_image, at_image], api_visibility="private", queue=False)
         random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample") \
