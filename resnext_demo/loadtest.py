@@ -358,6 +358,9 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
         except Exception as e:
             stop_via_client.append(_error_text(e))
         stop_direct.append(_direct_stop(url, h.session_hash))  # what the browser's Stop button does: a direct, unqueued call
+    for j in hold_jobs:  # a holder still waiting in the queue would clear its stop flag when it starts
+        if j.status().code.value not in ("PROCESSING", "ITERATING", "FINISHED"):
+            j.cancel()
     for j in jobs:
         try:
             j.result(timeout=max(1.0, deadline - time.monotonic()))
