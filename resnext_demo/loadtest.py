@@ -331,8 +331,8 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:
         running = sum(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
-        # all running; or some, after 10 s (a pool of its own for fine-tunes runs fewer at once)
-        if running == len(hold_jobs) or (running and time.monotonic() - t0 > 10) or any(j.done() for j in hold_jobs):
+        # all running; or some, after 30 s (a pool of its own for fine-tunes runs fewer at once)
+        if running == len(hold_jobs) or (running and time.monotonic() - t0 > 30) or any(j.done() for j in hold_jobs):
             break
         time.sleep(0.2)
     busy = all(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
