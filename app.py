@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from resnext_demo.ui import CSS, build_demo  # imports gradio: after argparse so --help is instant
+    from resnext_demo.ui import CSS, MAX_FILE_SIZE, build_demo  # imports gradio: after argparse so --help is instant
 
     device = args.device or select_device()
     model = meta = error = None
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {error} The app starts without a model.", flush=True)
     demo = build_demo(model, meta, args.data or None, weights_path=args.weights, load_error=error)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, show_error=True,
-                css=CSS)
+                max_file_size=MAX_FILE_SIZE, css=CSS)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ HEAVY_LIMIT = 2  # at most this many model-running events at once (2 cores, each
 # predictions; at most TRAIN_LIMIT run at once and the others wait in the queue.
 TRAIN_POOL = "finetune"
 TRAIN_LIMIT = 1
+# Pass to launch(max_file_size=...): bounds every upload (a 50 MP camera JPEG is ~30 MB; a paper-size
+# fp32 checkpoint to continue from ~140 MB); Gradio refuses bigger files while they stream in (413).
+MAX_FILE_SIZE = "200mb"
 QUEUE_MAX = 32  # waiting requests beyond this are refused with "queue full"
 SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its last use
 N_SAMPLES = 20  # sample gallery: two test images per class
