@@ -742,7 +742,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     ft_stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")
                 ft_status = gr.Markdown(elem_id="ft-status")
                 ft_plot = gr.LinePlot(x="epoch", y="value", color="series", label="Loss and accuracy",
-                                      x_title="epoch", y_title="", height=260)
+                                      x_title="epoch", y_title="")
                 ft_result = gr.Markdown(elem_id="ft-result")
                 with gr.Row():
                     ft_use = gr.Button("Use this model (this session only)", elem_id="ft-use")
