@@ -9,9 +9,12 @@ synthetic uploads for two classes; 1 epoch), then N users each send R requests b
 /predict, /feature_maps and /attribute (Saliency / Grad-CAM, one Integrated Gradients in all), on
 synthetic images made here (never CIFAR-10 images). Reports p50/p95 latency, count and errors per
 endpoint and the throughput.
-Phase 2 (overload): two long fine-tunes occupy the model-running pool, then more predictions than the
-queue holds (ui.QUEUE_MAX) are submitted at once; reports how many the queue refused and the exact
-message the clients got, stops the fine-tunes, and checks that the server still answers.
+Phase 2 (overload): two long fine-tunes occupy the fine-tune pool, then more jobs than the queue holds
+(ui.QUEUE_MAX) are submitted at once: data-less fine-tunes by default (they wait behind the holders,
+then the app refuses each in milliseconds), or predictions with --flood predict (those only wait when
+they share a pool with fine-tunes; with a pool of their own the refusals depend on how fast the queue
+drains). Reports how many the queue refused and the exact message the clients got, stops the
+fine-tunes, and checks that the server still answers.
 
 Everything is bounded: request counts are fixed, every wait has a timeout, and a server this command
 started is always stopped. Only loopback addresses are accepted.
@@ -310,10 +313,10 @@ def _direct_stop(url: str, session_hash: str) -> str:
 NO_IMAGES = "No training images"  # the app's answer to a fine-tune without data: an instant, expected refusal
 
 
-def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, flood: str = "predict") -> dict:
+def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, flood: str = "finetune") -> dict:
     """Fill the queue past max_size while the pool is busy; count refusals and record the message.
 
-    flood="predict": predictions wait behind the fine-tunes only while both share one pool (they do now).
+    flood="predict": predictions wait behind the fine-tunes only while both share one pool.
     flood="finetune": fine-tunes without data, which wait behind the holders in any pool layout and are
     refused by the app in milliseconds once they run (counted as completed)."""
     if flood not in ("predict", "finetune"):
@@ -323,7 +326,7 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
     deadline = time.monotonic() + timeout
     img = synthetic_image(tmp / "overload.png", 3000)
     ft_images = [synthetic_image(tmp / f"hold-{i}.png", 4000 + i, (40, 40)) for i in range(40)]
-    # 1. occupy every slot of the model-running pool with a long fine-tune (stopped below)
+    # 1. occupy the fine-tune pool with long fine-tunes (stopped below)
     holders = [Client(url, verbose=False, httpx_kwargs={"timeout": timeout}) for _ in range(HEAVY_LIMIT)]
     hold_args = _finetune_args("uploads", ft_images, 0, finetune.MAX_EPOCHS, 1)
     hold_args[1] = "all"  # train every layer, batch 1: the slowest fine-tune the caps allow
@@ -335,8 +338,8 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
         if running == len(hold_jobs) or (running and time.monotonic() - t0 > 30) or any(j.done() for j in hold_jobs):
             break
         time.sleep(0.2)
-    busy = all(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
-    timings = {"pool_busy_after_s": time.monotonic() - t0}
+    running = sum(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
+    timings = {"holders_started_after_s": time.monotonic() - t0}
     # 2. submit more predictions than the queue holds, all at once
     n = qmax + extra
     flood_client = Client(url, verbose=False, max_workers=n, httpx_kwargs={"timeout": timeout})
@@ -391,7 +394,7 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
         messages[f"(after overload) {_error_text(e)}"] += 1
     for c in [*holders, flood_client]:
         c.close()
-    return {"flood": flood, "queue_max_size": qmax, "pool_busy_when_flooded": busy, "submitted": n, "completed": accepted,
+    return {"flood": flood, "queue_max_size": qmax, "holders_running_when_flooded": f"{running}/{len(hold_jobs)}", "submitted": n, "completed": accepted,
             "rejected_queue_full": rejected, "other_errors": other, "seconds": submit_s,
             "messages": dict(messages), "server_alive_after": alive,
             "stop_via_gradio_client_while_full": stop_via_client, "stop_via_direct_route": stop_direct, **timings}
@@ -418,7 +421,7 @@ def report_text(r: dict) -> str:
                 lines.append(f"      error: {m}")
     if "overload" in r:
         o = r["overload"]
-        lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once with the pool busy={o['pool_busy_when_flooded']} "
+        lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once, {o['holders_running_when_flooded']} pool-holding fine-tunes running "
                      f"(queue max_size {o['queue_max_size']}): {o['rejected_queue_full']} refused as queue full, "
                      f"{o['completed']} completed, {o['other_errors']} other errors; server alive after: "
                      f"{o['server_alive_after']}")
@@ -430,7 +433,7 @@ def report_text(r: dict) -> str:
 
 def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path: str | None = None,
         data_source: str | None = None, overload: bool = True, overload_extra: int = 8,
-        timeout: float = 600.0, log: str | Path | None = None, flood: str = "predict") -> dict:
+        timeout: float = 600.0, log: str | Path | None = None, flood: str = "finetune") -> dict:
     """The whole load test; returns the report as a dict (what --json prints)."""
     if users < 1 or requests < 1:
         raise ValueError("--users and --requests must be at least 1")
@@ -479,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="CIFAR-10 source for the started app (default: the app's default)")
     ap.add_argument("--no-overload", action="store_true", help="skip the queue-overflow phase")
     ap.add_argument("--overload-extra", type=int, default=8, help="requests beyond the queue's max_size (default 8)")
-    ap.add_argument("--flood", choices=("predict", "finetune"), default="predict",
-                    help="overload with predictions (default) or with data-less fine-tunes (independent of the "
-                         "concurrency-pool layout)")
+    ap.add_argument("--flood", choices=("predict", "finetune"), default="finetune",
+                    help="overload with data-less fine-tunes (default: they queue behind the holders whatever "
+                         "the pool layout) or with predictions")
     ap.add_argument("--timeout", type=float, default=600.0, help="overall time limit in seconds (default 600)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
