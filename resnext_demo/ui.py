@@ -299,6 +299,12 @@ class Handlers:
             return gr.update(), gr.update()
         return image, image
 
+    def auto_predict(self, image, k: int = 3, session: SessionModel | None = None, truth: dict | None = None):
+        """predict_full after a user change; a cleared image clears the outputs instead of an error."""
+        if image is None:
+            return None, None, ""
+        return self.predict_full(image, k, session, truth)
+
     def sample_gallery(self):
         """Gallery of test images with true labels, or a message on how to get a data source."""
         split = self.test_split()
@@ -772,9 +778,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         # ---------------------------------------------------------------- events
         full_outputs = [label, seen, info]
         predict_btn.click(h.predict_full, [image, k, session, truth], full_outputs, api_name="classify", **heavy)
-        image.upload(lambda: None, None, truth, api_visibility="private", queue=False) \
-            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
-        image.clear(lambda: None, None, truth, api_visibility="private", queue=False)
+        # any user change (upload, paste, webcam snapshot, clear) forgets the sample's true label and re-predicts
+        image.input(lambda: None, None, truth, api_visibility="private", queue=False) \
+            .then(h.auto_predict, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy,
                       api_description="Classify one image: image file in, the top-k {class: probability} out "
                                       "(k defaults to 3). Stable endpoint for gradio_client.")

@@ -122,6 +122,11 @@ def test_predict_full_shows_input_time_and_truth(handlers, image_path):
     assert "incorrect" in bad and wrong in bad
 
 
+def test_auto_predict_on_clear_and_change(handlers, image_path):
+    assert handlers.auto_predict(None, 3, None, None) == (None, None, "")
+    assert len(handlers.auto_predict(image_path, 2, None, None)[0]) == 2
+
+
 def test_predict_bad_input_is_a_gradio_error(handlers, tmp_path):
     with pytest.raises(gr.Error):
         handlers.predict_full(None, 3, None, None)
