@@ -25,6 +25,18 @@ from .model import ResNeXtConfig, build_from_config, config_params, count_macs, 
     list_models, matched_base_width
 from .predict import predict, predict_batch
 
+
+def _import_spaces():
+    """The `spaces` package when installed (Hugging Face Spaces preinstall it; ZeroGPU needs it), else None."""
+    try:
+        import spaces
+    except ImportError:
+        return None
+    return spaces
+
+
+spaces = _import_spaces()  # at import time, as the ZeroGPU docs show: before any model is loaded
+
 HEAVY = "heavy"  # one concurrency pool for every model-running event
 HEAVY_LIMIT = 2  # at most this many model-running events at once (2 cores, each op uses them all anyway)
 # Fine-tunes hold a slot for minutes: they get a pool of their own, so two of them never stall everyone's
@@ -35,6 +47,11 @@ TRAIN_LIMIT = 1
 # fp32 checkpoint to continue from ~140 MB); Gradio refuses bigger files while they stream in (413).
 MAX_FILE_SIZE = "200mb"
 QUEUE_MAX = 32  # waiting requests beyond this are refused with "queue full"
+# ZeroGPU: seconds of GPU a model-running event asks for (shorter requests are scheduled sooner; an event
+# that runs longer may be aborted). The fine-tune asks for its wall-time cap plus FINETUNE_GPU_MARGIN
+# (decoding the uploads, the before/after scores and the export happen outside the training loop).
+GPU_SECONDS = 30
+FINETUNE_GPU_MARGIN = 60
 SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its last use
 N_SAMPLES = 20  # sample gallery: two test images per class
 MISCLASSIFIED_SLICE = 500  # test images scanned for the "misclassified examples" view
@@ -69,13 +86,40 @@ class SessionModel:
 
 
 class StopFlag:
-    """A per-session stop signal; deep-copying (what gr.State does per session) makes a fresh one."""
+    """A per-session stop signal; deep-copying (what gr.State does per session) makes a fresh one.
+
+    `armed` is set by the Train click itself (an unqueued event) and consumed when the fine-tune starts:
+    a Stop pressed while the job still waits in the queue is then kept instead of being cleared.
+    Pickling (ZeroGPU hands a GPU function's arguments to its worker process that way) keeps the state
+    of that moment; a Stop pressed later does not reach a ZeroGPU worker, whose run ends at the caps.
+    """
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.armed = False
 
     def __deepcopy__(self, memo) -> "StopFlag":
         return StopFlag()
+
+    def __getstate__(self) -> dict:
+        return {"stop": self.event.is_set(), "armed": self.armed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.armed = bool(state.get("armed"))
+        if state.get("stop"):
+            self.event.set()
+
+
+def _gpu(fn, duration: float = GPU_SECONDS):
+    """`spaces.GPU(duration=...)(fn)` where the `spaces` package is installed, else `fn` itself.
+
+    On ZeroGPU hardware the decorated function runs in a worker process that holds a GPU for at most
+    `duration` seconds; on any other hardware spaces.GPU returns `fn` unchanged (it is effect-free there).
+    """
+    if spaces is None:
+        return fn
+    return spaces.GPU(duration=int(duration))(fn)
 
 
 def ImageInput(**kwargs) -> gr.Image:  # noqa: N802 (used like a component class)
@@ -457,9 +501,15 @@ class Handlers:
     # ------------------------------------------------------------ Fine-tune
 
     def stop(self, flag: StopFlag) -> str:
-        """Ask this session's running fine-tune to stop after the current step."""
+        """Ask this session's running (or queued) fine-tune to stop after the current step."""
         flag.event.set()
         return "Stopping after the current step…"
+
+    @staticmethod
+    def arm(flag: StopFlag) -> None:
+        """Train click, before the fine-tune is queued: a fresh stop flag that the job will not clear."""
+        flag.event.clear()
+        flag.armed = True
 
     @_friendly_gen
     def finetune(self, session: SessionModel | None, flag: StopFlag, cifar_per_class: int, train_layers: str,
@@ -467,7 +517,14 @@ class Handlers:
         """Generator: yields (status, curve DataFrame, result markdown, download path, pending model).
 
         `uploads` = 10 file lists (one per CIFAR-10 class), then MAX_NEW_CLASSES names, then their file lists.
+        Armed by the Train click (see `arm`), a Stop pressed while the job waited in the queue ends it here;
+        called without (gradio_client's /finetune), the job starts with a cleared flag.
         """
+        armed, flag.armed = flag.armed, False
+        if armed and flag.event.is_set():
+            yield "Stopped before training started (Stop was pressed while the fine-tune waited in the queue).", \
+                None, "", None, None
+            return
         sm = self.active(session)
         n_new = finetune.MAX_NEW_CLASSES
         class_files = list(uploads[:len(data.CLASSES)])
@@ -501,7 +558,8 @@ class Handlers:
             raise gr.Error("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
         opts = finetune.Options(train_layers=train_layers, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size))
         opts.check()
-        flag.event.clear()
+        if not armed:
+            flag.event.clear()
         counts = ", ".join(f"{c}: {n}" for c, n in ds.counts().items() if n)
         yield f"Preparing {len(ds)} images ({counts})…", None, "", None, None
         test = self.test_split() if tuple(classes[:10]) == data.CLASSES else None
@@ -777,38 +835,45 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
 
         # ---------------------------------------------------------------- events
         full_outputs = [label, seen, info]
-        predict_btn.click(h.predict_full, [image, k, session, truth], full_outputs, api_name="classify", **heavy)
+        # model-running handlers: ZeroGPU runs them on a GPU it holds for their duration (identity elsewhere)
+        predict_full, auto_predict, predict_label = _gpu(h.predict_full), _gpu(h.auto_predict), _gpu(h.predict_label)
+        misclassified, feature_maps = _gpu(h.misclassified), _gpu(h.feature_maps)
+        attribute, compare = _gpu(h.attribute), _gpu(h.compare)
+        train = _gpu(h.finetune, duration=max_seconds + FINETUNE_GPU_MARGIN)
+        predict_btn.click(predict_full, [image, k, session, truth], full_outputs, api_name="classify", **heavy)
         # any user change (upload, paste, webcam snapshot, clear) forgets the sample's true label and re-predicts
         image.input(lambda: None, None, truth, api_visibility="private", queue=False) \
-            .then(h.auto_predict, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
-        api_btn.click(h.predict_label, [image, k, session], label, api_name="predict", **heavy,
+            .then(auto_predict, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        api_btn.click(predict_label, [image, k, session], label, api_name="predict", **heavy,
                       api_description="Classify one image: image file in, the top-k {class: probability} out "
                                       "(k defaults to 3). Stable endpoint for gradio_client.")
         # one input image for the three analysis tabs: copy it over whenever it changes
         image.change(h.share_image, image, [fm_image, at_image], api_visibility="private", queue=False)
         random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample") \
-            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+            .then(predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         gallery.select(h.select_sample, None, [image, truth], api_visibility="private") \
-            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
-        mis_btn.click(h.misclassified, session, [mis_gallery, mis_indices, mis_md], api_name="misclassified", **heavy)
+            .then(predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+        mis_btn.click(misclassified, session, [mis_gallery, mis_indices, mis_md], api_name="misclassified", **heavy)
         mis_gallery.select(h.select_misclassified, mis_indices, [image, truth], api_visibility="private") \
-            .then(h.predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
+            .then(predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         if data_source is not None:
             demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
 
         fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session]
-        fm_btn.click(h.feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)
+        fm_btn.click(feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)
 
         at_params = [at_steps, at_baseline, at_samples, at_noise, at_layer, at_window, at_stride]
         at_method.change(h.param_visibility, at_method, at_params, api_visibility="private", queue=False)
-        at_btn.click(h.attribute, [at_image, at_method, at_target, at_signed, at_opacity, *at_params, session],
+        at_btn.click(attribute, [at_image, at_method, at_target, at_signed, at_opacity, *at_params, session],
                      [at_out, at_md], api_name="attribute", **heavy)
-        at_cmp_btn.click(h.compare, [at_image, at_method, at_method_b, at_target, at_signed, at_opacity, *at_params,
-                                     session], [at_cmp, at_cmp_md], api_name="compare", **heavy)
+        at_cmp_btn.click(compare, [at_image, at_method, at_method_b, at_target, at_signed, at_opacity, *at_params,
+                                   session], [at_cmp, at_cmp_md], api_name="compare", **heavy)
 
         ft_inputs = [session, stop_flag, ft_cifar, ft_layers, ft_epochs, ft_lr, ft_bs, *zones, *new_names, *new_zones]
-        ft_train.click(h.finetune, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
-                       api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
+        # arm the stop flag at the click (unqueued), so a Stop pressed while the job waits in the queue counts
+        ft_train.click(h.arm, stop_flag, None, api_visibility="private", queue=False) \
+            .then(train, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
+                  api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
         controls = [fm_layer, at_layer, at_target]
         ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
