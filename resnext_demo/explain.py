@@ -343,3 +343,374 @@ def _finish(raw: torch.Tensor, method: str, target: int, p: dict, model: nn.Modu
     if method in ("DeepLift", "GuidedBackprop", "Guided Grad-CAM") and _prefix(model):
         notes.append("unreliable on the torchvision seed model: its blocks reuse one in-place ReLU")
     return Attribution(values, raw_min, raw_max, method, target, p, "; ".join(notes) or None)
+
+
+# ---------------------------------------------------------------- cardinality: what each group does
+#
+# A ResNeXt block's grouped 3x3 conv computes C independent paths; group g owns the contiguous channels
+# [g*w, (g+1)*w) of the conv's output, and the block's BN + ReLU after it are per channel, so the paths
+# stay separate until the 1x1 conv3 aggregates them. Every view below looks at the block's activation
+# after that ReLU ('act2'): the exact signal each path hands to the aggregation.
+
+GROUP_METHODS: tuple[str, ...] = ("Gradient x Activation", "Conductance")
+ABLATIONS: tuple[str, ...] = ("zero", "mean")
+
+
+def group_output(model: nn.Module, layer: str) -> str:
+    """Module path of the activation that carries `layer`'s groups: 'layer1.0.conv2' -> 'layer1.0.act2'.
+
+    The torchvision seed calls one ReLU module three times per block, so there its per-channel BN
+    ('bn2') stands in: hooks on a reused module would fire on all three calls."""
+    if layer not in model.grouped_convs():
+        raise ValueError(f"{layer!r} is not a grouped conv; choose one of {', '.join(model.grouped_convs())}")
+    head = layer.rpartition(".")[0]
+    return f"{head}.bn2" if _prefix(model) else f"{head}.act2"
+
+
+def _group_channels(model: nn.Module, layer: str, groups: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Boolean channel mask (length C) of the listed groups of `layer`."""
+    conv = model.grouped_convs()[layer]
+    g, w = conv.groups, conv.out_channels // conv.groups
+    bad = [i for i in groups if not 0 <= int(i) < g]
+    if bad:
+        raise ValueError(f"{layer} has groups 0..{g - 1}; got {bad}")
+    mask = torch.zeros(conv.out_channels, dtype=torch.bool)
+    for i in groups:
+        mask[int(i) * w:(int(i) + 1) * w] = True
+    return mask
+
+
+def _check_image(model: nn.Module, x: torch.Tensor, target: int | None = None) -> None:
+    """ValueError for a batch or a wrong target (the group views explain one image)."""
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
+    k = getattr(getattr(model, "config", None), "num_classes", None)
+    if target is not None and (not isinstance(target, (int, np.integer)) or target < 0 or (k and target >= k)):
+        raise ValueError(f"target must be a class index in [0, {k}), not {target!r}")
+
+
+@dataclass
+class GroupImportance:
+    """Signed attribution of one class's logit to each group of a block (positive = evidence for it)."""
+
+    values: np.ndarray  # G: the group's channels and positions summed
+    total: float  # the whole layer's attribution; values.sum() equals it
+    method: str
+    layer: str
+    target: int
+    contrast: int | None  # when set, values explain logit[target] - logit[contrast] ("why not that class?")
+    # Conductance only: the part of f(x) - f(black) that bypasses the groups through the block's identity
+    # shortcut (completeness over all paths: groups + shortcut = f(x) - f(black)).
+    shortcut: float | None = None
+
+
+def group_importance(model: nn.Module, x: torch.Tensor, layer: str, target: int, method: str = "Gradient x Activation",
+                     contrast: int | None = None, steps: int = 32) -> GroupImportance:
+    """Attribution of the `target` logit to each group of `layer`'s grouped conv (Captum layer methods).
+
+    'Gradient x Activation' (LayerGradientXActivation) is one backward pass; 'Conductance'
+    (LayerConductance, black-image baseline, `steps` points) satisfies completeness: the groups sum to
+    f(x) - f(baseline) together with the block's shortcut (reported as `shortcut`). With `contrast`, the
+    explained output is logit[target] - logit[contrast].
+    """
+    from captum.attr import LayerConductance, LayerGradientXActivation
+    if method not in GROUP_METHODS:
+        raise ValueError(f"unknown group method {method!r}; choose one of {', '.join(GROUP_METHODS)}")
+    _check_image(model, x, target)
+    if contrast is not None:
+        _check_image(model, x, contrast)
+    groups = groups_of(model, layer)
+    view = eval_view(model)
+    module = view.get_submodule(group_output(model, layer))
+    t, c = int(target), (None if contrast is None else int(contrast))
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:  # one output column: the logit or the logit margin
+        z = view(inp).float()
+        return z[:, t:t + 1] if c is None else z[:, t:t + 1] - z[:, c:c + 1]
+
+    device = next(model.parameters()).device
+    shortcut = None
+    with torch.inference_mode(False), torch.enable_grad():
+        xx = x.detach().to(device, torch.float32).clone().requires_grad_()
+        if method == "Conductance":
+            attr, d = LayerConductance(forward, module).attribute(
+                xx, baselines=_baseline("black", xx), target=0, n_steps=int(steps),
+                internal_batch_size=int(steps), return_convergence_delta=True)
+            shortcut = -float(d.detach().sum())  # Captum's delta = sum(attr) - (f(x) - f(baseline))
+        else:
+            attr = LayerGradientXActivation(forward, module).attribute(xx, target=0)
+    per_group = split_groups(attr.detach().double().cpu(), groups).flatten(1).sum(1).numpy()
+    return GroupImportance(per_group, float(attr.detach().double().sum()), method, layer, t, c, shortcut)
+
+
+def _ablation_hook(mask: torch.Tensor, mode: str):
+    """Forward hook replacing the masked channels (per sample: mask is B x C) by 0 or their spatial mean."""
+    def hook(_m, _inp, out):
+        keep = ~mask.to(out.device)[:, :, None, None]
+        repl = torch.zeros_like(out) if mode == "zero" else out.mean((2, 3), keepdim=True).expand_as(out)
+        return torch.where(keep, out, repl)
+    return hook
+
+
+def _ablated_logits(model: nn.Module, x: torch.Tensor, layer: str, masks: torch.Tensor, mode: str) -> torch.Tensor:
+    """Logits (B x K) of x repeated once per row of `masks` (B x C), each row knocking out its channels."""
+    if mode not in ABLATIONS:
+        raise ValueError(f"unknown ablation {mode!r}; choose one of {', '.join(ABLATIONS)}")
+    view = eval_view(model)
+    handle = view.get_submodule(group_output(model, layer)).register_forward_hook(_ablation_hook(masks, mode))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            return view(x.to(device).expand(len(masks), -1, -1, -1)).float().cpu()
+    finally:
+        handle.remove()
+
+
+def ablate_groups(model: nn.Module, x: torch.Tensor, layer: str, groups: list[int], mode: str = "zero") -> np.ndarray:
+    """Class probabilities (K) when the listed groups of `layer` are knocked out (0, or their spatial mean).
+
+    'zero' removes the paths entirely; 'mean' keeps each channel's average but erases where it fired.
+    An empty list changes nothing (bit-identical to the plain forward)."""
+    _check_image(model, x)
+    mask = _group_channels(model, layer, groups)[None]
+    return torch.softmax(_ablated_logits(model, x, layer, mask, mode), 1)[0].numpy()
+
+
+@dataclass
+class GroupAblation:
+    """The effect of knocking out each group alone (one row per group)."""
+
+    base: np.ndarray  # K: probabilities without ablation
+    probs: np.ndarray  # G x K: probabilities with group g knocked out
+    target: int
+    mode: str
+
+    @property
+    def drop(self) -> np.ndarray:
+        """G: how much each knock-out lowers the target's probability (negative = it rises)."""
+        return self.base[self.target] - self.probs[:, self.target]
+
+    def ranking(self) -> list[int]:
+        """Groups from the most harmful knock-out to the least."""
+        return [int(i) for i in np.argsort(-self.drop, kind="stable")]
+
+
+def ablation_ranking(model: nn.Module, x: torch.Tensor, layer: str, target: int, mode: str = "zero") -> GroupAblation:
+    """Knock out each group of `layer` in turn (one batched forward of G + 1 images) and record the probabilities."""
+    _check_image(model, x, target)
+    g = groups_of(model, layer)
+    masks = torch.stack([torch.zeros_like(_group_channels(model, layer, []))]
+                        + [_group_channels(model, layer, [i]) for i in range(g)])
+    p = torch.softmax(_ablated_logits(model, x, layer, masks, mode), 1).numpy()
+    return GroupAblation(p[0], p[1:], int(target), mode)
+
+
+def group_gradcam(model: nn.Module, x: torch.Tensor, layer: str, target: int, relu: bool = True) -> np.ndarray:
+    """Grad-CAM restricted to each group: G x 32 x 32, map g = [ReLU] sum over g's channels of alpha_c * A_c.
+
+    alpha_c is the channel's spatially averaged gradient of the target logit (Grad-CAM's weights), A_c
+    its activation after the block's ReLU. Without `relu` the G maps sum to the layer's Grad-CAM."""
+    from captum.attr import LayerGradCam
+    _check_image(model, x, target)
+    g = groups_of(model, layer)
+    view = eval_view(model)
+    module = view.get_submodule(group_output(model, layer))
+    device = next(model.parameters()).device
+    with torch.inference_mode(False), torch.enable_grad():
+        xx = x.detach().to(device, torch.float32).clone().requires_grad_()
+        per_channel = LayerGradCam(view, module).attribute(xx, target=int(target), attr_dim_summation=False)
+    maps = split_groups(per_channel.detach().float().cpu(), g).sum(1)  # G x h x w
+    if relu:
+        maps = maps.clamp(min=0)
+    maps = F.interpolate(maps[:, None], size=(data.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)[:, 0]
+    return maps.numpy()
+
+
+# ---------------------------------------------------------------- faithfulness
+
+DELETION_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+
+@dataclass
+class Deletion:
+    """The target's probability as the most important squares are removed, against random orders."""
+
+    fractions: np.ndarray  # F: fraction of the image removed
+    probs: np.ndarray  # F: target probability, most-important-first order
+    random_probs: np.ndarray  # F: the same for random orders (mean over `n_random` draws)
+    base: float  # target probability of the untouched image
+
+    @property
+    def score(self) -> float:
+        """Mean probability drop over the fractions for the map (higher = the map found what matters)."""
+        return float(self.base - self.probs.mean())
+
+    @property
+    def random_score(self) -> float:
+        """The same drop for a random map: what a map must beat to be informative."""
+        return float(self.base - self.random_probs.mean())
+
+
+def deletion_score(model: nn.Module, x: torch.Tensor, values: np.ndarray, target: int,
+                   fractions: tuple[float, ...] = DELETION_FRACTIONS, patch: int = 4, n_random: int = 4,
+                   seed: int = 0) -> Deletion:
+    """Deletion test (Petsiuk et al. 2018): remove the `patch` x `patch` squares with the highest mean of
+    `values` first (most positive = most evidence for the class) and track the target's probability;
+    random square orders give the baseline. One batched forward of (1 + n_random) * len(fractions) + 1 images.
+
+    "Removed" = replaced by a blurred copy of the image (the 'blur' baseline): setting scattered pixels to
+    grey adds sharp artefacts that destroy the prediction by themselves, so random deletion would "win"
+    for no reason (measured on the shipped model: README, Groups)."""
+    _check_image(model, x, target)
+    h, w = x.shape[2], x.shape[3]
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if v.shape != (h, w) or not torch.isfinite(v).all():
+        raise ValueError(f"values must be a finite {h} x {w} map")
+    if patch < 1 or h % patch or w % patch:
+        raise ValueError(f"patch must divide the image size {h} x {w}")
+    pv = F.avg_pool2d(v[None, None], patch)[0, 0].flatten()  # one score per square
+    n = pv.numel()
+    gen = torch.Generator().manual_seed(seed)
+    # Ties (a Grad-CAM with zeros) are broken randomly rather than by position, so a flat region is not
+    # deleted row by row from the top.
+    jitter = torch.rand(n, generator=gen) * 1e-9 * float(pv.abs().max() or 1)
+    orders = [torch.argsort(pv + jitter, descending=True)] + [torch.randperm(n, generator=gen) for _ in range(n_random)]
+    fr = np.asarray(fractions, dtype=np.float64)
+    x0 = x[0].detach().float().cpu()
+    blurred = _baseline("blur", x0[None])[0]
+    batch = [x0]
+    for order in orders:
+        for f in fr:
+            keep = torch.ones(n)
+            keep[order[:int(round(f * n))]] = 0
+            k = keep.reshape(1, 1, h // patch, w // patch).repeat_interleave(patch, 2).repeat_interleave(patch, 3)[0]
+            batch.append(x0 * k + blurred * (1 - k))
+    device = next(model.parameters()).device
+    view = eval_view(model) if model.training else model
+    with torch.inference_mode():
+        p = torch.softmax(view(torch.stack(batch).to(device)).float(), 1)[:, int(target)].cpu().numpy()
+    curves = p[1:].reshape(len(orders), len(fr))
+    return Deletion(fr, curves[0], curves[1:].mean(0), float(p[0]))
+
+
+# ---------------------------------------------------------------- specialization over a dataset
+
+SPECIALIZATION_IMAGES = 2000  # a balanced prefix of the test split: stable class means, ~1 forward/s-budget on a CPU
+
+
+@dataclass
+class Specialization:
+    """How each group of a block behaves over a set of labelled images (arrays have G rows)."""
+
+    layer: str
+    class_means: np.ndarray  # G x K: mean activation of the group on each class's images
+    selectivity: np.ndarray  # G: (mu_max - mu_others) / (mu_max + mu_others), 0 = no class preference
+    top_images: np.ndarray  # G x 9: indices (into the images given) that most activate the group
+    top_values: np.ndarray  # G x 9: their activations
+    correlation: np.ndarray  # G x G: Pearson correlation of the groups' activations across images
+    colour: np.ndarray  # G: relative change of the group's activation when images lose their colour
+    blur: np.ndarray  # G: relative change when images lose edges and texture (Gaussian blur)
+    mean: np.ndarray  # G: mean activation over all images (0 = a dead group)
+
+    @property
+    def preferred_class(self) -> np.ndarray:
+        """G: the class each group fires most for."""
+        return self.class_means.argmax(1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> the same images in greyscale (ITU-R 601 luma in all three channels)."""
+    w = torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)
+    return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8).expand_as(x)
+
+
+def _group_means(view: nn.Module, x_uint8: torch.Tensor, modules: dict[str, tuple[str, int]],
+                 batch_size: int, transform=None) -> dict[str, torch.Tensor]:
+    """N x G mean activation of every group of every block in `modules` ({layer: (module path, G)})."""
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in modules}
+    handles = []
+    for layer, (path, g) in modules.items():
+        def hook(_m, _i, o, layer=layer, g=g):
+            out[layer].append(o.float().reshape(o.shape[0], g, -1).mean(2).cpu())
+        handles.append(view.get_submodule(path).register_forward_hook(hook))
+    device = next(view.parameters()).device
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(x_uint8), batch_size):
+                xb = x_uint8[i:i + batch_size]
+                view(data.normalize((transform(xb) if transform else xb).to(device)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: torch.cat(v).double() for layer, v in out.items()}
+
+
+def group_specialization(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: list[str] | None = None,
+                         batch_size: int = 250) -> dict[str, Specialization]:
+    """Specialization of every group of `layers` (default: every block) over uint8 images N x 3 x 32 x 32.
+
+    Three passes over the images: as they are, in greyscale, and blurred."""
+    layers = list(model.grouped_convs()) if layers is None else layers
+    if len(images) != len(labels) or len(images) < 9:
+        raise ValueError("need at least 9 images, with one label each")
+    view = eval_view(model)
+    modules = {layer: (group_output(model, layer), groups_of(model, layer)) for layer in layers}
+    plain = _group_means(view, images, modules, batch_size)
+    grey = _group_means(view, images, modules, batch_size, _grey)
+    blurred = _group_means(view, images, modules, batch_size,
+                           lambda b: gaussian_blur(b.float(), [5, 5], [1.5, 1.5]).round().to(torch.uint8))
+    k = getattr(getattr(model, "config", None), "num_classes", None) or int(labels.max()) + 1
+    onehot = F.one_hot(labels.long(), k).double()  # N x K
+    counts = onehot.sum(0).clamp(min=1)
+    result = {}
+    for layer in layers:
+        a = plain[layer]  # N x G
+        cm = (onehot.T @ a / counts[:, None]).T  # G x K
+        best = cm.max(1).values
+        others = (cm.sum(1) - best) / max(k - 1, 1)
+        sel = torch.where(best + others > 0, (best - others) / (best + others), torch.zeros_like(best))
+        top = torch.topk(a.T, 9, dim=1)
+        alive = a.std(0) > 0  # a dead group has no variance: its correlations are undefined, shown as 0
+        corr = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64)
+        if alive.any():
+            corr[alive.nonzero()[:, None, 0], alive.nonzero()[None, :, 0]] = torch.corrcoef(a[:, alive].T)
+        scale = a.mean(0).clamp(min=1e-12)
+        result[layer] = Specialization(
+            layer, cm.numpy(), sel.numpy(), top.indices.numpy(), top.values.numpy(), corr.numpy(),
+            ((a - grey[layer]).abs().mean(0) / scale).numpy(), ((a - blurred[layer]).abs().mean(0) / scale).numpy(),
+            a.mean(0).numpy())
+    return result
+
+
+def model_digest(model: nn.Module) -> str:
+    """16 hex chars of the sha256 of the model's parameters and buffers: a cache key for its analyses."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
+                          cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
+    """`group_specialization` of every block on the first `n` test images of `source`, computed once per
+    checkpoint and data source and kept as safetensors under the data cache ('analysis/')."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    root = Path(cache) if cache else data.cache_dir() / "analysis"
+    path = root / f"groups-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+    names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
+    if path.is_file() and not rebuild:
+        t = load_file(str(path))
+        layers = sorted({k.rsplit("/", 1)[0] for k in t}, key=list(model.grouped_convs()).index)
+        return {layer: Specialization(layer, *(t[f"{layer}/{f}"].numpy() for f in names)) for layer in layers}
+    images, labels = data.load_split(source, "test")
+    result = group_specialization(model, images[:n], labels[:n])
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({f"{layer}/{f}": torch.as_tensor(np.ascontiguousarray(getattr(s, f)))
+               for layer, s in result.items() for f in names}, str(tmp))
+    tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return result
