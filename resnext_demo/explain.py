@@ -611,6 +611,13 @@ class Specialization:
     colour: np.ndarray  # G: relative change of the group's activation when images lose their colour
     blur: np.ndarray  # G: relative change when images lose edges and texture (Gaussian blur)
     mean: np.ndarray  # G: mean activation over all images (0 = a dead group)
+    # Do the groups partition the channels by function? Mean correlation (across images) of channel pairs
+    # inside one group vs pairs from different groups, and the fraction of random channel partitions of the
+    # same sizes whose groups differ in colour sensitivity at least as much as the real ones (small = the
+    # real groups are organised by colour, as AlexNet's two GPU groups were).
+    within_corr: float = float("nan")
+    between_corr: float = float("nan")
+    colour_p: float = float("nan")
 
     @property
     def preferred_class(self) -> np.ndarray:
@@ -624,15 +631,12 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8).expand_as(x)
 
 
-def _group_means(view: nn.Module, x_uint8: torch.Tensor, modules: dict[str, tuple[str, int]],
-                 batch_size: int, transform=None) -> dict[str, torch.Tensor]:
-    """N x G mean activation of every group of every block in `modules` ({layer: (module path, G)})."""
-    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in modules}
-    handles = []
-    for layer, (path, g) in modules.items():
-        def hook(_m, _i, o, layer=layer, g=g):
-            out[layer].append(o.float().reshape(o.shape[0], g, -1).mean(2).cpu())
-        handles.append(view.get_submodule(path).register_forward_hook(hook))
+def _channel_means(view: nn.Module, x_uint8: torch.Tensor, paths: dict[str, str], batch_size: int,
+                   transform=None) -> dict[str, torch.Tensor]:
+    """N x C spatial mean of every channel at each module path ({layer: path}), one pass over the images."""
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in paths}
+    handles = [view.get_submodule(path).register_forward_hook(
+        lambda _m, _i, o, layer=layer: out[layer].append(o.float().mean((2, 3)).cpu())) for layer, path in paths.items()]
     device = next(view.parameters()).device
     try:
         with torch.inference_mode():
@@ -642,7 +646,35 @@ def _group_means(view: nn.Module, x_uint8: torch.Tensor, modules: dict[str, tupl
     finally:
         for h in handles:
             h.remove()
-    return {layer: torch.cat(v).double() for layer, v in out.items()}
+    return {layer: torch.cat(v) for layer, v in out.items()}
+
+
+def _within_between(ch: torch.Tensor, groups: int) -> tuple[float, float]:
+    """Mean correlation of channel pairs in the same group and in different groups (dead channels left out)."""
+    c = ch.shape[1]
+    gid = torch.arange(c) // (c // groups)
+    alive = ch.std(0) > 0
+    if alive.sum() < 2:
+        return float("nan"), float("nan")
+    r = torch.corrcoef(ch[:, alive].double().T)
+    g = gid[alive]
+    same = g[:, None] == g[None, :]
+    off = ~torch.eye(len(g), dtype=torch.bool)
+    within, between = r[same & off], r[~same]
+    return (float(within.mean()) if within.numel() else float("nan"),
+            float(between.mean()) if between.numel() else float("nan"))
+
+
+def _partition_p(per_channel: torch.Tensor, groups: int, trials: int = 500, seed: int = 0) -> float:
+    """Fraction of random equal-size channel partitions whose group means of `per_channel` vary at least as
+    much as the real groups' (a permutation test; small = the real grouping follows this property)."""
+    w = len(per_channel) // groups
+    spread = lambda v: float(v.reshape(groups, w).mean(1).var())  # noqa: E731
+    real = spread(per_channel)
+    gen = torch.Generator().manual_seed(seed)
+    hits = sum(spread(per_channel[torch.randperm(len(per_channel), generator=gen)]) >= real - 1e-15
+               for _ in range(trials))
+    return (hits + 1) / (trials + 1)  # +1: the real partition is one of the possible ones
 
 
 def group_specialization(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, layers: list[str] | None = None,
@@ -654,31 +686,39 @@ def group_specialization(model: nn.Module, images: torch.Tensor, labels: torch.T
     if len(images) != len(labels) or len(images) < 9:
         raise ValueError("need at least 9 images, with one label each")
     view = eval_view(model)
-    modules = {layer: (group_output(model, layer), groups_of(model, layer)) for layer in layers}
-    plain = _group_means(view, images, modules, batch_size)
-    grey = _group_means(view, images, modules, batch_size, _grey)
-    blurred = _group_means(view, images, modules, batch_size,
-                           lambda b: gaussian_blur(b.float(), [5, 5], [1.5, 1.5]).round().to(torch.uint8))
+    paths = {layer: group_output(model, layer) for layer in layers}
+    plain = _channel_means(view, images, paths, batch_size)
+    grey = _channel_means(view, images, paths, batch_size, _grey)
+    blurred = _channel_means(view, images, paths, batch_size,
+                             lambda b: gaussian_blur(b.float(), [5, 5], [1.5, 1.5]).round().to(torch.uint8))
     k = getattr(getattr(model, "config", None), "num_classes", None) or int(labels.max()) + 1
     onehot = F.one_hot(labels.long(), k).double()  # N x K
     counts = onehot.sum(0).clamp(min=1)
     result = {}
     for layer in layers:
-        a = plain[layer]  # N x G
+        g = groups_of(model, layer)
+        n = len(images)
+        a = plain[layer].double().reshape(n, g, -1).mean(2)  # N x G: a group's mean = mean of its channels
+        a_grey = grey[layer].double().reshape(n, g, -1).mean(2)
+        a_blur = blurred[layer].double().reshape(n, g, -1).mean(2)
         cm = (onehot.T @ a / counts[:, None]).T  # G x K
         best = cm.max(1).values
         others = (cm.sum(1) - best) / max(k - 1, 1)
         sel = torch.where(best + others > 0, (best - others) / (best + others), torch.zeros_like(best))
         top = torch.topk(a.T, 9, dim=1)
         alive = a.std(0) > 0  # a dead group has no variance: its correlations are undefined, shown as 0
-        corr = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64)
-        if alive.any():
-            corr[alive.nonzero()[:, None, 0], alive.nonzero()[None, :, 0]] = torch.corrcoef(a[:, alive].T)
+        corr = torch.zeros(g, g, dtype=torch.float64)
+        idx = alive.nonzero()[:, 0]
+        if len(idx):
+            corr[idx[:, None], idx[None, :]] = torch.corrcoef(a[:, alive].T).reshape(len(idx), len(idx))
         scale = a.mean(0).clamp(min=1e-12)
+        ch = plain[layer].double()
+        ch_colour = (ch - grey[layer].double()).abs().mean(0) / ch.mean(0).clamp(min=1e-12)
+        within, between = _within_between(ch, g)
         result[layer] = Specialization(
             layer, cm.numpy(), sel.numpy(), top.indices.numpy(), top.values.numpy(), corr.numpy(),
-            ((a - grey[layer]).abs().mean(0) / scale).numpy(), ((a - blurred[layer]).abs().mean(0) / scale).numpy(),
-            a.mean(0).numpy())
+            ((a - a_grey).abs().mean(0) / scale).numpy(), ((a - a_blur).abs().mean(0) / scale).numpy(),
+            a.mean(0).numpy(), within, between, _partition_p(ch_colour, g) if g > 1 else float("nan"))
     return result
 
 
@@ -692,6 +732,11 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _from_tensor(t: torch.Tensor) -> np.ndarray | float:
+    """Cache tensor -> the Specialization field: 0-d tensors are the float fields."""
+    return float(t) if t.dim() == 0 else t.numpy()
+
+
 def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
                           cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, computed once per
@@ -700,17 +745,77 @@ def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION
 
     from safetensors.torch import load_file, save_file
     root = Path(cache) if cache else data.cache_dir() / "analysis"
-    path = root / f"groups-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+    path = root / f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
     names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
     if path.is_file() and not rebuild:
         t = load_file(str(path))
         layers = sorted({k.rsplit("/", 1)[0] for k in t}, key=list(model.grouped_convs()).index)
-        return {layer: Specialization(layer, *(t[f"{layer}/{f}"].numpy() for f in names)) for layer in layers}
+        return {layer: Specialization(layer, *(_from_tensor(t[f"{layer}/{f}"]) for f in names)) for layer in layers}
     images, labels = data.load_split(source, "test")
     result = group_specialization(model, images[:n], labels[:n])
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({f"{layer}/{f}": torch.as_tensor(np.ascontiguousarray(getattr(s, f)))
+    save_file({f"{layer}/{f}": torch.tensor(np.array(getattr(s, f))).contiguous()
                for layer, s in result.items() for f in names}, str(tmp))
     tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
     return result
+
+
+# ---------------------------------------------------------------- command line
+
+
+def faithfulness_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict]:
+    """For every attribution method at its defaults: on how many images its deletion score beats the random
+    orders, and the mean scores (true class as the target)."""
+    rows = {}
+    for method in METHODS:
+        wins, scores, randoms = 0, [], []
+        for i in range(len(images)):
+            xi, t = data.normalize(images[i:i + 1]), int(labels[i])
+            d = deletion_score(model, xi, attribute(model, xi, method, t).values, t)
+            wins += d.score > d.random_score
+            scores.append(d.score)
+            randoms.append(d.random_score)
+        rows[method] = {"wins": int(wins), "n": len(images), "score": float(np.mean(scores)),
+                        "random": float(np.mean(randoms))}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m resnext_demo.explain`: (re)build the group-specialization cache of a checkpoint and print
+    what it shows, plus the deletion faithfulness of every attribution method, as Markdown."""
+    import argparse
+
+    from . import weights
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
+    ap.add_argument("--data", default=data.default_source(), help="CIFAR-10 source (default: $RESNEXT_DEMO_DATA or the shared archive)")
+    ap.add_argument("--n", type=int, default=SPECIALIZATION_IMAGES, help="test images (a class-balanced prefix)")
+    ap.add_argument("--rebuild", action="store_true", help="recompute even when cached")
+    ap.add_argument("--faithfulness", type=int, default=40, metavar="N", help="test images for the deletion table (0: skip)")
+    args = ap.parse_args(argv)
+    if not args.data:
+        ap.error("no CIFAR-10 source: pass --data or set RESNEXT_DEMO_DATA")
+    model, _ = weights.load_checkpoint(args.weights)
+    spec = specialization_cached(model, args.data, n=args.n, rebuild=args.rebuild)
+    print(f"Group specialization of {args.weights} on the first {args.n} test images of {args.data}\n")
+    print("| block | C | selectivity mean (max) | group corr. | channel corr. within / between groups "
+          "| colour sens. range | colour partition p | blur sens. range |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layer, s in spec.items():
+        g = len(s.mean)
+        off = s.correlation[~np.eye(g, dtype=bool)].mean() if g > 1 else float("nan")
+        print(f"| {layer} | {g} | {s.selectivity.mean():.2f} ({s.selectivity.max():.2f}) | {off:.2f} "
+              f"| {s.within_corr:.2f} / {s.between_corr:.2f} | {s.colour.min():.2f}–{s.colour.max():.2f} "
+              f"| {s.colour_p:.3f} | {s.blur.min():.2f}–{s.blur.max():.2f} |")
+    if args.faithfulness:
+        images, labels = data.load_split(args.data, "test")
+        rows = faithfulness_table(model, images[:args.faithfulness], labels[:args.faithfulness])
+        print(f"\nDeletion faithfulness on the first {args.faithfulness} test images (true class; higher drop = better)\n")
+        print("| method | beats random | mean drop | random drop |\n|---|---|---|---|")
+        for method, r in rows.items():
+            print(f"| {method} | {r['wins']}/{r['n']} | {r['score']:.3f} | {r['random']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

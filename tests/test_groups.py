@@ -222,3 +222,39 @@ def test_specialization_cache_round_trip(tiny_model, tmp_path, monkeypatch, labe
     assert explain.model_digest(changed) != explain.model_digest(tiny_model)  # another checkpoint, another entry
     explain.specialization_cached(changed, "src", n=60, cache=str(tmp_path))
     assert calls == ["test", "test"] and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_within_between_and_partition_statistics():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(200, 2, generator=gen)
+    # 2 groups of 3 channels; each group's channels are noisy copies of one signal -> within >> between.
+    ch = base.repeat_interleave(3, 1) + 0.01 * torch.rand(200, 6, generator=gen)
+    within, between = explain._within_between(ch, 2)
+    assert within > 0.99 and abs(between) < 0.3
+    # A property that separates the groups perfectly is (almost) never matched by random partitions ...
+    assert explain._partition_p(torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]), 2, trials=200) < 0.15
+    # ... and one that does not separate them is matched by every partition.
+    assert explain._partition_p(torch.ones(6), 2, trials=50) == 1.0
+
+
+def test_specialization_scalars_survive_the_cache(tiny_model, tmp_path, monkeypatch, labelled):
+    images, labels = labelled
+    monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
+    monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
+    first = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
+    again = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
+    for f in ("within_corr", "between_corr", "colour_p"):
+        assert isinstance(getattr(again, f), float) and getattr(again, f) == pytest.approx(getattr(first, f), nan_ok=True)
+    assert 0 < first.colour_p <= 1
+
+
+def test_cli_prints_a_row_per_block_and_method(tiny_checkpoint, tmp_path, monkeypatch, labelled, capsys):
+    images, labels = labelled
+    monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
+    monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
+    explain.main(["--weights", str(tiny_checkpoint), "--data", "src", "--n", "60", "--faithfulness", "2"])
+    out = capsys.readouterr().out
+    assert all(f"| {layer} | 4 |" in out for layer in ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"))
+    assert all(f"| {m} | " in out and "/2 |" in out for m in explain.METHODS)
+    assert list(tmp_path.glob("analysis/groups-v2-*.safetensors"))
