@@ -18,7 +18,7 @@ from PIL import Image
 from .model import ResNeXtConfig
 
 if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
-    from .explain import Attribution, GroupStats
+    from .explain import Attribution, Deletion, GroupAblation, GroupImportance, GroupStats, Specialization
 
 
 def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:
@@ -145,25 +145,26 @@ def group_stats_figure(stats: GroupStats, title: str = "") -> Image.Image:
 # ---------------------------------------------------------------- attributions
 
 
-def _heat(values: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Attribution map -> (RGB colours, strength in 0..1) normalised by max |v| so 0 stays 0."""
+def _heat(values: np.ndarray, signed: bool, vmax: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Attribution map -> (RGB colours, strength in 0..1) normalised by max |v| (or a shared `vmax`) so 0 stays 0."""
     v = np.nan_to_num(np.asarray(values, dtype=np.float64))
-    m = float(np.abs(v).max())
+    m = float(np.abs(v).max()) if vmax is None else float(vmax)
     if m == 0:
         return np.zeros((*v.shape, 3)), np.zeros(v.shape)
     if signed:  # diverging map centred at 0: red = pushes the class up, blue = pushes it down
-        rgb = colormaps["bwr"]((v / m + 1) / 2)[..., :3]
+        rgb = colormaps["bwr"]((np.clip(v / m, -1, 1) + 1) / 2)[..., :3]
     else:
-        rgb = colormaps["inferno"](np.abs(v) / m)[..., :3]
-    return rgb, np.abs(v) / m
+        rgb = colormaps["inferno"](np.clip(np.abs(v) / m, 0, 1))[..., :3]
+    return rgb, np.clip(np.abs(v) / m, 0, 1)
 
 
-def attribution_image(attr: Attribution, image32: Image.Image | np.ndarray, signed: bool = True, opacity: float = 0.5,
-                      size: int = 224) -> Image.Image:
-    """The attribution as a colour overlay on the nearest-upscaled image (size x size RGB)."""
+def overlay(values: np.ndarray, image32: Image.Image | np.ndarray, signed: bool = True, opacity: float = 0.5,
+            size: int = 224, vmax: float | None = None) -> Image.Image:
+    """A 32 x 32 map as a colour overlay on the nearest-upscaled image (size x size RGB); `vmax` shares one
+    colour scale between several maps (default: this map's max |value|)."""
     base = np.asarray(upscale(image32, size), dtype=np.float64) / 255
-    rgb, strength = _heat(attr.values, signed)
-    if not strength.any():  # empty map: just the image; Attribution.note says why
+    rgb, strength = _heat(values, signed, vmax)
+    if not strength.any():  # empty map: just the image (Attribution.note says why)
         return Image.fromarray((base * 255 + 0.5).astype(np.uint8))
     # Per-pixel opacity grows with |v|: pixels without attribution show the image, not a wash of colour.
     alpha = (float(np.clip(opacity, 0, 1)) * strength)[..., None]
@@ -171,6 +172,12 @@ def attribution_image(attr: Attribution, image32: Image.Image | np.ndarray, sign
     rgb, alpha = rgb[idx][:, idx], alpha[idx][:, idx]
     out = (1 - alpha) * base + alpha * rgb
     return Image.fromarray((np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def attribution_image(attr: Attribution, image32: Image.Image | np.ndarray, signed: bool = True, opacity: float = 0.5,
+                      size: int = 224) -> Image.Image:
+    """The attribution as a colour overlay on the nearest-upscaled image (size x size RGB)."""
+    return overlay(attr.values, image32, signed, opacity, size)
 
 
 def _attr_title(a: Attribution) -> str:
@@ -189,6 +196,142 @@ def attribution_pair(a: Attribution, b: Attribution, image32: Image.Image | np.n
         ax.set_title(_attr_title(attr) + ("\n(" + attr.note[:40] + "…)" if attr.note else ""), fontsize=8)
         ax.set_axis_off()
     return figure_to_image(fig)
+
+
+# ---------------------------------------------------------------- cardinality views
+
+
+def _group_ticks(ax, n: int) -> None:
+    """Integer group ticks, thinned for large cardinalities."""
+    ticks = np.arange(n)
+    ax.set_xticks(ticks if n <= 16 else ticks[::max(1, n // 8)])
+    ax.tick_params(labelsize=7)
+
+
+def group_importance_figure(gi: GroupImportance, classes: list[str] | tuple[str, ...]) -> Image.Image:
+    """Signed bars per group: green = evidence for the class, red = against it (the counterfactual view)."""
+    v = np.asarray(gi.values, dtype=np.float64)
+    fig = Figure(figsize=(6.4, 2.8))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(np.arange(len(v)), v, color=np.where(v >= 0, "tab:green", "tab:red"))
+    ax.axhline(0, color="black", lw=0.6)
+    _group_ticks(ax, len(v))
+    ax.set_xlabel("group", fontsize=8)
+    what = f"logit '{classes[gi.target]}'" + (f" − logit '{classes[gi.contrast]}'" if gi.contrast is not None else "")
+    ax.set_ylabel("attribution", fontsize=8)
+    title = f"{gi.method} of {what} at {gi.layer}\nfor: {v[v > 0].sum():.3g} · against: {v[v < 0].sum():.3g} · total {gi.total:.3g}"
+    if gi.shortcut is not None:
+        title += f" · via shortcut {gi.shortcut:.3g}"
+    ax.set_title(title, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.subplots_adjust(top=0.8, bottom=0.17)
+    return figure_to_image(fig)
+
+
+def ablation_figure(ab: GroupAblation, classes: list[str] | tuple[str, ...]) -> Image.Image:
+    """Drop of the target's probability when each group alone is knocked out (bars sorted by group)."""
+    drop = ab.drop
+    fig = Figure(figsize=(6.4, 2.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(np.arange(len(drop)), drop, color=np.where(drop >= 0, "tab:purple", "tab:gray"))
+    ax.axhline(0, color="black", lw=0.6)
+    _group_ticks(ax, len(drop))
+    ax.set_xlabel("group knocked out", fontsize=8)
+    ax.set_ylabel(f"drop of p({classes[ab.target]})", fontsize=8)
+    ax.set_title(f"{ab.mode} ablation, one group at a time · p without ablation {ab.base[ab.target]:.3f}", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.subplots_adjust(top=0.86, bottom=0.18)
+    return figure_to_image(fig)
+
+
+def group_cam_grid(cams: np.ndarray, image32: Image.Image | np.ndarray, opacity: float = 0.8, size: int = 96) -> Image.Image:
+    """One overlay per group of group-restricted Grad-CAM maps (G x 32 x 32), on one shared colour scale
+    so that the groups' strengths are comparable; each panel titled with its own maximum."""
+    cams = np.asarray(cams, dtype=np.float64)
+    top = float(np.abs(cams).max()) or None  # one scale for all groups: a weak group looks weak
+    n = len(cams)
+    cols = min(n, 8)
+    rows = int(np.ceil(n / cols))
+    fig = Figure(figsize=(1.25 * cols, 1.45 * rows))
+    for i, cam in enumerate(cams):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(overlay(cam, image32, signed=bool((cams < 0).any()), opacity=opacity, size=size, vmax=top))
+        ax.set_title(f"g{i} max {float(cam.max()):.2g}", fontsize=7)
+        ax.set_axis_off()
+    fig.subplots_adjust(wspace=0.05, hspace=0.3, left=0.01, right=0.99, top=0.9, bottom=0.01)
+    return figure_to_image(fig)
+
+
+def deletion_figure(curves: dict[str, Deletion]) -> Image.Image:
+    """Target probability vs fraction removed for each map (solid) and the random orders (dashed)."""
+    fig = Figure(figsize=(5.6, 3.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, d) in enumerate(curves.items()):
+        c = f"C{i}"
+        ax.plot([0, *d.fractions], [d.base, *d.probs], "o-", ms=3, color=c,
+                label=f"{name}: drop {d.score:.3f}")
+        ax.plot([0, *d.fractions], [d.base, *d.random_probs], "--", color=c, alpha=0.6,
+                label=f"random: drop {d.random_score:.3f}")
+    ax.set_xlabel("fraction of the image removed (most important first)", fontsize=8)
+    ax.set_ylabel("probability of the class", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(bottom=0.17)
+    return figure_to_image(fig)
+
+
+def specialization_figure(spec: Specialization, classes: list[str] | tuple[str, ...]) -> Image.Image:
+    """Group x class mean activation (each row scaled to its own max, so preferences show), the groups'
+    correlation across images, and each group's colour vs blur sensitivity."""
+    g = len(spec.mean)
+    fig = Figure(figsize=(13, 3.8))
+    ax1, ax2, ax3 = (fig.add_subplot(1, 3, i + 1) for i in range(3))
+    cm = np.asarray(spec.class_means, dtype=np.float64)
+    mean = cm.mean(1, keepdims=True)
+    rel = 100 * (cm / np.where(mean > 0, mean, 1) - 1)  # % above / below the group's own average
+    lim = max(float(np.abs(rel).max()), 1e-9)
+    im1 = ax1.imshow(rel, cmap="PiYG", aspect="auto", vmin=-lim, vmax=lim)
+    ax1.set_xticks(range(len(classes)), [c[:5] for c in classes], rotation=60, fontsize=7)
+    ax1.set_yticks(range(g) if g <= 16 else range(0, g, max(1, g // 8)))
+    ax1.tick_params(labelsize=7)
+    ax1.set_ylabel("group", fontsize=8)
+    ax1.set_title("activation per class, % vs the group's mean", fontsize=8)
+    fig.colorbar(im1, ax=ax1, fraction=0.046).ax.tick_params(labelsize=7)
+    im2 = ax2.imshow(spec.correlation, cmap="bwr", vmin=-1, vmax=1)
+    ax2.set_title(f"correlation between groups across images\nchannels within / between groups: "
+                  f"{spec.within_corr:.2f} / {spec.between_corr:.2f}", fontsize=8)
+    ax2.tick_params(labelsize=7)
+    fig.colorbar(im2, ax=ax2, fraction=0.046).ax.tick_params(labelsize=7)
+    ax3.scatter(spec.colour, spec.blur, c=np.arange(g), cmap="tab10" if g <= 10 else "viridis", s=30)
+    for i in range(g):
+        ax3.annotate(str(i), (spec.colour[i], spec.blur[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax3.set_xlabel("colour sensitivity (change when greyscaled)", fontsize=8)
+    ax3.set_ylabel("shape/texture sensitivity (change when blurred)", fontsize=8)
+    ax3.set_title(f"what each group responds to · colour partition p = {spec.colour_p:.3f}", fontsize=8)
+    ax3.tick_params(labelsize=7)
+    ax3.grid(alpha=0.3)
+    fig.suptitle(f"{spec.layer}: selectivity mean {np.mean(spec.selectivity):.2f}, max {np.max(spec.selectivity):.2f}", fontsize=9)
+    fig.subplots_adjust(wspace=0.5, bottom=0.2, top=0.82)
+    return figure_to_image(fig)
+
+
+def image_montage(images: torch.Tensor | np.ndarray, row_labels: list[str], scale: int = 2) -> Image.Image:
+    """uint8 R x N x 3 x 32 x 32 -> one image: a row of N pictures per label (e.g. the top-9 per group)."""
+    from PIL import ImageDraw
+    a = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
+    rows, n, _, h, w = a.shape
+    label_w, gap = 64, 2
+    cell_h, cell_w = h * scale + gap, w * scale + gap
+    out = Image.new("RGB", (label_w + n * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):
+        draw.text((4, r * cell_h + cell_h // 2 - 6), row_labels[r], fill="black")
+        for i in range(n):
+            tile = Image.fromarray(a[r, i].transpose(1, 2, 0)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            out.paste(tile, (label_w + i * cell_w, r * cell_h))
+    return out
 
 
 # ---------------------------------------------------------------- training and architecture

@@ -12,7 +12,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from resnext_demo import visualize
-from resnext_demo.explain import Attribution, GroupStats, split_groups
+from resnext_demo.explain import (Attribution, Deletion, GroupAblation, GroupImportance, GroupStats, Specialization,
+                                  split_groups)
+from resnext_demo.data import CLASSES
 from resnext_demo.model import get_config
 
 
@@ -116,3 +118,51 @@ def test_block_diagram(name, stage):
     _rgb(visualize.block_diagram(get_config(name), stage))
     with pytest.raises(ValueError):
         visualize.block_diagram(get_config(name), 5)
+
+
+@pytest.mark.parametrize("contrast,shortcut", [(None, None), (3, 0.7)])
+def test_group_importance_figure(contrast, shortcut):
+    gi = GroupImportance(np.array([0.5, -0.25, 0.0, 1.0]), 1.25, "Conductance", "layer1.0.conv2", 2, contrast, shortcut)
+    _rgb(visualize.group_importance_figure(gi, CLASSES))
+
+
+def test_ablation_figure():
+    base = np.full(10, 0.1)
+    probs = np.tile(base, (8, 1))
+    _rgb(visualize.ablation_figure(GroupAblation(base, probs, 4, "zero"), CLASSES))
+
+
+def test_group_cam_grid_shares_one_scale(image32):
+    cams = np.zeros((3, 32, 32))
+    cams[0, :8] = 1.0
+    cams[1, :8] = 0.1  # same place, a tenth of the strength: must look fainter than group 0
+    im = _rgb(visualize.group_cam_grid(cams, image32))
+    assert im.shape[1] > im.shape[0]  # one row of panels
+    strong = np.asarray(visualize.overlay(cams[0], image32, signed=False, vmax=1.0), dtype=float)
+    weak = np.asarray(visualize.overlay(cams[1], image32, signed=False, vmax=1.0), dtype=float)
+    plain = np.asarray(visualize.upscale(image32), dtype=float)
+    assert np.abs(strong - plain).sum() > 3 * np.abs(weak - plain).sum() > 0
+
+
+def test_deletion_figure():
+    f = np.array([0.1, 0.2])
+    d = Deletion(f, np.array([0.5, 0.2]), np.array([0.8, 0.7]), 0.9)
+    _rgb(visualize.deletion_figure({"Grad-CAM": d, "IG": d}))
+
+
+@pytest.mark.parametrize("groups", [1, 8, 32])
+def test_specialization_figure(groups):
+    rng = np.random.default_rng(0)
+    corr = np.eye(groups)
+    s = Specialization("layer2.0.conv2", rng.random((groups, 10)), rng.random(groups), np.zeros((groups, 9), int),
+                       rng.random((groups, 9)), corr, rng.random(groups), rng.random(groups), rng.random(groups),
+                       0.2, 0.1, 0.05)
+    _rgb(visualize.specialization_figure(s, CLASSES))
+
+
+def test_image_montage():
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 9, 3, 32, 32), dtype=np.uint8)
+    im = _rgb(visualize.image_montage(imgs, ["group 0", "group 1", "group 2"], scale=2))
+    assert im.shape[0] == 3 * (64 + 2)
+    # The first picture of row 1 is pasted untouched (nearest upscaling).
+    assert (im[66:130:2, 64:128:2] == imgs[1, 0].transpose(1, 2, 0)).all()
