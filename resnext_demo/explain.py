@@ -9,15 +9,18 @@ tree that shares the weight tensors: the shared model is never hooked, switched 
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import (DeepLift, GuidedBackprop, GuidedGradCam, IntegratedGradients, LayerAttribution,
-                         LayerGradCam, NoiseTunnel, Occlusion, Saliency)
+                         LayerConductance, LayerGradCam, LayerGradientXActivation, NoiseTunnel, Occlusion, Saliency)
+from safetensors.torch import load_file, save_file
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
@@ -413,7 +416,6 @@ def group_importance(model: nn.Module, x: torch.Tensor, layer: str, target: int,
     f(x) - f(baseline) together with the block's shortcut (reported as `shortcut`). With `contrast`, the
     explained output is logit[target] - logit[contrast].
     """
-    from captum.attr import LayerConductance, LayerGradientXActivation
     if method not in GROUP_METHODS:
         raise ValueError(f"unknown group method {method!r}; choose one of {', '.join(GROUP_METHODS)}")
     _check_image(model, x, target)
@@ -510,7 +512,6 @@ def group_gradcam(model: nn.Module, x: torch.Tensor, layer: str, target: int, re
 
     alpha_c is the channel's spatially averaged gradient of the target logit (Grad-CAM's weights), A_c
     its activation after the block's ReLU. Without `relu` the G maps sum to the layer's Grad-CAM."""
-    from captum.attr import LayerGradCam
     _check_image(model, x, target)
     g = groups_of(model, layer)
     view = eval_view(model)
@@ -724,7 +725,6 @@ def group_specialization(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 def model_digest(model: nn.Module) -> str:
     """16 hex chars of the sha256 of the model's parameters and buffers: a cache key for its analyses."""
-    import hashlib
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -741,9 +741,6 @@ def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION
                           cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, computed once per
     checkpoint and data source and kept as safetensors under the data cache ('analysis/')."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
     root = Path(cache) if cache else data.cache_dir() / "analysis"
     path = root / f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
     names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
