@@ -28,7 +28,8 @@ from . import data, weights
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ROOT = data.PROJECT_ROOT
-TABS = {"predict": "Predict", "features": "Feature maps (per group)", "attributions": "Attributions",
+TABS = {"predict": "Predict", "groups": "Groups (cardinality)", "features": "Feature maps (per group)",
+        "attributions": "Attributions",
         "finetune": "Fine-tune", "about": "About the architecture"}
 
 

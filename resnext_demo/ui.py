@@ -200,6 +200,13 @@ def layer_dropdown_choices(model: nn.Module | None) -> list[tuple[str, str]]:
            [(_layer_label(model, n, False), n) for n in ch["stages"]]
 
 
+def grouped_dropdown_choices(model: nn.Module | None) -> list[tuple[str, str]]:
+    """(label, value) for every block's grouped conv (the Groups tab's block list)."""
+    if model is None:
+        return []
+    return [(_layer_label(model, n, True), n) for n in model.grouped_convs()]
+
+
 @functools.lru_cache(maxsize=16)
 def _macs(config: ResNeXtConfig) -> int:
     """MACs of a config, counted on the meta device (no memory, no real arithmetic)."""
@@ -267,6 +274,7 @@ class Handlers:
         self._test = None
         self._test_error: str | None = None
         self._lock = threading.Lock()
+        self._spec_lock = threading.Lock()
 
     # ------------------------------------------------------------ shared helpers
 
@@ -334,14 +342,14 @@ class Handlers:
 
     @staticmethod
     def share_image(image):
-        """The Predict tab's image for the Feature maps and Attributions tabs (unreadable files stay out)."""
+        """The Predict tab's image for the Groups, Feature maps and Attributions tabs (unreadable files stay out)."""
         if image is None:
-            return None, None
+            return None, None, None
         try:
             data.open_image(image)
         except data.ImageError:  # the Predict handler already told the user why
-            return gr.update(), gr.update()
-        return image, image
+            return gr.update(), gr.update(), gr.update()
+        return image, image, image
 
     def auto_predict(self, image, k: int = 3, session: SessionModel | None = None, truth: dict | None = None):
         """predict_full after a user change; a cleared image clears the outputs instead of an error."""
@@ -449,13 +457,25 @@ class Handlers:
             raise gr.Error(f"{target!r} is not a class of this model ({', '.join(sm.classes)}).")
         return sm.classes.index(target)
 
-    def _attr_md(self, a: explain.Attribution, sm: SessionModel) -> str:
+    @staticmethod
+    def _faithfulness_md(sm: SessionModel, x: torch.Tensor, values: np.ndarray, target: int) -> str:
+        """One line: the map's deletion score against random orders (is this heatmap trustworthy here?)."""
+        if not np.any(values):
+            return "**Faithfulness:** not measurable for an empty map."
+        d = explain.deletion_score(sm.model, x, values, target)
+        verdict = "✓ better than random" if d.score > d.random_score else "✗ no better than random on this image"
+        return (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map lowers "
+                f"p({sm.classes[target]}) by {d.score:.3f} on average; random orders: {d.random_score:.3f} — {verdict}.")
+
+    def _attr_md(self, a: explain.Attribution, sm: SessionModel, x: torch.Tensor | None = None) -> str:
         params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
         md = (f"**{a.method}** for class **{sm.classes[a.target]}** · raw range [{a.raw_min:.4g}, {a.raw_max:.4g}]"
               f" · map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]"
               + (f" · {params}" if params else ""))
         if a.note:
             md += f"\n\n**Note:** {a.note}"
+        if x is not None:
+            md += "\n\n" + self._faithfulness_md(sm, x, a.values, a.target)
         return md
 
     @_friendly
@@ -471,7 +491,7 @@ class Handlers:
         a = explain.attribute(sm.model, x, method, t,
                               **self.method_params(method, steps, baseline, samples, noise, layer, window, stride))
         return visualize.attribution_image(a, data.prepare_image(image), signed=bool(signed), opacity=float(opacity)), \
-            self._attr_md(a, sm)
+            self._attr_md(a, sm, x)
 
     @_friendly
     def compare(self, image, method_a: str, method_b: str, target: str = "predicted", signed: bool = True,
@@ -489,7 +509,7 @@ class Handlers:
                  for m in (method_a, method_b)]
         img = visualize.attribution_pair(attrs[0], attrs[1], data.prepare_image(image), signed=bool(signed),
                                          opacity=float(opacity))
-        return img, "\n\n".join(self._attr_md(a, sm) for a in attrs)
+        return img, "\n\n".join(self._attr_md(a, sm, x) for a in attrs)
 
     @staticmethod
     def param_visibility(method: str):
@@ -497,6 +517,220 @@ class Handlers:
         keys = explain.default_params(method) if method in explain.METHODS else {}
         return tuple(gr.update(visible=k in keys) for k in ("steps", "baseline", "samples", "noise", "layer",
                                                             "window", "stride"))
+
+    # ------------------------------------------------------------ Groups (cardinality)
+
+    @staticmethod
+    def _grouped_layer(sm: SessionModel, layer: str | None) -> str:
+        """The chosen block's grouped conv, checked against this model (its last block when none is chosen)."""
+        convs = list(sm.model.grouped_convs())
+        if not layer:
+            return convs[-1]
+        if layer not in convs:
+            raise gr.Error(f"Pick a block from the list ({layer!r} is not a grouped conv of this model).")
+        return layer
+
+    @staticmethod
+    def _contrast(sm: SessionModel, contrast: str | None, target: int, probs: dict[str, float]) -> int | None:
+        """'none' -> None; 'runner-up' -> the most probable other class; else that class."""
+        if not contrast or contrast == "none":
+            return None
+        if contrast == "runner-up":
+            return next(sm.classes.index(c) for c in probs if sm.classes.index(c) != target)
+        if contrast not in sm.classes:
+            raise gr.Error(f"{contrast!r} is not a class of this model.")
+        if sm.classes.index(contrast) == target:
+            raise gr.Error("The contrast class must differ from the target class.")
+        return sm.classes.index(contrast)
+
+    def group_choices(self, layer: str | None, session: SessionModel | None = None):
+        """Knock-out checkboxes for the chosen block: one per group, none ticked."""
+        if session is None and self.base is None:
+            return gr.update()
+        sm = self.active(session)
+        try:
+            g = explain.groups_of(sm.model, self._grouped_layer(sm, layer))
+        except gr.Error:
+            return gr.update(choices=[], value=[])
+        return gr.update(choices=[(f"g{i}", i) for i in range(g)], value=[])
+
+    @_friendly
+    def groups(self, image, layer: str, target: str = "predicted", contrast: str = "none",
+               method: str = explain.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None):
+        """Everything about one block's groups for one image: (importance figure, knock-out figure,
+        per-group table, group Grad-CAM grid, markdown)."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        if method not in explain.GROUP_METHODS:
+            raise gr.Error(f"Choose a method among {', '.join(explain.GROUP_METHODS)}.")
+        if mode not in explain.ABLATIONS:
+            raise gr.Error(f"Choose a knock-out among {', '.join(explain.ABLATIONS)}.")
+        sm = self.active(session)
+        layer = self._grouped_layer(sm, layer)
+        pred = predict(sm.model, image, sm.classes)
+        t = pred.top_index if not target or target == "predicted" else self._target(sm, target, image)
+        c = self._contrast(sm, contrast, t, pred.probs)
+        x = data.preprocess(image)
+        gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
+        ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
+        cams = explain.group_gradcam(sm.model, x, layer, t)
+        dels = [explain.deletion_score(sm.model, x, cam, t) if cam.any() else None for cam in cams]
+        top_after = ab.probs.argmax(1)
+        table = pd.DataFrame({
+            "group": [f"g{i}" for i in range(len(gi.values))],
+            "importance": np.round(gi.values, 4),
+            f"p({sm.classes[t]}) after knock-out": np.round(ab.probs[:, t], 4),
+            "drop": np.round(ab.drop, 4),
+            "top-1 after knock-out": [f"{sm.classes[j]} ({ab.probs[i, j]:.2f})" for i, j in enumerate(top_after)],
+            "Grad-CAM max": [float(f"{cam.max():.3g}") for cam in cams],
+            "deletion drop (random)": [f"{d.score:.3f} ({d.random_score:.3f})" if d else "empty map" for d in dels],
+        })
+        order = ab.ranking()
+        what = f"**{sm.classes[t]}**" + (f" rather than **{sm.classes[c]}**" if c is not None else "")
+        g_for, g_against = int(np.argmax(gi.values)), int(np.argmin(gi.values))
+        flips = [i for i in range(len(top_after)) if top_after[i] != t]
+        md = [f"**{layer}** · {len(gi.values)} groups · explaining {what} · prediction: {pred.top_class} "
+              f"({pred.probs[pred.top_class]:.2f})",
+              f"**Importance** ({method}): strongest evidence for it **g{g_for}** ({gi.values[g_for]:+.3g}), "
+              f"strongest against **g{g_against}** ({gi.values[g_against]:+.3g}); all groups: {gi.total:+.3g}"
+              + (f"; via the block's shortcut: {gi.shortcut:+.3g} (conductance: groups + shortcut = "
+                 f"logit change from a black image)" if gi.shortcut is not None else "") + ".",
+              f"**Knock-out** ({mode}, one group at a time): most harmful **g{order[0]}** "
+              f"(p {ab.base[t]:.3f} → {ab.probs[order[0], t]:.3f})"
+              + (f"; knocking out {', '.join(f'g{i}' for i in flips)} alone changes the top-1 class." if flips
+                 else "; no single group changes the top-1 class: the block's paths are redundant for this image."),
+              "**Group Grad-CAM**: where each group's evidence lies, on one shared colour scale (faint = weak group)."]
+        return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes), table,
+                visualize.group_cam_grid(cams, data.prepare_image(image)), "\n\n".join(md))
+
+    @_friendly
+    def knockout(self, image, layer: str, groups: list | None = None, mode: str = "zero", k: int = 3,
+                 session: SessionModel | None = None):
+        """Live knock-out of the ticked groups: (top-k label, markdown of what changed)."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        sm = self.active(session)
+        layer = self._grouped_layer(sm, layer)
+        groups = sorted(int(g) for g in (groups or []))
+        x = data.preprocess(image)
+        base = explain.ablate_groups(sm.model, x, layer, [], mode)
+        probs = explain.ablate_groups(sm.model, x, layer, groups, mode)
+        top = np.argsort(-probs)[:max(1, int(k))]
+        label = {sm.classes[i]: float(probs[i]) for i in top}
+        b = int(base.argmax())
+        if not groups:
+            return label, f"No group knocked out: the model's own prediction ({sm.classes[b]} {base[b]:.3f})."
+        a = int(probs.argmax())
+        return label, (f"Knocked out {', '.join(f'g{g}' for g in groups)} of {layer} ({mode}): "
+                       f"p({sm.classes[b]}) {base[b]:.3f} → {probs[b]:.3f}; top-1 "
+                       + (f"stays **{sm.classes[a]}**." if a == b else f"becomes **{sm.classes[a]}** ({probs[a]:.3f})."))
+
+    @staticmethod
+    def _specialization_md(s: explain.Specialization, classes: list[str]) -> str:
+        """What the numbers say, in words generated from them (nothing typed in per checkpoint)."""
+        g = len(s.mean)
+        rel = s.class_means / np.where(s.class_means.mean(1, keepdims=True) > 0, s.class_means.mean(1, keepdims=True), 1)
+        best = int(np.argmax(s.selectivity))
+        dead = int((s.mean <= 0).sum())
+        sel = float(np.mean(s.selectivity))
+        strength = "weak" if sel < 0.2 else "moderate" if sel < 0.4 else "strong"
+        lines = [f"**Class preference is {strength}**: mean selectivity {sel:.2f} (0 = fires equally for every class, "
+                 f"1 = for one class only); most selective **g{best}** prefers **{classes[int(s.preferred_class[best])]}** "
+                 f"({100 * (rel[best].max() - 1):+.0f} % vs its mean)."]
+        if np.isfinite(s.within_corr):
+            coherent = s.within_corr > s.between_corr
+            lines.append(f"**Groups as units**: channels of one group correlate {s.within_corr:.2f} across images, "
+                         f"channels of different groups {s.between_corr:.2f} — "
+                         + ("a group's channels share a function more than random channel sets do." if coherent else
+                            "no sign that a group's channels belong together."))
+        if np.isfinite(s.colour_p):
+            lines.append(f"**Colour vs shape**: the groups differ in colour sensitivity more than "
+                         f"{100 * (1 - s.colour_p):.1f} % of random channel partitions (p = {s.colour_p:.3f}) — "
+                         + ("the grouping separates colour-sensitive from colour-blind paths, like AlexNet's two "
+                            "groups." if s.colour_p < 0.05 else "no evidence that this block's grouping follows colour.")
+                         + f" Most colour-sensitive: **g{int(np.argmax(s.colour))}** ({s.colour.max():.2f}); most "
+                         f"shape/texture-sensitive: **g{int(np.argmax(s.blur))}** ({s.blur.max():.2f}).")
+        if dead:
+            lines.append(f"{dead} of {g} groups never fire on these images (dead paths).")
+        return "\n\n".join(lines)
+
+    @_friendly
+    def specialization(self, layer: str, session: SessionModel | None = None, progress=gr.Progress()):
+        """Group specialization over the test set (computed once per checkpoint, cached on disk):
+        (figure, top-9 montage, markdown)."""
+        if self.data_source is None:
+            raise gr.Error("Group specialization needs the CIFAR-10 test split. " + NO_DATA_HELP)
+        sm = self.active(session)
+        layer = self._grouped_layer(sm, layer)
+        if tuple(sm.classes[:10]) != data.CLASSES:
+            raise gr.Error("Specialization is measured on CIFAR-10: this session's model uses other classes.")
+        progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images (once per checkpoint)")
+        with self._spec_lock:  # two sessions asking at once compute it once
+            spec = explain.specialization_cached(sm.model, self.data_source)
+        s = spec[layer]
+        split = self.test_split()
+        if split is None:
+            raise gr.Error(self.data_help())
+        montage = visualize.image_montage(split[0][torch.as_tensor(s.top_images)],
+                                          [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
+        md = (f"**{layer}** over the first {explain.SPECIALIZATION_IMAGES} CIFAR-10 test images (class-balanced). "
+              f"Rebuild: `python -m resnext_demo.explain`.\n\n" + self._specialization_md(s, list(data.CLASSES)))
+        return visualize.specialization_figure(s, data.CLASSES), montage, md
+
+    def compare_choices(self) -> list[str]:
+        """Checkpoints to compare with: the shared model, the session's, an upload, and any shipped sweep models."""
+        sweep = sorted(p.name for p in (weights.WEIGHTS_DIR / "sweep").glob("*.safetensors"))
+        return ["shared model", "this session's model", "uploaded checkpoint"] + [f"sweep/{n}" for n in sweep]
+
+    def _other_model(self, choice: str, file, session: SessionModel | None) -> SessionModel:
+        """The model B of a comparison."""
+        if choice == "shared model":
+            return self.active(None)
+        if choice == "this session's model":
+            if session is None:
+                raise gr.Error("This session uses the shared model: fine-tune one or load a checkpoint first.")
+            return session
+        if choice == "uploaded checkpoint":
+            if not file:
+                raise gr.Error("Choose a .safetensors checkpoint to compare with.")
+            model, meta = weights.load_checkpoint(file)
+            return SessionModel(model, meta, list(meta["classes"]), Path(file).name)
+        if choice in self.compare_choices() and choice.startswith("sweep/"):
+            model, meta = weights.load_checkpoint(weights.WEIGHTS_DIR / choice)
+            return SessionModel(model, meta, list(meta["classes"]), choice)
+        raise gr.Error(f"Unknown model {choice!r}.")
+
+    @_friendly
+    def compare_models(self, image, other: str = "shared model", file=None, target: str = "predicted",
+                       session: SessionModel | None = None):
+        """This session's model (A) vs another (B) on one image: (label A, label B, Grad-CAM A, Grad-CAM B,
+        importance A, importance B, markdown). Each model explains its own top class unless a class is chosen."""
+        if image is None:
+            raise gr.Error("Upload an image first (or classify one in the Predict tab).")
+        a, b = self.active(session), self._other_model(other, file, session)
+        im32 = data.prepare_image(image)
+        x = data.preprocess(image)
+        outs, md = [], []
+        for tag, sm in (("A", a), ("B", b)):
+            pred = predict(sm.model, image, sm.classes)
+            if not target or target == "predicted":
+                t = pred.top_index
+            elif target in sm.classes:
+                t = sm.classes.index(target)
+            else:
+                raise gr.Error(f"Model {tag} ({sm.name}) has no class {target!r}.")
+            layer = list(sm.model.grouped_convs())[-1]
+            cam = explain.attribute(sm.model, x, "Grad-CAM", t)
+            gi = explain.group_importance(sm.model, x, layer, t)
+            top = dict(list(pred.probs.items())[:5])
+            outs.append((top, visualize.attribution_image(cam, im32, signed=False, opacity=0.6),
+                         visualize.group_importance_figure(gi, sm.classes)))
+            cfg = sm.model.config
+            md.append(f"**{tag}: {sm.name}** — C={cfg.cardinality}, {sum(p.numel() for p in sm.model.parameters()) / 1e6:.2f} M "
+                      f"params; top-1 **{pred.top_class}** ({pred.probs[pred.top_class]:.2f}); explaining "
+                      f"{sm.classes[t]} at {layer}. " + self._faithfulness_md(sm, x, cam.values, t))
+        (la, ca, ga), (lb, cb, gb) = outs
+        return la, lb, ca, cb, ga, gb, "\n\n".join(md)
 
     # ------------------------------------------------------------ Fine-tune
 
@@ -600,14 +834,19 @@ class Handlers:
         return sm, self.model_banner(sm)
 
     def model_controls(self, session: SessionModel | None):
-        """Layer and target dropdowns that fit the session's model (its layers, its classes)."""
+        """Layer and class dropdowns that fit the session's model (its layers, its classes): Feature maps
+        layer, Grad-CAM layer, attribution target, Groups block, Groups target, Groups contrast."""
         if session is None and self.base is None:
-            return gr.update(), gr.update(), gr.update()
+            return (gr.update(),) * 6
         sm = self.active(session)
         layers = layer_dropdown_choices(sm.model)
+        blocks = grouped_dropdown_choices(sm.model)
         return (gr.update(choices=layers, value=layers[0][1] if layers else None),
                 gr.update(choices=layers, value=None),
-                gr.update(choices=["predicted"] + list(sm.classes), value="predicted"))
+                gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
+                gr.update(choices=blocks, value=blocks[-1][1] if blocks else None),
+                gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
+                gr.update(choices=["none", "runner-up"] + list(sm.classes), value="none"))
 
     # ------------------------------------------------------------ About
 
@@ -652,9 +891,16 @@ class Handlers:
 
 # Pass to launch(css=...) (Gradio 6 takes css there): 32x32 pictures are drawn large and with sharp pixels.
 CSS = """
-#predict-image img, #fm-image img, #at-image img, #predict-seen img {
+#predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
+"""
+
+GROUPS_TEXT = """
+**What no other explainer shows: the C parallel paths of every ResNeXt block.** A block's grouped 3×3
+conv splits into C groups; each computes its own transformation and the 1×1 conv after it sums them.
+Here you see, for one image, which groups carry the evidence (and which argue against), what happens when
+you remove them, where each one looks, and — over the test set — what each group responds to.
 """
 
 ABOUT_TEXT = """
@@ -676,7 +922,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
     h = Handlers(model, meta, data_source, weights_path, load_error, max_seconds)
     base_model = h.base.model if h.base else None
     layer_choices = layer_dropdown_choices(base_model)
-    grouped = [v for _, v in layer_choices if explain.groups_of(base_model, v) > 1] if base_model else []
+    grouped_choices = grouped_dropdown_choices(base_model)
+    n_groups = explain.groups_of(base_model, grouped_choices[-1][1]) if grouped_choices else 0
     classes = h.base.classes if h.base else list(data.CLASSES)
     heavy = {"concurrency_id": HEAVY, "concurrency_limit": HEAVY_LIMIT}
 
@@ -718,6 +965,67 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     mis_md = gr.Markdown()
                     mis_gallery = gr.Gallery(columns=8, height="auto", allow_preview=False, label="Misclassified")
                 api_btn = gr.Button(visible=False)  # carries the stable /predict endpoint
+
+            # ---------------------------------------------------------------- Groups
+            with gr.Tab("Groups (cardinality)", id="groups"):
+                gr.Markdown(GROUPS_TEXT)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        gr_image = ImageInput(type="filepath", format="png", label="Image", elem_id="gr-image")
+                        gr_layer = gr.Dropdown(grouped_choices, value=grouped_choices[-1][1] if grouped_choices else None,
+                                               label="Block (its grouped 3×3 conv)", elem_id="gr-layer")
+                        gr_target = gr.Dropdown(["predicted"] + list(classes), value="predicted", label="Class explained")
+                        gr_contrast = gr.Dropdown(["none", "runner-up"] + list(classes), value="none",
+                                                  label="…rather than (counterfactual)",
+                                                  info="explain the margin over another class: which groups argue for it?")
+                        gr_method = gr.Radio(list(explain.GROUP_METHODS), value=explain.GROUP_METHODS[0],
+                                             label="Importance method",
+                                             info="Conductance also splits off what flows through the shortcut (slower)")
+                        gr_mode = gr.Radio(list(explain.ABLATIONS), value="zero", label="Knock-out",
+                                           info="zero = remove the path; mean = keep its average, erase where it fired")
+                        gr_btn = gr.Button("Analyse the groups", variant="primary", elem_id="gr-btn")
+                    with gr.Column(scale=2):
+                        gr_md = gr.Markdown(elem_id="gr-md")
+                        gr_importance = gr.Image(label="Group importance (green = for, red = against)",
+                                                 interactive=False, elem_id="gr-importance")
+                        gr_cams = gr.Image(label="Group-restricted Grad-CAM: where did each group look?",
+                                           interactive=False, elem_id="gr-cams")
+                        gr_ablation = gr.Image(label="Knock out each group in turn", interactive=False,
+                                               elem_id="gr-ablation")
+                        gr_table = gr.Dataframe(label="Per group: importance, knock-out effect, Grad-CAM, faithfulness",
+                                                interactive=False, wrap=True, elem_id="gr-table")
+                with gr.Accordion("Live knock-out: tick groups to remove them", open=True):
+                    with gr.Row():
+                        gr_knock = gr.CheckboxGroup(choices=[(f"g{i}", i) for i in range(n_groups)], value=[],
+                                                    label="Groups knocked out", elem_id="gr-knock")
+                        gr_knock_label = gr.Label(label="Prediction with these groups removed", num_top_classes=3,
+                                                  elem_id="gr-knock-label")
+                    gr_knock_md = gr.Markdown(elem_id="gr-knock-md")
+                with gr.Accordion("Specialization over the test set (once per checkpoint, cached)", open=False):
+                    gr_spec_btn = gr.Button("Show group specialization for this block", elem_id="gr-spec-btn",
+                                            interactive=data_source is not None)
+                    gr_spec_md = gr.Markdown(NO_DATA_HELP if data_source is None else "", elem_id="gr-spec-md")
+                    gr_spec = gr.Image(label="Class preference, correlation between groups, colour vs shape",
+                                       interactive=False, elem_id="gr-spec")
+                    gr_montage = gr.Image(label="The 9 test images that most activate each group", interactive=False,
+                                          elem_id="gr-montage")
+                with gr.Accordion("Compare checkpoints on this image", open=False):
+                    with gr.Row():
+                        cmp_other = gr.Dropdown(h.compare_choices(), value="shared model",
+                                                label="Model B (model A = the one this session uses)", elem_id="cmp-other")
+                        cmp_file = gr.File(label="Checkpoint B (.safetensors), for 'uploaded checkpoint'",
+                                           file_count="single", file_types=[".safetensors"], height=100)
+                        cmp_btn = gr.Button("Compare", elem_id="cmp-btn")
+                    cmp_md = gr.Markdown(elem_id="cmp-md")
+                    with gr.Row():
+                        cmp_label_a = gr.Label(label="A: prediction", num_top_classes=5)
+                        cmp_label_b = gr.Label(label="B: prediction", num_top_classes=5)
+                    with gr.Row():
+                        cmp_cam_a = gr.Image(label="A: Grad-CAM (last stage)", interactive=False)
+                        cmp_cam_b = gr.Image(label="B: Grad-CAM (last stage)", interactive=False)
+                    with gr.Row():
+                        cmp_gi_a = gr.Image(label="A: group importance (last block)", interactive=False)
+                        cmp_gi_b = gr.Image(label="B: group importance (last block)", interactive=False)
 
             # ---------------------------------------------------------------- Feature maps
             with gr.Tab("Feature maps (per group)", id="features"):
@@ -848,7 +1156,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                       api_description="Classify one image: image file in, the top-k {class: probability} out "
                                       "(k defaults to 3). Stable endpoint for gradio_client.")
         # one input image for the three analysis tabs: copy it over whenever it changes
-        image.change(h.share_image, image, [fm_image, at_image], api_visibility="private", queue=False)
+        image.change(h.share_image, image, [gr_image, fm_image, at_image], api_visibility="private", queue=False)
         random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample") \
             .then(predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         gallery.select(h.select_sample, None, [image, truth], api_visibility="private") \
@@ -858,6 +1166,19 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             .then(predict_full, [image, k, session, truth], full_outputs, api_visibility="private", **heavy)
         if data_source is not None:
             demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
+
+        groups, knockout = _gpu(h.groups), _gpu(h.knockout)
+        specialization, compare_models = _gpu(h.specialization, duration=120), _gpu(h.compare_models)
+        gr_btn.click(groups, [gr_image, gr_layer, gr_target, gr_contrast, gr_method, gr_mode, session],
+                     [gr_importance, gr_ablation, gr_table, gr_cams, gr_md], api_name="groups", **heavy)
+        gr_layer.change(h.group_choices, [gr_layer, session], gr_knock, api_visibility="private", queue=False)
+        gr_knock.change(knockout, [gr_image, gr_layer, gr_knock, gr_mode, k, session], [gr_knock_label, gr_knock_md],
+                        api_name="knockout", trigger_mode="always_last", **heavy)
+        gr_spec_btn.click(specialization, [gr_layer, session], [gr_spec, gr_montage, gr_spec_md],
+                          api_name="specialization", **heavy)
+        cmp_btn.click(compare_models, [gr_image, cmp_other, cmp_file, gr_target, session],
+                      [cmp_label_a, cmp_label_b, cmp_cam_a, cmp_cam_b, cmp_gi_a, cmp_gi_b, cmp_md],
+                      api_name="compare_models", **heavy)
 
         fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session]
         fm_btn.click(feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)
@@ -875,7 +1196,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             .then(train, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
                   api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
-        controls = [fm_layer, at_layer, at_target]
+        controls = [fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast]
         ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
             .success(h.model_controls, session, controls, api_visibility="private")
         ft_reset.click(h.reset_model, None, [session, banner], api_name="reset_model") \

@@ -46,6 +46,14 @@ def test_browser_every_tab_and_finetune(app_url):
         assert top in data.CLASSES and top in label and re.search(r"\d+%", label)
         screenshots.wait_image(page, "predict-seen")
 
+        screenshots.open_tab(page, "groups")  # the Predict image was copied here
+        page.locator("#gr-btn").click()
+        screenshots.wait_image(page, "gr-importance")
+        screenshots.wait_image(page, "gr-cams")
+        assert "Knock-out" in screenshots.wait_text(page, "gr-md", "Knock-out")
+        page.locator("#gr-knock label").first.click()  # live knock-out of g0
+        assert "Knocked out g0" in screenshots.wait_text(page, "gr-knock-md", "Knocked out")
+
         screenshots.open_tab(page, "features")
         page.locator("#fm-btn").click()
         screenshots.wait_image(page, "fm-grid")
@@ -55,6 +63,7 @@ def test_browser_every_tab_and_finetune(app_url):
         page.locator("#at-btn").click()
         screenshots.wait_image(page, "at-out")
         assert "raw range" in screenshots.wait_text(page, "at-md", "raw range")
+        assert "Faithfulness" in page.locator("#at-md").inner_text()
 
         screenshots.open_tab(page, "finetune")
         screenshots.upload(page, "zone-ship", screenshots.write_synthetic(tmp / "ship", "ship", 3))

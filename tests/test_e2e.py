@@ -135,6 +135,23 @@ def test_feature_maps_attributions_about(server):
     assert Path(diagram).is_file() and "params (M)" in table["headers"]
 
 
+def test_groups_endpoints(server):
+    url, tmp, has_data = server
+    c = Client(url, verbose=False)
+    img = handle_file(_png(tmp / "blue.png", (30, 30, 200)))
+    imp, abl, table, cams, md = c.predict(img, "layer3.0.conv2", "predicted", "runner-up", "Gradient x Activation",
+                                          "zero", api_name="/groups")
+    assert all(Path(p).is_file() for p in (imp, abl, cams)) and "rather than" in md
+    assert table["headers"][0] == "group" and len(table["data"]) == len(table["data"]) > 1
+    label, md = c.predict(img, "layer3.0.conv2", [0, 1], "mean", 3, api_name="/knockout")
+    assert "Knocked out g0, g1" in md and len(label["confidences"]) == 3
+    la, lb, *images, md = c.predict(img, "shared model", None, "predicted", api_name="/compare_models")
+    assert la["label"] == lb["label"] and "Faithfulness" in md
+    if has_data:  # once per checkpoint; a few seconds for the shipped model
+        fig, montage, md = c.predict("layer3.0.conv2", api_name="/specialization")
+        assert Path(fig).is_file() and Path(montage).is_file() and "selectivity" in md
+
+
 def test_samples(server):
     url, tmp, has_data = server
     if not has_data:

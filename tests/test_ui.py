@@ -84,7 +84,8 @@ def test_build_demo_has_named_endpoints(tiny_model):
     demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, None)
     names = {d.get("api_name") for d in demo.config["dependencies"]}
     for n in ("predict", "classify", "random_sample", "misclassified", "feature_maps", "attribute", "compare",
-              "finetune", "stop", "use_model", "reset_model", "load_checkpoint", "about"):
+              "finetune", "stop", "use_model", "reset_model", "load_checkpoint", "about", "groups", "knockout",
+              "specialization", "compare_models"):
         assert n in names, n
     assert isinstance(demo, gr.Blocks)
 
@@ -137,8 +138,8 @@ def test_predict_bad_input_is_a_gradio_error(handlers, tmp_path):
 
 
 def test_share_image_skips_unreadable_files(image_path, tmp_path):
-    assert ui.Handlers.share_image(image_path) == (image_path, image_path)
-    assert ui.Handlers.share_image(None) == (None, None)
+    assert ui.Handlers.share_image(image_path) == (image_path,) * 3
+    assert ui.Handlers.share_image(None) == (None,) * 3
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     assert all(isinstance(u, dict) and "value" not in u for u in ui.Handlers.share_image(str(bad)))
@@ -251,8 +252,9 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
     probs = handlers.predict_label(image_path, 11, session)
     assert "zebra" in probs
     assert "zebra" not in handlers.predict_label(image_path, 10, None)
-    fm_layer, at_layer, at_target = handlers.model_controls(session)
+    fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast = handlers.model_controls(session)
     assert "zebra" in at_target["choices"] and fm_layer["value"] == "layer1.0.conv2"
+    assert "zebra" in gr_target["choices"] and "zebra" in gr_contrast["choices"] and gr_layer["value"] == "layer3.0.conv2"
     # re-upload the exported file to continue
     s2, banner2 = handlers.load_checkpoint(path)
     assert s2.classes == pending.classes and Path(path).name in banner2
@@ -389,3 +391,82 @@ def test_sweep_table_when_shipped(tmp_path):
     assert upd["visible"] is True and "sweep" in md.lower()
     p.write_text("not json")
     assert ui.sweep_table(p) is None
+
+
+# ---------------------------------------------------------------- Groups (cardinality)
+
+
+def test_groups_analysis(handlers, tiny_model, image_path):
+    before = _state_dict_copy(tiny_model)
+    imp, abl, table, cams, md = handlers.groups(image_path, "layer2.0.conv2", "predicted", "runner-up",
+                                                "Gradient x Activation", "zero")
+    assert all(isinstance(im, Image.Image) for im in (imp, abl, cams))
+    assert list(table["group"]) == ["g0", "g1", "g2", "g3"]
+    # the table is the explain functions' numbers, not a re-derivation
+    x = data.preprocess(image_path)
+    pred = int(np.argmax(explain.ablate_groups(tiny_model, x, "layer2.0.conv2", [])))
+    runner = int(np.argsort(-explain.ablate_groups(tiny_model, x, "layer2.0.conv2", []))[1])
+    gi = explain.group_importance(tiny_model, x, "layer2.0.conv2", pred, contrast=runner)
+    np.testing.assert_allclose(table["importance"], np.round(gi.values, 4))
+    assert "rather than" in md and "layer2.0.conv2" in md
+    assert _same(before, _state_dict_copy(tiny_model))
+    _, _, t2, _, md2 = handlers.groups(image_path, "layer1.0.conv2", "ship", "none", "Conductance", "mean")
+    assert "ship" in md2 and "shortcut" in md2 and len(t2) == 4
+
+
+def test_groups_bad_choices_are_gradio_errors(handlers, image_path):
+    with pytest.raises(gr.Error, match="Upload"):
+        handlers.groups(None, "layer2.0.conv2")
+    with pytest.raises(gr.Error, match="block"):
+        handlers.groups(image_path, "layer2")  # a stage, not a grouped conv
+    with pytest.raises(gr.Error, match="differ"):
+        handlers.groups(image_path, "layer2.0.conv2", "cat", "cat")
+    with pytest.raises(gr.Error, match="method"):
+        handlers.groups(image_path, "layer2.0.conv2", method="LRP")
+
+
+def test_live_knockout(handlers, tiny_model, image_path):
+    label, md = handlers.knockout(image_path, "layer2.0.conv2", [], "zero", 3)
+    assert "No group" in md and len(label) == 3
+    label, md = handlers.knockout(image_path, "layer2.0.conv2", [0, 1, 2, 3], "zero", 10)
+    want = explain.ablate_groups(tiny_model, data.preprocess(image_path), "layer2.0.conv2", [0, 1, 2, 3])
+    assert label == pytest.approx({data.CLASSES[i]: float(p) for i, p in enumerate(want)})
+    assert "g0, g1, g2, g3" in md
+    assert handlers.group_choices("layer1.0.conv2")["choices"] == [(f"g{i}", i) for i in range(4)]
+
+
+def test_specialization_needs_data_then_uses_the_cache(handlers, tiny_model, tmp_path, monkeypatch):
+    with pytest.raises(gr.Error, match="RESNEXT_DEMO_DATA"):
+        handlers.specialization("layer2.0.conv2")
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(40, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
+    labels = torch.arange(40) % 10
+    monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
+    monkeypatch.setattr(data, "source_id", lambda source: "fake")
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
+    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, "fake-source", "tiny.safetensors")
+    fig, montage, md = h.specialization("layer2.0.conv2")
+    assert isinstance(fig, Image.Image) and montage.size[1] == 4 * (2 * 32 + 2)  # one row per group
+    assert "selectivity" in md and "Colour" in md
+    assert len(list(tmp_path.glob("analysis/*.safetensors"))) == 1
+
+
+def test_compare_models(handlers, tiny_model, tiny_checkpoint, image_path):
+    la, lb, ca, cb, ga, gb, md = handlers.compare_models(image_path, "shared model")
+    assert la == lb and len(la) == 5  # the same model on both sides agrees with itself
+    assert "Faithfulness" in md and md.count("C=4") == 2
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.fc.bias[3] += 5  # B strongly prefers class 3
+    p = weights.save_checkpoint(Path(tiny_checkpoint).with_name("other.safetensors"), other, {})
+    la, lb, *_ = handlers.compare_models(image_path, "uploaded checkpoint", str(p))
+    assert next(iter(lb)) == data.CLASSES[3] and la != lb
+    with pytest.raises(gr.Error, match="shared model"):
+        handlers.compare_models(image_path, "this session's model", None, "predicted", None)
+    with pytest.raises(gr.Error, match="checkpoint"):
+        handlers.compare_models(image_path, "uploaded checkpoint", None)
+
+
+def test_attribution_markdown_reports_faithfulness(handlers, image_path):
+    _, md = handlers.attribute(image_path, "Saliency")
+    assert "Faithfulness (deletion)" in md and "random orders" in md
