@@ -165,6 +165,16 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         shots.append(out / "predict.png")
         page.screenshot(path=shots[-1], full_page=True)
 
+        open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
+        page.locator("#gr-btn").click()
+        wait_image(page, "gr-importance")
+        wait_image(page, "gr-cams")
+        wait_image(page, "gr-ablation")
+        page.locator("#gr-knock label").nth(1).click()
+        wait_text(page, "gr-knock-md", "Knocked out")
+        shots.append(out / "groups.png")
+        page.screenshot(path=shots[-1], full_page=True)
+
         open_tab(page, "features")
         page.locator("#fm-btn").click()
         wait_image(page, "fm-grid")
