@@ -52,8 +52,10 @@ def test_build_demo_decorates_the_model_running_events(monkeypatch, tiny_model):
     monkeypatch.setattr(ui, "spaces", ui._import_spaces())
     demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, None, max_seconds=120)
     by_name = {f.api_name: f.fn for f in demo.fns.values()}
-    for name in ("classify", "predict", "auto_predict", "misclassified", "feature_maps", "attribute", "compare"):
+    for name in ("classify", "predict", "auto_predict", "misclassified", "feature_maps", "attribute", "compare",
+                 "groups", "knockout", "compare_models"):
         assert getattr(by_name[name], "gpu_duration", None) == ui.GPU_SECONDS, name
+    assert by_name["specialization"].gpu_duration > ui.GPU_SECONDS  # a pass over the test split
     assert by_name["finetune"].gpu_duration == 120 + ui.FINETUNE_GPU_MARGIN
     for name in ("stop", "use_model", "reset_model", "random_sample", "about"):  # no model run on a GPU
         assert not hasattr(by_name[name], "gpu_duration"), name
