@@ -166,3 +166,15 @@ def test_image_montage():
     assert im.shape[0] == 3 * (64 + 2)
     # The first picture of row 1 is pasted untouched (nearest upscaling).
     assert (im[66:130:2, 64:128:2] == imgs[1, 0].transpose(1, 2, 0)).all()
+
+
+def test_group_grid_pixels_follow_the_layer_scale():
+    """Layer scale: a group at the layer's max is drawn in the colormap's top colour, one at its min in the bottom."""
+    from matplotlib import colormaps
+    g = np.zeros((2, 1, 4, 4))
+    g[1] = 1.0
+    im = np.asarray(visualize.group_grid(g, scale="layer", view="summary")[0]).reshape(-1, 3)
+    colours = {tuple(c) for c in im}
+    for v in (0.0, 1.0):
+        want = tuple(int(x * 255 + 0.5) for x in colormaps["viridis"](v)[:3])
+        assert want in colours, (v, want)
