@@ -557,25 +557,35 @@ def deletion_score(model: nn.Module, x: torch.Tensor, values: np.ndarray, target
                    seed: int = 0) -> Deletion:
     """Deletion test (Petsiuk et al. 2018): remove the `patch` x `patch` squares with the highest mean of
     `values` first (most positive = most evidence for the class) and track the target's probability;
-    random square orders give the baseline. One batched forward of (1 + n_random) * len(fractions) + 1 images.
+    random square orders give the baseline.
 
     "Removed" = replaced by a blurred copy of the image (the 'blur' baseline): setting scattered pixels to
     grey adds sharp artefacts that destroy the prediction by themselves, so random deletion would "win"
     for no reason (measured on the shipped model: README, Groups)."""
+    return deletion_scores(model, x, [values], target, fractions, patch, n_random, seed)[0]
+
+
+def deletion_scores(model: nn.Module, x: torch.Tensor, maps: list[np.ndarray] | np.ndarray, target: int,
+                    fractions: tuple[float, ...] = DELETION_FRACTIONS, patch: int = 4, n_random: int = 4,
+                    seed: int = 0) -> list[Deletion]:
+    """`deletion_score` of several maps of one image (e.g. each group's Grad-CAM) in one batched forward of
+    1 + (n_random + len(maps)) * len(fractions) images; the random baseline is shared."""
     _check_image(model, x, target)
     h, w = x.shape[2], x.shape[3]
-    v = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    if v.shape != (h, w) or not torch.isfinite(v).all():
-        raise ValueError(f"values must be a finite {h} x {w} map")
     if patch < 1 or h % patch or w % patch:
         raise ValueError(f"patch must divide the image size {h} x {w}")
-    pv = F.avg_pool2d(v[None, None], patch)[0, 0].flatten()  # one score per square
-    n = pv.numel()
+    n = (h // patch) * (w // patch)
     gen = torch.Generator().manual_seed(seed)
-    # Ties (a Grad-CAM with zeros) are broken randomly rather than by position, so a flat region is not
-    # deleted row by row from the top.
-    jitter = torch.rand(n, generator=gen) * 1e-9 * float(pv.abs().max() or 1)
-    orders = [torch.argsort(pv + jitter, descending=True)] + [torch.randperm(n, generator=gen) for _ in range(n_random)]
+    orders = [torch.randperm(n, generator=gen) for _ in range(n_random)]
+    for values in maps:
+        v = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        if v.shape != (h, w) or not torch.isfinite(v).all():
+            raise ValueError(f"values must be a finite {h} x {w} map")
+        pv = F.avg_pool2d(v[None, None], patch)[0, 0].flatten()  # one score per square
+        # Ties (a Grad-CAM with zeros) are broken randomly rather than by position, so a flat region is not
+        # deleted row by row from the top.
+        jitter = torch.rand(n, generator=gen) * 1e-9 * float(pv.abs().max() or 1)
+        orders.append(torch.argsort(pv + jitter, descending=True))
     fr = np.asarray(fractions, dtype=np.float64)
     x0 = x[0].detach().float().cpu()
     blurred = _baseline("blur", x0[None])[0]
@@ -591,7 +601,8 @@ def deletion_score(model: nn.Module, x: torch.Tensor, values: np.ndarray, target
     with torch.inference_mode():
         p = torch.softmax(view(torch.stack(batch).to(device)).float(), 1)[:, int(target)].cpu().numpy()
     curves = p[1:].reshape(len(orders), len(fr))
-    return Deletion(fr, curves[0], curves[1:].mean(0), float(p[0]))
+    random = curves[:n_random].mean(0)
+    return [Deletion(fr, c, random, float(p[0])) for c in curves[n_random:]]
 
 
 # ---------------------------------------------------------------- specialization over a dataset

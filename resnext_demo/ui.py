@@ -574,7 +574,9 @@ class Handlers:
         gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
         ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
         cams = explain.group_gradcam(sm.model, x, layer, t)
-        dels = [explain.deletion_score(sm.model, x, cam, t) if cam.any() else None for cam in cams]
+        live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
+        scored = dict(zip(live, explain.deletion_scores(sm.model, x, cams[live], t))) if live else {}
+        dels = [scored.get(i) for i in range(len(cams))]
         top_after = ab.probs.argmax(1)
         table = pd.DataFrame({
             "group": [f"g{i}" for i in range(len(gi.values))],

@@ -258,3 +258,13 @@ def test_cli_prints_a_row_per_block_and_method(tiny_checkpoint, tmp_path, monkey
     assert all(f"| {layer} | 4 |" in out for layer in ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"))
     assert all(f"| {m} | " in out and "/2 |" in out for m in explain.METHODS)
     assert list(tmp_path.glob("analysis/groups-v2-*.safetensors"))
+
+
+def test_batched_deletion_scores_equal_one_at_a_time(tiny_model, x):
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(3, 32, 32))
+    batched = explain.deletion_scores(tiny_model, x, maps, target=6)
+    for m, d in zip(maps, batched):
+        one = explain.deletion_score(tiny_model, x, m, target=6)
+        np.testing.assert_allclose(d.probs, one.probs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(d.random_probs, one.random_probs, rtol=1e-4, atol=1e-6)
