@@ -113,3 +113,13 @@ def test_shipped_checkpoint_loads(shipped_checkpoint) -> None:
     model, meta = weights.load_checkpoint(shipped_checkpoint)
     assert isinstance(model, ResNeXt) and meta["config"].cardinality >= 8
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_shipped_checkpoint_keeps_its_recorded_accuracy(shipped_checkpoint, cifar_test) -> None:
+    """On a fixed, class-balanced 1,000-image slice of the test split the shipped model scores what its
+    metadata claims for the whole split (within 3 points of sampling noise), and far above chance."""
+    from resnext_demo.predict import predict_batch
+    model, meta = weights.load_checkpoint(shipped_checkpoint)
+    images, labels = cifar_test
+    acc = float((predict_batch(model, images[:1000]).argmax(1) == labels[:1000]).float().mean())
+    assert acc >= meta["accuracy"] - 0.03 and acc > 0.5, (acc, meta["accuracy"])
