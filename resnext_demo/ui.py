@@ -580,9 +580,10 @@ class Handlers:
         top_after = ab.probs.argmax(1)
         table = pd.DataFrame({
             "group": [f"g{i}" for i in range(len(gi.values))],
-            "importance": np.round(gi.values, 4),
-            f"p({sm.classes[t]}) after knock-out": np.round(ab.probs[:, t], 4),
-            "drop": np.round(ab.drop, 4),
+            "importance": np.round(gi.values.astype(np.float64), 4),
+            # float64 before rounding: a rounded float32 shows as 0.5486000180244446 in the browser
+            f"p({sm.classes[t]}) after knock-out": np.round(ab.probs[:, t].astype(np.float64), 4),
+            "drop": np.round(ab.drop.astype(np.float64), 4),
             "top-1 after knock-out": [f"{sm.classes[j]} ({ab.probs[i, j]:.2f})" for i, j in enumerate(top_after)],
             "Grad-CAM max": [float(f"{cam.max():.3g}") for cam in cams],
             "deletion drop (random)": [f"{d.score:.3f} ({d.random_score:.3f})" if d else "empty map" for d in dels],
