@@ -10,6 +10,7 @@ tree that shares the weight tensors: the shared model is never hooked, switched 
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,20 +555,20 @@ class Deletion:
 
 def deletion_score(model: nn.Module, x: torch.Tensor, values: np.ndarray, target: int,
                    fractions: tuple[float, ...] = DELETION_FRACTIONS, patch: int = 4, n_random: int = 4,
-                   seed: int = 0) -> Deletion:
+                   seed: int = 0, fill: str = "blur") -> Deletion:
     """Deletion test (Petsiuk et al. 2018): remove the `patch` x `patch` squares with the highest mean of
     `values` first (most positive = most evidence for the class) and track the target's probability;
     random square orders give the baseline.
 
     "Removed" = replaced by a blurred copy of the image (the 'blur' baseline): setting scattered pixels to
     grey adds sharp artefacts that destroy the prediction by themselves, so random deletion would "win"
-    for no reason (measured on the shipped model: README, Groups)."""
-    return deletion_scores(model, x, [values], target, fractions, patch, n_random, seed)[0]
+    for no reason (measured on the shipped model: README, Groups). fill='mean' (grey) is kept to show it."""
+    return deletion_scores(model, x, [values], target, fractions, patch, n_random, seed, fill)[0]
 
 
 def deletion_scores(model: nn.Module, x: torch.Tensor, maps: list[np.ndarray] | np.ndarray, target: int,
                     fractions: tuple[float, ...] = DELETION_FRACTIONS, patch: int = 4, n_random: int = 4,
-                    seed: int = 0) -> list[Deletion]:
+                    seed: int = 0, fill: str = "blur") -> list[Deletion]:
     """`deletion_score` of several maps of one image (e.g. each group's Grad-CAM) in one batched forward of
     1 + (n_random + len(maps)) * len(fractions) images; the random baseline is shared."""
     _check_image(model, x, target)
@@ -588,7 +589,9 @@ def deletion_scores(model: nn.Module, x: torch.Tensor, maps: list[np.ndarray] | 
         orders.append(torch.argsort(pv + jitter, descending=True))
     fr = np.asarray(fractions, dtype=np.float64)
     x0 = x[0].detach().float().cpu()
-    blurred = _baseline("blur", x0[None])[0]
+    if fill not in ("blur", "mean"):
+        raise ValueError(f"fill must be 'blur' or 'mean', not {fill!r}")
+    blurred = _baseline(fill, x0[None])[0]  # 'mean' = 0 after normalization: grey
     batch = [x0]
     for order in orders:
         for f in fr:
@@ -772,15 +775,15 @@ def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION
 # ---------------------------------------------------------------- command line
 
 
-def faithfulness_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict]:
+def faithfulness_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **deletion) -> dict[str, dict]:
     """For every attribution method at its defaults: on how many images its deletion score beats the random
-    orders, and the mean scores (true class as the target)."""
+    orders, and the mean scores (true class as the target); `deletion` goes to deletion_score."""
     rows = {}
     for method in METHODS:
         wins, scores, randoms = 0, [], []
         for i in range(len(images)):
             xi, t = data.normalize(images[i:i + 1]), int(labels[i])
-            d = deletion_score(model, xi, attribute(model, xi, method, t).values, t)
+            d = deletion_score(model, xi, attribute(model, xi, method, t).values, t, **deletion)
             wins += d.score > d.random_score
             scores.append(d.score)
             randoms.append(d.random_score)
@@ -801,12 +804,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=SPECIALIZATION_IMAGES, help="test images (a class-balanced prefix)")
     ap.add_argument("--rebuild", action="store_true", help="recompute even when cached")
     ap.add_argument("--faithfulness", type=int, default=40, metavar="N", help="test images for the deletion table (0: skip)")
+    ap.add_argument("--patch", type=int, default=4, help="deletion square size (1 = single pixels)")
+    ap.add_argument("--fill", choices=("blur", "mean"), default="blur", help="what deleted squares become (mean = grey)")
     args = ap.parse_args(argv)
     if not args.data:
         ap.error("no CIFAR-10 source: pass --data or set RESNEXT_DEMO_DATA")
     model, _ = weights.load_checkpoint(args.weights)
+    t0 = time.perf_counter()
     spec = specialization_cached(model, args.data, n=args.n, rebuild=args.rebuild)
-    print(f"Group specialization of {args.weights} on the first {args.n} test images of {args.data}\n")
+    print(f"Group specialization of {args.weights} on the first {args.n} test images of {args.data} "
+          f"({time.perf_counter() - t0:.2f} s, cache: .cache/analysis)\n")
     print("| block | C | selectivity mean (max) | group corr. | channel corr. within / between groups "
           "| colour sens. range | colour partition p | blur sens. range |")
     print("|---|---|---|---|---|---|---|---|")
@@ -818,8 +825,10 @@ def main(argv: list[str] | None = None) -> None:
               f"| {s.colour_p:.3f} | {s.blur.min():.2f}–{s.blur.max():.2f} |")
     if args.faithfulness:
         images, labels = data.load_split(args.data, "test")
-        rows = faithfulness_table(model, images[:args.faithfulness], labels[:args.faithfulness])
-        print(f"\nDeletion faithfulness on the first {args.faithfulness} test images (true class; higher drop = better)\n")
+        rows = faithfulness_table(model, images[:args.faithfulness], labels[:args.faithfulness],
+                                  patch=args.patch, fill=args.fill)
+        print(f"\nDeletion faithfulness on the first {args.faithfulness} test images (true class; higher drop = better; "
+              f"{args.patch}x{args.patch} squares -> {args.fill})\n")
         print("| method | beats random | mean drop | random drop |\n|---|---|---|---|")
         for method, r in rows.items():
             print(f"| {method} | {r['wins']}/{r['n']} | {r['score']:.3f} | {r['random']:.3f} |")

@@ -146,6 +146,12 @@ def test_deletion_score_properties(tiny_model, x):
     assert full.probs[0] == pytest.approx(d.base, abs=1e-6) and full.probs[1] == pytest.approx(p_blur, abs=1e-5)
     with pytest.raises(ValueError, match="finite"):
         explain.deletion_score(tiny_model, x, np.full((32, 32), np.nan), target=4)
+    grey = explain.deletion_score(tiny_model, x, values, target=4, fractions=(1.0,), fill="mean", patch=1)
+    with torch.no_grad():
+        p_grey = float(torch.softmax(tiny_model(torch.zeros_like(x)), 1)[0, 4])
+    assert grey.probs[0] == pytest.approx(p_grey, abs=1e-5)
+    with pytest.raises(ValueError, match="fill"):
+        explain.deletion_score(tiny_model, x, values, target=4, fill="noise")
 
 
 def test_deletion_of_true_maps_beats_random_on_the_shipped_checkpoint(shipped_checkpoint, cifar_test):
