@@ -222,47 +222,40 @@ def attribution_pair(a: Attribution, b: Attribution, image32: Image.Image | np.n
 # ---------------------------------------------------------------- cardinality views
 
 
-def _group_ticks(ax, n: int) -> None:
-    """Integer group ticks, thinned for large cardinalities."""
-    ticks = np.arange(n)
-    ax.set_xticks(ticks if n <= 16 else ticks[::max(1, n // 8)])
+def _group_bars(values: np.ndarray, colours: tuple[str, str], xlabel: str, ylabel: str, title: str,
+                height: float = 2.8, top: float = 0.8) -> Image.Image:
+    """A bar per group coloured by sign (positive, negative), a zero line, thinned group ticks."""
+    v = np.asarray(values, dtype=np.float64)
+    fig = Figure(figsize=(6.4, height))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(np.arange(len(v)), v, color=np.where(v >= 0, *colours))
+    ax.axhline(0, color="black", lw=0.6)
+    ticks = np.arange(len(v))
+    ax.set_xticks(ticks if len(v) <= 16 else ticks[::max(1, len(v) // 8)])  # thinned for large C
     ax.tick_params(labelsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.subplots_adjust(top=top, bottom=0.18)
+    return figure_to_image(fig)
 
 
 def group_importance_figure(gi: GroupImportance, classes: list[str] | tuple[str, ...]) -> Image.Image:
     """Signed bars per group: green = evidence for the class, red = against it (the counterfactual view)."""
     v = np.asarray(gi.values, dtype=np.float64)
-    fig = Figure(figsize=(6.4, 2.8))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(np.arange(len(v)), v, color=np.where(v >= 0, "tab:green", "tab:red"))
-    ax.axhline(0, color="black", lw=0.6)
-    _group_ticks(ax, len(v))
-    ax.set_xlabel("group", fontsize=8)
     what = f"logit '{classes[gi.target]}'" + (f" − logit '{classes[gi.contrast]}'" if gi.contrast is not None else "")
-    ax.set_ylabel("attribution", fontsize=8)
     title = f"{gi.method} of {what} at {gi.layer}\nfor: {v[v > 0].sum():.3g} · against: {v[v < 0].sum():.3g} · total {gi.total:.3g}"
     if gi.shortcut is not None:
         title += f" · via shortcut {gi.shortcut:.3g}"
-    ax.set_title(title, fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.subplots_adjust(top=0.8, bottom=0.17)
-    return figure_to_image(fig)
+    return _group_bars(v, ("tab:green", "tab:red"), "group", "attribution", title)
 
 
 def ablation_figure(ab: GroupAblation, classes: list[str] | tuple[str, ...]) -> Image.Image:
     """Drop of the target's probability when each group alone is knocked out (bars sorted by group)."""
-    drop = ab.drop
-    fig = Figure(figsize=(6.4, 2.6))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(np.arange(len(drop)), drop, color=np.where(drop >= 0, "tab:purple", "tab:gray"))
-    ax.axhline(0, color="black", lw=0.6)
-    _group_ticks(ax, len(drop))
-    ax.set_xlabel("group knocked out", fontsize=8)
-    ax.set_ylabel(f"drop of p({classes[ab.target]})", fontsize=8)
-    ax.set_title(f"{ab.mode} ablation, one group at a time · p without ablation {ab.base[ab.target]:.3f}", fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.subplots_adjust(top=0.86, bottom=0.18)
-    return figure_to_image(fig)
+    return _group_bars(ab.drop, ("tab:purple", "tab:gray"), "group knocked out", f"drop of p({classes[ab.target]})",
+                       f"{ab.mode} ablation, one group at a time · p without ablation {ab.base[ab.target]:.3f}",
+                       height=2.6, top=0.86)
 
 
 def group_cam_grid(cams: np.ndarray, image32: Image.Image | np.ndarray, opacity: float = 0.8, size: int = 96) -> Image.Image:
