@@ -641,11 +641,11 @@ class Handlers:
                  f"1 = for one class only); most selective **g{best}** prefers **{classes[int(s.preferred_class[best])]}** "
                  f"({100 * (rel[best].max() - 1):+.0f} % vs its mean)."]
         if np.isfinite(s.within_corr):
-            coherent = s.within_corr > s.between_corr
+            gap = s.within_corr - s.between_corr  # a correlation gap under 0.02 is within run-to-run noise
             lines.append(f"**Groups as units**: channels of one group correlate {s.within_corr:.2f} across images, "
                          f"channels of different groups {s.between_corr:.2f} — "
-                         + ("a group's channels share a function more than random channel sets do." if coherent else
-                            "no sign that a group's channels belong together."))
+                         + ("a group's channels share a function more than channels of different groups do." if gap >= 0.02
+                            else "no clear sign that a group's channels belong together here."))
         if np.isfinite(s.colour_p):
             lines.append(f"**Colour vs shape**: the groups differ in colour sensitivity more than "
                          f"{100 * (1 - s.colour_p):.1f} % of random channel partitions (p = {s.colour_p:.3f}) — "
