@@ -855,13 +855,18 @@ class Handlers:
 
     @staticmethod
     def sweep(path: str | Path = SWEEP_RESULTS):
-        """(table update, markdown) of the shipped cardinality sweep; hidden when there is none."""
+        """(table update, markdown, accuracy-vs-C plot update) of the shipped cardinality sweep (written by
+        `python -m resnext_demo.sweep`); hidden when there is none."""
         t = sweep_table(path)
         if t is None:
-            return gr.update(visible=False), ""
+            return gr.update(visible=False), "", gr.update(visible=False)
+        import json
+        results = json.loads(Path(path).read_text())
+        plot = (gr.update(value=visualize.sweep_figure(results), visible=True)
+                if isinstance(results, dict) and isinstance(results.get("rows"), list) else gr.update(visible=False))
         return gr.update(value=t, visible=True), (
             "**Cardinality sweep** (`weights/sweep/results.json`): models of one budget at different C, "
-            "trained with the same recipe.")
+            "trained with the same recipe."), plot
 
     @_friendly
     def about(self, session: SessionModel | None = None, stage: int = 0):
@@ -1142,6 +1147,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                 ab_sweep_md = gr.Markdown()
                 ab_sweep = gr.Dataframe(label="Cardinality sweep results", interactive=False, visible=False,
                                         elem_id="ab-sweep")
+                ab_sweep_plot = gr.Image(label="Accuracy vs cardinality at one budget", interactive=False,
+                                         visible=False, elem_id="ab-sweep-plot")
                 ab_btn = gr.Button("Refresh", elem_id="ab-btn")
 
         # ---------------------------------------------------------------- events
@@ -1207,7 +1214,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint") \
             .success(h.model_controls, session, controls, api_visibility="private")
 
-        demo.load(h.sweep, None, [ab_sweep, ab_sweep_md], api_visibility="private")
+        demo.load(h.sweep, None, [ab_sweep, ab_sweep_md, ab_sweep_plot], api_visibility="private")
         ab_outputs = [ab_diagram, ab_table, ab_curve, ab_md]
         ab_btn.click(h.about, [session, ab_stage], ab_outputs, api_name="about")
         ab_stage.release(h.about, [session, ab_stage], ab_outputs, api_visibility="private")

@@ -373,6 +373,34 @@ def curve_figure(history: list[dict]) -> Image.Image:
     return figure_to_image(fig)
 
 
+def sweep_figure(results: dict) -> Image.Image:
+    """Top-1 vs cardinality C (log2 axis) of a sweep's results.json, ± the spread over seeds, each point
+    labelled with its bottleneck width d and parameters."""
+    rows = results.get("rows", [])
+    fig = Figure(figsize=(5.6, 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    if rows:
+        c = np.array([r["C"] for r in rows], dtype=float)
+        acc = np.array([100 * r["top1_mean"] for r in rows])
+        err = np.array([100 * r.get("top1_spread", 0.0) for r in rows])
+        ax.errorbar(c, acc, yerr=err, fmt="o-", ms=4, capsize=3)
+        for r, x, y in zip(rows, c, acc):
+            ax.annotate(f"{r['C']}×{r['d']}d\n{r['params_M']:.2f} M", (x, y), fontsize=7, xytext=(4, -14),
+                        textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(c, [str(int(v)) for v in c])
+        mflops = [r["MFLOPs"] for r in rows]
+        ax.set_title(f"same budget ({min(mflops):.0f}–{max(mflops):.0f} MFLOPs), same recipe", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no sweep results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("cardinality C (groups)", fontsize=8)
+    ax.set_ylabel("CIFAR-10 test top-1 (%)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(bottom=0.15, top=0.9)
+    return figure_to_image(fig)
+
+
 def _box(ax, x: float, y: float, text: str, w: float = 1.5, h: float = 0.5, color: str = "#dbe9f6") -> None:
     """A rounded labelled box centred at (x, y)."""
     ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04", fc=color, ec="black", lw=0.8))

@@ -387,8 +387,8 @@ def test_sweep_table_when_shipped(tmp_path):
     p.write_text('{"results": [{"cardinality": 1, "top1": 0.81, "curve": [1, 2]}, {"cardinality": 8, "top1": 0.84}]}')
     t = ui.sweep_table(p)
     assert list(t["cardinality"]) == [1, 8] and "curve" not in t.columns
-    upd, md = ui.Handlers.sweep(p)
-    assert upd["visible"] is True and "sweep" in md.lower()
+    upd, md, plot = ui.Handlers.sweep(p)
+    assert upd["visible"] is True and "sweep" in md.lower() and plot["visible"] is False  # not our format: no plot
     p.write_text("not json")
     assert ui.sweep_table(p) is None
 
