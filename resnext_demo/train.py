@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on a balanced test subset")
     ap.add_argument("--device", default=None)
     ap.add_argument("--half", action="store_true", help="store weights as fp16")
+    ap.add_argument("--init-from", default=None, metavar="CKPT",
+                    help="start from this checkpoint's weights (same architecture) with a fresh schedule")
     for name, val in asdict(d).items():
         if name in ("model",):
             continue
@@ -331,6 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0 and world > 1:
         dist.barrier()
     model = build_model(cfg.model, zero_init_residual=True)
+    init = None
+    if args.init_from:  # a warm restart: the weights carry over, the schedule and history start again
+        init_model, init_meta = weights.load_checkpoint(args.init_from)
+        if init_meta["config"] != model.config:
+            sys.exit(f"{args.init_from} is a {init_meta['config']}, not {cfg.model}")
+        model.load_state_dict(init_model.state_dict())
+        init = {"path": str(args.init_from), "sha256": data.sha256_file(args.init_from),
+                "accuracy": init_meta.get("accuracy"), "epochs": init_meta.get("epochs"),
+                "command": init_meta.get("command")}
     out = Path(args.out)
     resume_path = out.with_suffix(".resume.safetensors")
     start, state, history = 0, None, []
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
             "data": {"source": str(source), "sha256": data.sha256_file(src_p) if src_p and src_p.is_file()
                      else (data.source_id(src_p) if src_p and src_p.exists() else None),
                      "train_images": len(y_tr), "test_images": len(y_te)},
-            "params": count_params(model), "macs": count_macs(model), "world_size": world,
+            "params": count_params(model), "macs": count_macs(model), "world_size": world, "init_from": init,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
     from tqdm import tqdm
 

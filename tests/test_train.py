@@ -144,3 +144,28 @@ def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
     model, meta = weights.load_checkpoint(out)
     assert train.params_digest(model) == digests["0"]
     assert meta["world_size"] == 2 and meta["epochs"] == 2 and (tmp_path / "ddp.curve.json").is_file()
+
+
+def test_init_from_starts_at_a_checkpoints_weights(tmp_path, monkeypatch) -> None:
+    """--init-from: the weights carry over (lr 0 keeps them), the metadata names the starting checkpoint,
+    and another architecture is refused."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in data.CLASSES:
+            d = tmp_path / "tree" / split / c
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "0.png")
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    common = ["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--epochs", "1",
+              "--batch-size", "5", "--device", "cpu"]
+    first = tmp_path / "first.safetensors"
+    train.main([*common, "--out", str(first)])
+    second = tmp_path / "second.safetensors"
+    train.main([*common, "--out", str(second), "--init-from", str(first), "--lr", "0", "--weight-decay", "0"])
+    a, _ = weights.load_checkpoint(first)
+    b, meta = weights.load_checkpoint(second)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert meta["init_from"]["sha256"] == data.sha256_file(first) and meta["init_from"]["epochs"] == 1
+    with pytest.raises(SystemExit, match="not resnext29_8x8d_tiny"):
+        train.main([*common, "--model", "resnext29_8x8d_tiny", "--out", str(tmp_path / "x.safetensors"),
+                    "--init-from", str(first)])
