@@ -1000,8 +1000,11 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                            interactive=False, elem_id="gr-cams")
                         gr_ablation = gr.Image(label="Knock out each group in turn", interactive=False,
                                                elem_id="gr-ablation")
-                        gr_table = gr.Dataframe(label="Per group: importance, knock-out effect, Grad-CAM, faithfulness",
-                                                interactive=False, wrap=True, elem_id="gr-table")
+                        gr_table = gr.Dataframe(
+                            pd.DataFrame(columns=["group", "importance", "p after knock-out", "drop",
+                                                  "top-1 after knock-out", "Grad-CAM max", "deletion drop (random)"]),
+                            label="Per group: importance, knock-out effect, Grad-CAM, faithfulness",
+                            interactive=False, wrap=True, elem_id="gr-table")
                 with gr.Accordion("Live knock-out: tick groups to remove them", open=True):
                     with gr.Row():
                         gr_knock = gr.CheckboxGroup(choices=[(f"g{i}", i) for i in range(n_groups)], value=[],
