@@ -892,6 +892,12 @@ class Handlers:
         if sm.meta.get("command"):
             md.append(f"Trained with `{sm.meta['command']}`"
                       + (f" on {sm.meta['device']}" if sm.meta.get("device") else "") + ".")
+        init = sm.meta.get("init_from")
+        if isinstance(init, dict):  # a warm restart: its curve covers this run only
+            prev = init.get("accuracy")
+            md.append(f"That run started from another checkpoint (sha256 `{str(init.get('sha256'))[:12]}…`"
+                      + (f", {init.get('epochs')} epochs, {100 * prev:.2f} %" if isinstance(prev, (int, float)) else "")
+                      + "); the curve shows the second run only.")
         if not hist:
             md.append("This checkpoint has no training history.")
         return diagram, table, curve, "\n\n".join(md)

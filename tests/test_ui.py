@@ -470,3 +470,11 @@ def test_compare_models(handlers, tiny_model, tiny_checkpoint, image_path):
 def test_attribution_markdown_reports_faithfulness(handlers, image_path):
     _, md = handlers.attribute(image_path, "Saliency")
     assert "Faithfulness (deletion)" in md and "random orders" in md
+
+
+def test_about_names_the_checkpoint_a_run_started_from(tiny_model):
+    meta = {"classes": list(data.CLASSES), "history": [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}],
+            "init_from": {"sha256": "ab" * 32, "epochs": 4, "accuracy": 0.6873}}
+    h = ui.Handlers(tiny_model, meta, None, "x.safetensors")
+    md = h.about(None, 0)[3]
+    assert "abababababab" in md and "68.73 %" in md and "second run" in md
