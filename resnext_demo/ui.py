@@ -450,6 +450,12 @@ class Handlers:
                  "layer": layer or None, "window": int(window), "stride": int(stride)}
         return {k: v for k, v in given.items() if k in explain.default_params(method)}
 
+    @staticmethod
+    def _decode(image) -> tuple[Image.Image, torch.Tensor]:
+        """(the 32x32 picture, its normalized tensor), decoding the upload once per request."""
+        im32 = data.prepare_image(image)
+        return im32, data.normalize(data.pil_to_uint8(im32))
+
     def _target(self, sm: SessionModel, target: str | None, image) -> int:
         if not target or target == "predicted":
             return predict(sm.model, image, sm.classes).top_index
@@ -486,11 +492,11 @@ class Handlers:
         if image is None:
             raise gr.Error("Upload an image first (or classify one in the Predict tab).")
         sm = self.active(session)
-        t = self._target(sm, target, image)
-        x = data.preprocess(image)
+        im32, x = self._decode(image)
+        t = self._target(sm, target, im32)
         a = explain.attribute(sm.model, x, method, t,
                               **self.method_params(method, steps, baseline, samples, noise, layer, window, stride))
-        return visualize.attribution_image(a, data.prepare_image(image), signed=bool(signed), opacity=float(opacity)), \
+        return visualize.attribution_image(a, im32, signed=bool(signed), opacity=float(opacity)), \
             self._attr_md(a, sm, x)
 
     @_friendly
@@ -502,12 +508,12 @@ class Handlers:
         if image is None:
             raise gr.Error("Upload an image first (or classify one in the Predict tab).")
         sm = self.active(session)
-        t = self._target(sm, target, image)
-        x = data.preprocess(image)
+        im32, x = self._decode(image)
+        t = self._target(sm, target, im32)
         attrs = [explain.attribute(sm.model, x, m, t, **self.method_params(m, steps, baseline, samples, noise,
                                                                             layer, window, stride))
                  for m in (method_a, method_b)]
-        img = visualize.attribution_pair(attrs[0], attrs[1], data.prepare_image(image), signed=bool(signed),
+        img = visualize.attribution_pair(attrs[0], attrs[1], im32, signed=bool(signed),
                                          opacity=float(opacity))
         return img, "\n\n".join(self._attr_md(a, sm, x) for a in attrs)
 
@@ -567,10 +573,10 @@ class Handlers:
             raise gr.Error(f"Choose a knock-out among {', '.join(explain.ABLATIONS)}.")
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
-        pred = predict(sm.model, image, sm.classes)
-        t = pred.top_index if not target or target == "predicted" else self._target(sm, target, image)
+        im32, x = self._decode(image)
+        pred = predict(sm.model, im32, sm.classes)
+        t = pred.top_index if not target or target == "predicted" else self._target(sm, target, im32)
         c = self._contrast(sm, contrast, t, pred.probs)
-        x = data.preprocess(image)
         gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
         ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
         cams = explain.group_gradcam(sm.model, x, layer, t)
@@ -604,7 +610,7 @@ class Handlers:
                  else "; no single group changes the top-1 class: the block's paths are redundant for this image."),
               "**Group Grad-CAM**: where each group's evidence lies, on one shared colour scale (faint = weak group)."]
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes), table,
-                visualize.group_cam_grid(cams, data.prepare_image(image)), "\n\n".join(md))
+                visualize.group_cam_grid(cams, im32), "\n\n".join(md))
 
     @_friendly
     def knockout(self, image, layer: str, groups: list | None = None, mode: str = "zero", k: int = 3,
@@ -615,7 +621,7 @@ class Handlers:
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
         groups = sorted(int(g) for g in (groups or []))
-        x = data.preprocess(image)
+        _, x = self._decode(image)
         base = explain.ablate_groups(sm.model, x, layer, [], mode)
         probs = explain.ablate_groups(sm.model, x, layer, groups, mode)
         top = np.argsort(-probs)[:max(1, int(k))]
@@ -711,11 +717,10 @@ class Handlers:
         if image is None:
             raise gr.Error("Upload an image first (or classify one in the Predict tab).")
         a, b = self.active(session), self._other_model(other, file, session)
-        im32 = data.prepare_image(image)
-        x = data.preprocess(image)
+        im32, x = self._decode(image)
         outs, md = [], []
         for tag, sm in (("A", a), ("B", b)):
-            pred = predict(sm.model, image, sm.classes)
+            pred = predict(sm.model, im32, sm.classes)
             if not target or target == "predicted":
                 t = pred.top_index
             elif target in sm.classes:
