@@ -85,15 +85,16 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {path}.")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path.name} looks like a PyTorch pickle (.pt/.pth). Only .safetensors "
-                              "checkpoints are accepted: unpickling a file can run arbitrary code.")
-    try:
+    try:  # parse first: a valid safetensors header length may start with any byte, 0x80 and 'P' included
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for every malformed header
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04":
+            kind = "a PyTorch pickle (.pt/.pth)" if head[:1] == b"\x80" else "a zip-based PyTorch file (.pt/.pth: a pickle in a zip)"
+            raise CheckpointError(f"{path.name} looks like {kind}. Only .safetensors checkpoints are "
+                                  "accepted: unpickling a file can run arbitrary code.") from e
         raise CheckpointError(f"{path.name} is not a valid safetensors file (truncated or corrupted?): {e}") from e
     if META_KEY not in header:
         raise CheckpointError(f"{path.name} is a safetensors file but not a resnext-demo checkpoint "

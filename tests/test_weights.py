@@ -73,6 +73,31 @@ def test_pickle_is_refused_without_unpickling(tmp_path, tiny_model) -> None:
     _expect(tmp_path / "sd.pth", "pickle")
 
 
+def test_every_header_length_loads(tmp_path, tiny_model) -> None:
+    """The first 8 bytes are the header length: a low byte of 0x80 (or 'P') is a valid checkpoint, not a
+    pickle. Metadata of growing length walks the length's low byte over every value save_file can write."""
+    seen = set()
+    for k in range(0, 300):
+        p = weights.save_checkpoint(tmp_path / "h.safetensors", tiny_model, {"pad": "x" * k})
+        low = p.read_bytes()[0]
+        if low in seen:
+            continue
+        seen.add(low)
+        m, meta = weights.load_checkpoint(p)
+        assert meta["pad"] == "x" * k and torch.equal(m.fc.weight, tiny_model.fc.weight)
+    assert 0x80 in seen and len(seen) == 256 // 8  # headers are padded to 8 bytes: 32 possible low bytes
+
+
+def test_pickle_protocols_and_zip_named_clearly(tmp_path) -> None:
+    for proto in (2, 3, 4, 5):
+        (tmp_path / f"p{proto}.pt").write_bytes(pickle.dumps({"w": [1, 2]}, protocol=proto))
+        _expect(tmp_path / f"p{proto}.pt", "looks like a PyTorch pickle")
+    (tmp_path / "z.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    _expect(tmp_path / "z.pt", "zip-based PyTorch file")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x00" + b"\0" * 100)  # 0x80 but no protocol byte
+    _expect(tmp_path / "junk.safetensors", "not a valid safetensors")
+
+
 def test_foreign_safetensors_is_refused(tmp_path) -> None:
     save_file({"w": torch.zeros(3)}, tmp_path / "foreign.safetensors")
     _expect(tmp_path / "foreign.safetensors", "not a resnext-demo checkpoint")
