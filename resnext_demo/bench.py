@@ -25,7 +25,7 @@ import torch.nn as nn
 from PIL import Image
 
 from . import data, explain, train, visualize, weights
-from .model import build_model, count_macs
+from .model import build_model, count_macs, get_config, list_models
 from .predict import predict
 
 # The issue's targets on a 2-core CPU, in seconds (None: no target).
@@ -175,6 +175,69 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
         results[f"fine-tune epoch, 100 images, {layers}"] = timeit(epoch, warmup=1, repeats=3, budget_s=20, sync=sync)
 
 
+def airbench_reference(widths: tuple[int, int, int] = (64, 256, 256), num_classes: int = 10) -> nn.Module:
+    """airbench94's dense net (Jordan 2024): 2x2 stem, then per stage conv-pool-BN-GELU-conv-BN-GELU."""
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+    return nn.Sequential(nn.Conv2d(3, 24, 2), nn.GELU(), *block(24, widths[0]), *block(widths[0], widths[1]),
+                         *block(widths[1], widths[2]), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(widths[2], num_classes, bias=False))
+
+
+def train_throughput(model: nn.Module, device: torch.device, bf16: bool, channels_last: bool,
+                     compiled: bool = False, batch_size: int = 256, budget_s: float = 8.0) -> float:
+    """Images/s of a full training step (forward, backward, Nesterov SGD) on random data."""
+    model = model.to(device).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    net = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    xb = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    yb = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(net(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    r = timeit(step, warmup=3 if compiled else 2, repeats=20, budget_s=budget_s, sync=device.type == "cuda")
+    return batch_size / r["median"]
+
+
+def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0) -> list[dict]:
+    """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench reference
+    measured in the same run (the ratio is what survives a noisy machine)."""
+    rows = []
+    variants = [(bf, cl, False) for bf in (False, True) for cl in (False, True)]
+    if compiled:
+        variants.append((True, True, True))
+    for name in ["airbench94 reference (dense)"] + models:
+        for bf, cl, comp in variants:
+            torch.manual_seed(0)
+            m = airbench_reference() if name.startswith("airbench") else build_model(name)
+            ips = train_throughput(m, device, bf, cl, comp, budget_s=budget_s)
+            rows.append({"model": name, "params": sum(p.numel() for p in m.parameters()), "bf16": bf,
+                         "channels_last": cl, "compiled": comp, "images_per_s": ips})
+    ref = {(r["bf16"], r["channels_last"], r["compiled"]): r["images_per_s"] for r in rows if r["model"].startswith("airbench")}
+    for r in rows:
+        r["ratio_to_reference"] = r["images_per_s"] / ref[(r["bf16"], r["channels_last"], r["compiled"])]
+    return rows
+
+
+def training_report(rows: list[dict]) -> str:
+    """Markdown table of training_table()."""
+    lines = ["| model | params (M) | precision | layout | img/s | vs dense reference | min/epoch (50k) |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        prec = "bf16 autocast" if r["bf16"] else "fp32"
+        layout = ("channels_last" if r["channels_last"] else "NCHW") + (" + compile" if r["compiled"] else "")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {prec} | {layout} | {r['images_per_s']:.0f} | "
+                     f"{r['ratio_to_reference']:.2f} | {50_000 / r['images_per_s'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def gpu_training(results: dict, steps: int = 30, batch_size: int = 512) -> None:
     """Training throughput on CUDA, bf16 + channels_last, compiled vs not, and achieved TFLOP/s."""
     for name in ("resnext29_8x4d_micro", "resnext29_8x16d_small", "resnext29_8x64d"):
@@ -208,8 +271,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--train", action="store_true", help="training img/s of the fast models vs a dense reference")
+    ap.add_argument("--models", default=None, help="comma-separated models for --train (default: fast family)")
+    ap.add_argument("--compile", action="store_true", help="--train: also time torch.compile")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.train:
+        names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"]
+        rows = training_table(device, names, compiled=args.compile)
+        print(json.dumps(rows, indent=1) if args.json else
+              f"Device: {device} ({torch.get_num_threads()} torch threads), batch 256\n\n" + training_report(rows))
+        return {"train": rows}
     path = Path(args.weights)
     if not path.is_file():  # still benchmark the architecture: an untrained default-sized model
         path = Path(tempfile.mkdtemp()) / "bench.safetensors"

@@ -24,7 +24,7 @@ class ResNeXtConfig:
     cardinality: int = 8  # C: groups of the 3x3 conv
     base_width: int = 64  # d: channels per group in stage 1; doubles each stage like the widths
     num_classes: int = 10
-    family: str = "cifar"  # "cifar" (this file's network) or "torchvision" (the resnext50 seed recipe)
+    family: str = "cifar"  # "cifar" (ResNeXt-29), "fast" (FastResNeXt) or "torchvision" (the resnext50 seed)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (tuples become lists)."""
@@ -105,16 +105,7 @@ class ResNeXt(nn.Module):
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, config.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:  # each block starts as identity: trains faster, but only for training
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
+        _init_weights(self, zero_init_residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and all stages: N x widths[-1] x H/4 x W/4."""
@@ -140,6 +131,81 @@ class ResNeXt(nn.Module):
         """Every block's grouped 3x3 conv by its stable module name, e.g. 'layer2.0.conv2'."""
         return {n: m for n, m in self.named_modules() if n.endswith("conv2") and isinstance(m, nn.Conv2d)
                 and m.groups == self.config.cardinality and m.kernel_size == (3, 3) and n != "conv1"}
+
+
+class Downsample(nn.Module):
+    """A stage's entry in the fast family: dense 3x3 conv, 2x2 max-pool, BN, ReLU (airbench's order).
+
+    The conv runs before the pool so it still sees the finer grid; everything after it runs at a
+    quarter of the pixels, which is where the CPU time goes at this model size (memory-bound BN/ReLU).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.pool(self.conv(x))))
+
+
+class FastResNeXt(ResNeXt):
+    """A ResNeXt built to train fast on a CPU: airbench's skeleton with ResNeXt blocks.
+
+    Stem 3x3 conv at 32x32, then each stage `layerN` = Downsample (dense conv + pool: 16x16, 8x8, 4x4)
+    followed by `depths[N]` ResNeXt bottlenecks (`layerN.1`, ...) with identity shortcuts, so all the
+    grouped convs work on already-downsampled maps. Same module names inside the blocks as `ResNeXt`
+    (conv2 grouped, act2 after it), so every per-group view works unchanged.
+    """
+
+    def __init__(self, config: ResNeXtConfig, zero_init_residual: bool = False):
+        nn.Module.__init__(self)
+        self.config = config
+        self.conv1 = nn.Conv2d(3, config.stem_width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(config.stem_width)
+        self.act1 = nn.ReLU(inplace=False)
+        cin = config.stem_width
+        self.stage_names = []
+        for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+            blocks = [Downsample(cin, cout)] + [Bottleneck(cout, cout, config.cardinality, config.group_width(i))
+                                                for _ in range(depth)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.stage_names.append(f"layer{i + 1}")
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, config.num_classes)
+        _init_weights(self, zero_init_residual)
+
+
+def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """He init for convs, BN as identity; optionally each block's last BN at 0 (block starts as identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:  # trains faster, but only for training
+        for m in model.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+
+@torch.no_grad()
+def whiten_init(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set a 3-input stem conv to patch whitening (airbench): the top eigenvectors of the covariance of
+    k x k patches of `images` (normalized, N x 3 x H x W), scaled to unit variance, each with its negative,
+    so the first layer starts decorrelated instead of random; leftover filters keep their init."""
+    k = conv.kernel_size[0]
+    patches = F.unfold(images.float(), k).transpose(1, 2).reshape(-1, 3 * k * k)
+    patches = patches - patches.mean(0)
+    eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
+    n = min(conv.out_channels // 2, len(eigval))
+    top = eigvec[:, -n:].flip(1) / (eigval[-n:].flip(0) + eps).sqrt()  # largest first
+    filters = torch.cat([top, -top], 1).T.reshape(2 * n, 3, k, k)
+    conv.weight[:2 * n] = filters.to(conv.weight)
 
 
 class TorchvisionResNeXt(nn.Module):
@@ -231,7 +297,9 @@ def matched_base_width(config: ResNeXtConfig, cardinality: int) -> int:
 
 
 def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
-    """Multiply-adds of a cifar-family config on a size x size input, without building it (= count_macs)."""
+    """Multiply-adds of a config on a size x size input (cifar family: without building it; = count_macs)."""
+    if config.family != "cifar":
+        return count_macs(build_from_config(config), size)
     hw = size * size
     total = 27 * config.stem_width * hw
     cin = config.stem_width
@@ -249,7 +317,9 @@ def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
 
 
 def config_params(config: ResNeXtConfig) -> int:
-    """Parameters of a cifar-family config, counted without building it (equals count_params)."""
+    """Parameters of a config (cifar family: counted without building it; equals count_params)."""
+    if config.family != "cifar":
+        return count_params(build_from_config(config))
     total = 27 * config.stem_width + 2 * config.stem_width  # stem conv + BN
     cin = config.stem_width
     for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
@@ -279,6 +349,16 @@ def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict
 # bottleneck) up to 16 (narrower groups). C=16 on the tiny widths would miss by 8.5 %, so it is left out.
 _CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4)))
 _CONFIGS.update(equal_budget_configs("resnext29_8x16d_small", (1, 4, 16)))
+# The fast family (FastResNeXt), named by weighted layers and C x d like the paper; the default is
+# resnext20_8x8d_fast (chosen with `python -m resnext_demo.bench --train`, see the README).
+_CONFIGS.update({
+    "resnext20_8x8d_fast": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(64, 256, 256), cardinality=8,
+                                         base_width=8, family="fast"),
+    "resnext14_8x4d_fast": ResNeXtConfig(depths=(1, 1, 1), stem_width=32, widths=(64, 256, 256), cardinality=8,
+                                         base_width=4, family="fast"),
+    "resnext14_16x4d_fast_wide": ResNeXtConfig(depths=(1, 1, 1), stem_width=32, widths=(96, 384, 384),
+                                               cardinality=16, base_width=4, family="fast"),
+})
 _CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
                                             cardinality=32, base_width=4, family="torchvision")
 
@@ -299,6 +379,8 @@ def build_from_config(config: ResNeXtConfig, zero_init_residual: bool = False, p
     """Build a model from its config (what a checkpoint stores)."""
     if config.family == "torchvision":
         return TorchvisionResNeXt(config, pretrained=pretrained)
+    if config.family == "fast":
+        return FastResNeXt(config, zero_init_residual=zero_init_residual)
     if config.family != "cifar":
         raise ValueError(f"unknown model family {config.family!r}")
     return ResNeXt(config, zero_init_residual=zero_init_residual)
