@@ -215,10 +215,25 @@ def _macs(config: ResNeXtConfig) -> int:
     return count_macs(m)
 
 
+def architecture_text(name: str, cfg: ResNeXtConfig) -> str:
+    """One paragraph naming the loaded network's layout and its computed size."""
+    size = (f"{config_params(cfg) / 1e6:.2f} M parameters, {_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per "
+            f"32×32 image" if cfg.family in ("cifar", "fast") else f"cardinality {cfg.cardinality}")
+    per_group = f"C={cfg.cardinality} groups, d={cfg.base_width} channels per group in stage 1 (doubling each stage)"
+    if cfg.family == "cifar":
+        return (f"**{name}**: ResNeXt-{2 + 3 * sum(cfg.depths)} with {per_group}, stage widths "
+                f"{', '.join(map(str, cfg.widths))}, {size}.")
+    if cfg.family == "fast":
+        return (f"**{name}**: a fast ResNeXt — 3×3 stem, then each stage opens with a dense 3×3 conv + 2×2 max-pool "
+                f"(32 → 16 → 8 → 4 px) followed by {'/'.join(map(str, cfg.depths))} ResNeXt bottlenecks "
+                f"(identity shortcuts) with {per_group}; stage widths {', '.join(map(str, cfg.widths))}; {size}.")
+    return f"**{name}**: {cfg.family} family, {size}."
+
+
 def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -> pd.DataFrame:
     """Parameters and MFLOPs of the loaded network at other C x d with the same budget (computed)."""
-    if config.family != "cifar":
-        return pd.DataFrame({"note": ["table available for the CIFAR ResNeXt family only"]})
+    if config.family not in ("cifar", "fast"):
+        return pd.DataFrame({"note": ["table available for the ResNeXt-29 and fast families only"]})
     if recipe_model in list_models() and config.num_classes == 10:
         cfgs = list(equal_budget_configs(recipe_model, CARDINALITIES).values())
     else:
@@ -687,9 +702,12 @@ class Handlers:
         return visualize.specialization_figure(s, data.CLASSES), montage, md
 
     def compare_choices(self) -> list[str]:
-        """Checkpoints to compare with: the shared model, the session's, an upload, and any shipped sweep models."""
-        sweep = sorted(p.name for p in (weights.WEIGHTS_DIR / "sweep").glob("*.safetensors"))
-        return ["shared model", "this session's model", "uploaded checkpoint"] + [f"sweep/{n}" for n in sweep]
+        """Checkpoints to compare with: the shared model, the session's, an upload, and every other shipped
+        checkpoint (e.g. the interim micro model, the sweep's models), by its path under weights/."""
+        shipped = sorted(str(p.relative_to(weights.WEIGHTS_DIR)) for p in
+                         [*weights.WEIGHTS_DIR.glob("*.safetensors"), *(weights.WEIGHTS_DIR / "sweep").glob("*.safetensors")]
+                         if p != weights.DEFAULT_WEIGHTS and not p.name.endswith(".resume.safetensors"))
+        return ["shared model", "this session's model", "uploaded checkpoint"] + shipped
 
     def _other_model(self, choice: str, file, session: SessionModel | None) -> SessionModel:
         """The model B of a comparison."""
@@ -704,7 +722,7 @@ class Handlers:
                 raise gr.Error("Choose a .safetensors checkpoint to compare with.")
             model, meta = weights.load_checkpoint(file)
             return SessionModel(model, meta, list(meta["classes"]), Path(file).name)
-        if choice in self.compare_choices() and choice.startswith("sweep/"):
+        if choice in self.compare_choices():  # only listed names: never an arbitrary path
             model, meta = weights.load_checkpoint(weights.WEIGHTS_DIR / choice)
             return SessionModel(model, meta, list(meta["classes"]), choice)
         raise gr.Error(f"Unknown model {choice!r}.")
@@ -885,11 +903,7 @@ class Handlers:
         hist = sm.meta.get("history") or []
         curve = visualize.curve_figure(hist) if hist else None
         acc = sm.meta.get("accuracy")
-        md = [f"**{sm.name}**: ResNeXt-{2 + 3 * sum(cfg.depths)} with cardinality C={cfg.cardinality}, "
-              f"d={cfg.base_width} channels per group in stage 1 (doubling each stage), stage widths "
-              f"{', '.join(map(str, cfg.widths))}, {config_params(cfg) / 1e6:.2f} M parameters, "
-              f"{_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per 32×32 image." if cfg.family == "cifar" else
-              f"**{sm.name}**: {cfg.family} family, cardinality {cfg.cardinality}."]
+        md = [architecture_text(sm.name, cfg)]
         if isinstance(acc, (int, float)):
             md.append(f"CIFAR-10 test accuracy recorded in the checkpoint: **{100 * acc:.2f} %**"
                       + (f" ({sm.meta['data']['test_images']} images)" if isinstance(sm.meta.get("data"), dict)

@@ -448,7 +448,8 @@ def block_diagram(config: ResNeXtConfig, stage: int = 0) -> Image.Image:
     # Shortcut: identity (projection + stride 2 in the first block of stages after the first).
     sx = (n - 1) * step + 1.3
     ax.plot([cx + 1.3, sx, sx, cx + 0.22], [5.9, 5.9, 1.5, 1.5], color="black", lw=0.8)
-    ax.text(sx + 0.08, 3.7, "shortcut\n(identity;\n1x1 conv + BN\nwhere the\nshape changes)", fontsize=7, va="center")
+    ax.text(sx + 0.08, 3.7, "shortcut\n(identity)" if config.family == "fast" else  # fast: the stage's conv+pool resizes
+            "shortcut\n(identity;\n1x1 conv + BN\nwhere the\nshape changes)", fontsize=7, va="center")
     _arrow(ax, cx, 1.28, cx, 0.85)
     _box(ax, cx, 0.6, "ReLU", w=1.0, h=0.4, color="#d8f3dc")
     _arrow(ax, cx, 0.4, cx, 0.05)

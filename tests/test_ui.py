@@ -467,6 +467,29 @@ def test_compare_models(handlers, tiny_model, tiny_checkpoint, image_path):
         handlers.compare_models(image_path, "uploaded checkpoint", None)
 
 
+def test_compare_with_every_shipped_checkpoint(handlers, tiny_model, image_path, tmp_path, monkeypatch):
+    """Shipped checkpoints other than the default are listed by their path under weights/ and loadable;
+    the default, resume states and names not listed are not."""
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(weights, "DEFAULT_WEIGHTS", tmp_path / "default.safetensors")
+    for name in ("default.safetensors", "micro.safetensors", "x.resume.safetensors", "sweep/m-s0.safetensors"):
+        weights.save_checkpoint(tmp_path / name, tiny_model, {})
+    extra = handlers.compare_choices()[3:]
+    assert extra == ["micro.safetensors", "sweep/m-s0.safetensors"]
+    for choice in extra:
+        la, lb, *_ = handlers.compare_models(image_path, choice)
+        assert la == lb  # the same weights on both sides
+    with pytest.raises(gr.Error, match="Unknown model"):
+        handlers.compare_models(image_path, "../default.safetensors")
+
+
+def test_architecture_text_names_the_layout():
+    from resnext_demo.model import get_config
+    fast = ui.architecture_text("f", get_config("resnext20_8x8d_fast"))
+    assert "C=8" in fast and "d=8" in fast and "max-pool" in fast and "1/2/2" in fast
+    assert "ResNeXt-29" in ui.architecture_text("m", get_config("resnext29_8x4d_micro"))
+
+
 def test_attribution_markdown_reports_faithfulness(handlers, image_path):
     _, md = handlers.attribute(image_path, "Saliency")
     assert "Faithfulness (deletion)" in md and "random orders" in md
