@@ -46,6 +46,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[
             "per_class": dict(zip(classes, per_class)), "confusion": cm.tolist(), "classes": list(classes)}
 
 
+UPLOAD_SIZES = (64, 160, 320, 640)
+UPLOAD_FORMATS = ("PNG", "JPEG")
+
+
+def as_upload(image: torch.Tensor, size: int, fmt: str) -> bytes:
+    """One 3 x 32 x 32 uint8 test image as a user might upload it: upscaled (bicubic) to size x size and
+    re-encoded (PNG, or JPEG at quality 90)."""
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@torch.inference_mode()
+def upload_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = UPLOAD_SIZES,
+                    formats: tuple[str, ...] = UPLOAD_FORMATS) -> dict[str, float]:
+    """Top-1 when each image goes through the app's upload path (`data.prepare_image` on encoded bytes:
+    decode, centre-crop, Lanczos down to 32x32) after `as_upload`; keys like 'JPEG 640'."""
+    out = {}
+    for fmt in formats:
+        for size in sizes:
+            batch = torch.cat([data.pil_to_uint8(data.prepare_image(as_upload(im, size, fmt))) for im in x])
+            pred = predict_logits(model, batch).argmax(1)
+            out[f"{fmt} {size}"] = (pred == y.cpu()).float().mean().item()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     from . import weights
@@ -56,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="test", choices=["train", "test"])
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--tta", action="store_true", help="also report flip test-time augmentation")
+    ap.add_argument("--uploads", action="store_true",
+                    help="also score the images upscaled to 64-640 px and re-encoded (PNG, JPEG) as uploads")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out-dir", default=None, help="write confusion.png and metrics.json here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     res = evaluate(model, x, y, meta["classes"], device=args.device)
     if args.tta:
         res["top1_flip_tta"] = evaluate(model, x, y, meta["classes"], tta=True, device=args.device)["top1"]
+    if args.uploads:
+        res["uploads"] = upload_accuracy(model, x, y)
     res["weights"] = str(args.weights)
     if args.out_dir:
         from .visualize import confusion_figure
@@ -82,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
           + (f", flip-TTA {res['top1_flip_tta']:.4f}" if args.tta else ""))
     for c, a in res["per_class"].items():
         print(f"  {c:12} {a:.4f}")
+    for k, a in res.get("uploads", {}).items():
+        print(f"  upload {k:9} {a:.4f} ({100 * (a - res['top1']):+.2f} points)")
 
 
 if __name__ == "__main__":

@@ -472,6 +472,30 @@ def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path:
     return rep
 
 
+def api_accuracy(url: str, n: int, source: str | None = None, workers: int = 4) -> dict:
+    """Top-1 of the served model through the real `/predict` endpoint on the first n test images, each
+    sent as a 32x32 PNG file upload (what a user's file goes through: upload, decode, predict, JSON)."""
+    from gradio_client import Client, handle_file
+    x, y = data.load_split(source, "test")
+    x, y = x[:n], y[:n]
+    tmp = Path(tempfile.mkdtemp(prefix="resnext-api-acc-"))
+
+    def one(i: int) -> bool:
+        p = tmp / f"{i}.png"
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(p)
+        c = clients[i % workers]
+        out = c.predict(handle_file(str(p)), 1, api_name="/predict")
+        p.unlink()
+        return out["label"] == data.CLASSES[int(y[i])]
+    clients = [Client(url, verbose=False) for _ in range(workers)]
+    t = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        hits = list(pool.map(one, range(len(y))))
+    for c in clients:
+        c.close()
+    return {"images": len(y), "top1": sum(hits) / len(hits), "seconds": time.monotonic() - t}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=4, help="concurrent gradio_client users (default 4)")
@@ -487,7 +511,17 @@ def main(argv: list[str] | None = None) -> int:
                          "the pool layout) or with predictions")
     ap.add_argument("--timeout", type=float, default=600.0, help="overall time limit in seconds (default 600)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--accuracy", type=int, metavar="N", default=None,
+                    help="instead of the load test: top-1 through /predict on the first N test images")
     a = ap.parse_args(argv)
+    if a.accuracy:
+        src = a.data or data.default_source()
+        ckpt = a.weights or str(default_checkpoint(Path(tempfile.mkdtemp())))
+        with app_server(["--weights", ckpt, "--data", src], Path(tempfile.mkdtemp()) / "app.log") as (u, _):
+            rep = api_accuracy(u, a.accuracy, src)
+        print(json.dumps(rep) if a.json else
+              f"/predict top-1 {rep['top1']:.4f} on {rep['images']} test images ({rep['seconds']:.0f} s) [{ckpt}]")
+        return 0
     try:
         rep = run(a.users, a.requests, a.url, a.weights, a.data, not a.no_overload, a.overload_extra, a.timeout,
                   flood=a.flood)
