@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> None:
             from .evaluate import evaluate
             plain, tta = evaluate(model, x_te, y_te, device=device), evaluate(model, x_te, y_te, tta=True, device=device)
             final.update(val_accuracy=history[-1]["test_acc"], accuracy=plain["top1"], accuracy_tta=tta["top1"],
-                         per_class=plain["per_class"])
+                         per_class=plain["per_class"],  # and the curve says what its accuracy was measured on
+                         history=[{("val_acc" if k == "test_acc" else k): v for k, v in h.items()} for h in history])
+            history = final["history"]
         weights.save_checkpoint(out, model, final, half=args.half)
         out.with_suffix(".curve.json").write_text(json.dumps(history, indent=1))
         resume_path.unlink(missing_ok=True)

@@ -352,15 +352,17 @@ def image_montage(images: torch.Tensor | np.ndarray, row_labels: list[str], scal
 
 
 def curve_figure(history: list[dict]) -> Image.Image:
-    """Loss and accuracy per epoch from a checkpoint's history (test_acc may be None)."""
+    """Loss and accuracy per epoch from a checkpoint's history: test_acc (may be None), or val_acc for runs
+    scored on a validation split held out of the training images."""
     fig = Figure(figsize=(8, 3))
     ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ep = [h["epoch"] for h in history]
     ax_loss.plot(ep, [h.get("train_loss") for h in history], "o-", ms=3, label="train loss")
     ax_acc.plot(ep, [h.get("train_acc") for h in history], "o-", ms=3, label="train acc")
-    test = [(h["epoch"], h["test_acc"]) for h in history if h.get("test_acc") is not None]
-    if test:
-        ax_acc.plot(*zip(*test), "s-", ms=3, label="test acc")
+    for key, label in (("test_acc", "test acc"), ("val_acc", "validation acc (held-out train images)")):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax_acc.plot(*zip(*pts), "s-", ms=3, label=label)
     if not history:
         ax_loss.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax_loss.transAxes)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):

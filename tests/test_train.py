@@ -169,3 +169,38 @@ def test_init_from_starts_at_a_checkpoints_weights(tmp_path, monkeypatch) -> Non
     with pytest.raises(SystemExit, match="not resnext29_8x8d_tiny"):
         train.main([*common, "--model", "resnext29_8x8d_tiny", "--out", str(tmp_path / "x.safetensors"),
                     "--init-from", str(first)])
+
+
+def test_split_validation_is_balanced_disjoint_and_seeded() -> None:
+    x, y = _colour_classes(30)
+    x = x + torch.arange(len(y)).view(-1, 1, 1, 1).to(x.dtype)  # every image distinct, to check disjointness
+    (xt, yt), (xv, yv) = train.split_validation(x, y, 50, seed=3)
+    assert torch.bincount(yv).tolist() == [5] * 10 and len(yt) + len(yv) == len(y)
+    seen = {tuple(im.flatten().tolist()) for im in xt}
+    assert not any(tuple(im.flatten().tolist()) in seen for im in xv)
+    assert torch.equal(train.split_validation(x, y, 50, seed=3)[1][0], xv)
+    assert not torch.equal(train.split_validation(x, y, 50, seed=4)[1][0], xv)
+
+
+def test_val_run_scores_epochs_on_validation_and_reads_test_once(tmp_path, monkeypatch) -> None:
+    """--val N: the curve is validation accuracy (val_acc), the metadata holds the test top-1 (plain and
+    flip-TTA) computed once at the end, which equals a fresh evaluation of the saved weights."""
+    from resnext_demo.evaluate import evaluate
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for c in data.CLASSES:
+            d = tmp_path / "tree" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "v.safetensors"
+    train.main(["--model", "resnext14_8x4d_fast", "--data", str(tmp_path / "tree"), "--epochs", "1", "--whiten",
+                "--batch-size", "5", "--device", "cpu", "--val", "10", "--out", str(out)])
+    model, meta = weights.load_checkpoint(out)
+    assert meta["data"]["train_images"] == 20 and meta["data"]["val_images"] == 10
+    assert all("val_acc" in h and "test_acc" not in h for h in meta["history"])
+    assert meta["val_accuracy"] == meta["history"][-1]["val_acc"]
+    x, y = data.load_split(str(tmp_path / "tree"), "test")
+    assert meta["accuracy"] == pytest.approx(evaluate(model, x, y)["top1"])
+    assert meta["accuracy_tta"] == pytest.approx(evaluate(model, x, y, tta=True)["top1"])
