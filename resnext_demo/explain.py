@@ -751,12 +751,20 @@ def _from_tensor(t: torch.Tensor) -> np.ndarray | float:
     return float(t) if t.dim() == 0 else t.numpy()
 
 
+def specialization_file(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES) -> str:
+    """The cache file name of a model's specialization on a source: its key is the weights, the data and n."""
+    return f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+
+
 def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
                           cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, computed once per
-    checkpoint and data source and kept as safetensors under the data cache ('analysis/')."""
+    checkpoint and data source and kept as safetensors under the data cache ('analysis/'); without `cache`, a
+    file shipped in resnext_demo/assets/ (`python -m resnext_demo.assets specialization`) is read too."""
     root = Path(cache) if cache else data.cache_dir() / "analysis"
-    path = root / f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+    path = root / specialization_file(model, source, n)
+    if cache is None and not rebuild and not path.is_file() and (data.ASSETS_DIR / path.name).is_file():
+        path = data.ASSETS_DIR / path.name  # the default checkpoint's, shipped: the first visitor does not wait
     names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
     if path.is_file() and not rebuild:
         t = load_file(str(path))
