@@ -87,6 +87,45 @@ def test_a_space_without_data_serves_the_sample_pack(space, tmp_path):
     assert "resnext_demo/assets/cifar10-test-sample.safetensors" in (tmp_path / "app.log").read_text()
 
 
+def test_a_full_source_replaces_the_pack(monkeypatch, tmp_path):
+    """app.py's data: RESNEXT_DEMO_DATA when set (any full source), else ../shared when present, else the pack."""
+    import app
+
+    monkeypatch.setenv("RESNEXT_DEMO_DATA", "hf://datasets/uoft-cs/cifar10")
+    assert app.parse_args([]).data == "hf://datasets/uoft-cs/cifar10"
+    monkeypatch.delenv("RESNEXT_DEMO_DATA")
+    monkeypatch.setattr(data, "SHARED_ARCHIVE", tmp_path / "absent.tar.gz")
+    assert app.parse_args([]).data == str(data.SAMPLE_PACK)
+    (tmp_path / "archive.tar.gz").write_bytes(b"")
+    monkeypatch.setattr(data, "SHARED_ARCHIVE", tmp_path / "archive.tar.gz")
+    assert app.parse_args([]).data == str(tmp_path / "archive.tar.gz")
+    assert app.parse_args(["--data", ""]).data == ""  # none at all: the app says so in visitor words
+
+
+def test_a_space_pointed_at_the_hub_dataset_uses_it(space, tmp_path):
+    """RESNEXT_DEMO_DATA=hf://datasets/uoft-cs/cifar10: the app reads it through huggingface_hub (offline here,
+    from a copy in the Hub's cache layout) instead of the sample pack."""
+    pytest.importorskip("pyarrow")
+    from tests import hub_layout
+
+    hub_layout.write_hub_copy(tmp_path / "hub", {"test": hub_layout.synthetic_split(30, 0),
+                                                 "train": hub_layout.synthetic_split(20, 1)})
+    env = {"RESNEXT_DEMO_DATA": hub_layout.SOURCE, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc, url = _serve(space, tmp_path / "app.log", env)
+    try:
+        c = Client(url, verbose=False)
+        assert Path(c.predict(api_name="/random_sample")).is_file()
+        gallery, md = c.predict(api_name="/misclassified")
+        assert "of 30 test images" in md
+        *_, md = c.predict(0, api_name="/about")
+        assert "30 test images" in md and "sample pack" not in md
+        zones, names, new = _zones(tmp_path)
+        status, plot, result, path = c.predict(2, "head", 1, 0.05, 32, *zones, *names, *new, api_name="/finetune")
+        assert "(30 images, forgetting)" in result  # 2 training images per class from the Hub's train split
+    finally:
+        stop(proc)
+
+
 def test_zerogpu_books_and_round_trips_through_the_forked_worker(space, tmp_path):
     pytest.importorskip("spaces")  # requirements-dev.txt installs it
     from tests import zerogpu_standin
