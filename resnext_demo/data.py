@@ -216,18 +216,23 @@ def _load_pack(p: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _load_hub(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A split of a Hugging Face Hub dataset in the Hub's parquet layout (`hf://datasets/<owner>/<name>[@rev]`,
-    e.g. uoft-cs/cifar10: `plain_text/test-00000-of-00001.parquet`). huggingface_hub downloads the split's files
-    once into its cache (HF_HUB_CACHE; offline with HF_HUB_OFFLINE=1); we decode them once into ours."""
-    from huggingface_hub import snapshot_download
+    e.g. uoft-cs/cifar10: `plain_text/test-00000-of-00001.parquet`). The first call downloads both splits' files
+    through huggingface_hub (into HF_HUB_CACHE; offline with HF_HUB_OFFLINE=1) and decodes them into our cache,
+    keyed by the name: later calls, a fine-tune's training subset included, touch neither the network nor the Hub."""
+    def read() -> dict[str, tuple[list[np.ndarray], list[int]]]:
+        from huggingface_hub import snapshot_download
 
-    repo, _, revision = source[len(HUB_PREFIX):].partition("@")
-    folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision or None,
-                                    allow_patterns=[f"*{split}-*.parquet", f"*{split}/*.parquet"]))
-    files = sorted(f for f in folder.rglob("*.parquet") if f.name.startswith(f"{split}-") or f.parent.name == split)
-    if not files:
-        raise ValueError(f"{source} has no '{split}' parquet files")
-    key = "hub-" + hashlib.sha256(f"{repo}@{folder.name}".encode()).hexdigest()[:16]  # the folder is the commit
-    return _cached(key, split, lambda: {split: _read_parquet(files)}, f"{source} has no '{split}' split")
+        repo, _, revision = source[len(HUB_PREFIX):].partition("@")
+        patterns = [p for s in ("train", "test") for p in (f"*{s}-*.parquet", f"*{s}/*.parquet")]
+        folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision or None, allow_patterns=patterns))
+        found = {}
+        for s in ("train", "test"):
+            files = sorted(f for f in folder.rglob("*.parquet") if f.name.startswith(f"{s}-") or f.parent.name == s)
+            if files:
+                found[s] = _read_parquet(files)
+        return found
+
+    return _cached(f"hub-{source_id(source)}", split, read, f"{source} has no '{split}' parquet files")
 
 
 def _read_parquet(files: list[Path]) -> tuple[list[np.ndarray], list[int]]:

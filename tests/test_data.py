@@ -147,7 +147,8 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_hub_source_reads_the_hubs_parquet_layout(offline_hub) -> None:
     """hf://datasets/uoft-cs/cifar10 through huggingface_hub.snapshot_download (offline, from a local copy in
-    the Hub's cache layout): the split's images come back exactly, classes interleaved, and are cached."""
+    the Hub's cache layout): each split's images come back exactly, classes interleaved; both splits are
+    decoded and cached at the first call, so the Hub is not asked again."""
     from tests import hub_layout
 
     test = hub_layout.synthetic_split(30, seed=0)
@@ -160,10 +161,11 @@ def test_hub_source_reads_the_hubs_parquet_layout(offline_hub) -> None:
     for c in range(10):  # PNG is lossless: each class's images in the file's order
         want = torch.from_numpy(images[labels == c]).permute(0, 3, 1, 2)
         assert torch.equal(x[y == c], want)
-    xt, yt = data.load_split(hub_layout.SOURCE + "@main", "train")
+    assert len(list((offline_hub.parent / "cache").glob("cifar10-hub-*.safetensors"))) == 2
+    import shutil
+    shutil.rmtree(offline_hub)  # the decoded cache serves the train split now
+    xt, yt = data.load_split(hub_layout.SOURCE, "train")
     assert len(yt) == 20 and torch.equal(xt[yt == 0][0], torch.from_numpy(train[0][0]).permute(2, 0, 1))
-    cached = sorted(p.name for p in (offline_hub.parent / "cache").glob("cifar10-hub-*.safetensors"))
-    assert len(cached) == 2  # decoded once per split
 
 
 def test_hub_source_with_other_classes_or_missing_files_is_a_clear_error(offline_hub) -> None:
@@ -173,12 +175,14 @@ def test_hub_source_with_other_classes_or_missing_files_is_a_clear_error(offline
 
     with pytest.raises(LocalEntryNotFoundError):  # nothing cached and no network: says so, never hangs
         data.load_split(hub_layout.SOURCE, "test")
-    hub_layout.write_hub_copy(offline_hub, {"test": hub_layout.synthetic_split(10, 0)},
-                              classes=tuple(reversed(data.CLASSES)))
-    with pytest.raises(ValueError, match="not CIFAR-10's"):
-        data.load_split(hub_layout.SOURCE, "test")
+    hub_layout.write_hub_copy(offline_hub, {"test": hub_layout.synthetic_split(10, 0)})
+    assert len(data.load_split(hub_layout.SOURCE, "test")[1]) == 10
     with pytest.raises(ValueError, match="no 'train' parquet"):
         data.load_split(hub_layout.SOURCE, "train")
+    hub_layout.write_hub_copy(offline_hub, {"test": hub_layout.synthetic_split(10, 0)},
+                              classes=tuple(reversed(data.CLASSES)))
+    with pytest.raises(ValueError, match="not CIFAR-10's"):  # another revision (a commit), read afresh
+        data.load_split(f"{hub_layout.SOURCE}@{hub_layout.COMMIT}", "test")
 
 
 def test_foreign_class_folder_is_a_clear_error(tmp_path, monkeypatch) -> None:
