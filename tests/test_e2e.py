@@ -48,9 +48,14 @@ def launch(args: list[str], log: Path):
     """Start app.py; returns (process, url). The caller must stop it."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    return start([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1", *args],
+                 ROOT, env, port, log)
+
+
+def start(cmd: list[str], cwd: Path, env: dict, port: int, log: Path):
+    """Run `cmd` (the app, listening on `port`) with its output in `log`: (process, url) once it answers."""
     out = open(log, "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1", *args],
-                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     proc.stdout = out
     url = f"http://127.0.0.1:{port}/"
     try:

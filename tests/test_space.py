@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from resnext_demo import data, finetune, ui
-from tests.test_e2e import ROOT, _png, free_port, stop, wait_for
+from tests.test_e2e import ROOT, _png, free_port, start, stop
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -44,18 +44,7 @@ def _serve(space: Path, log: Path, extra_env: dict | None = None, python_args: l
     env.update({"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
                 "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "RESNEXT_DEMO_CACHE": str(log.parent / "cache"), **(extra_env or {})})
-    out = open(log, "w+")
-    proc = subprocess.Popen([sys.executable, *(python_args or ["app.py"])], cwd=space, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True)
-    proc.stdout = out
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, proc)
-    except Exception:
-        stop(proc)
-        out.seek(0)
-        raise RuntimeError(out.read())
-    return proc, url
+    return start([sys.executable, *(python_args or ["app.py"])], space, env, port, log)
 
 
 def _zones(tmp: Path) -> tuple[list, list, list]:
