@@ -329,8 +329,8 @@ class Handlers:
         """The session's model (fine-tuned or uploaded) or the shared base model, on the device models run on."""
         if session is not None:
             device = self.device()
-            if next(session.model.parameters()).device != device:  # session models are kept on the CPU
-                session.model.to(device)  # in place: a ZeroGPU worker holds its own pickled copy anyway
+            if next(session.model.parameters()).device != device:  # in a ZeroGPU worker: it arrives on the CPU
+                session.model.to(device)  # in place: the worker holds its own pickled copy
             return session
         if self.base is None:
             raise gr.Error(no_weights_help(self.weights_path, self.load_error).replace("**", ""), duration=None)
@@ -935,8 +935,9 @@ class Handlers:
         out_dir = Path(tempfile.mkdtemp(prefix="resnext-finetune-"))
         path = finetune.export(result, out_dir / "resnext-finetuned.safetensors", {**sm.meta, "source_name": sm.name})
         meta = weights.read_metadata(path)
-        # On the CPU: it goes back from a ZeroGPU worker pickled, and lives in this session's state for an hour.
-        pending = SessionModel(result.model.cpu(), meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
+        # From a ZeroGPU worker it goes back pickled, so on the CPU (a CUDA model in a result can hang the transfer)
+        model = result.model.cpu() if on_zero_gpu() else result.model
+        pending = SessionModel(model, meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
         yield ("Done. Press **Use this model** to use it in every tab (this session only), or download it.",
                pd.DataFrame(u.curve) if u.curve else None, result.summary(), str(path), pending)
 
@@ -955,7 +956,7 @@ class Handlers:
         """An uploaded checkpoint becomes this session's model: (session, banner)."""
         if not file:
             raise gr.Error("Choose a .safetensors checkpoint to upload.")
-        model, meta = weights.load_checkpoint(file)  # on the CPU, like every session model (see `active`)
+        model, meta = weights.load_checkpoint(file, self.device())  # on ZeroGPU: the CPU of the app's process
         sm = SessionModel(model, meta, list(meta["classes"]), Path(file).name)
         return sm, self.model_banner(sm)
 
