@@ -3,7 +3,10 @@
 Sources for `load_split`:
 - a torchvision CIFAR-10 root (`CIFAR10(root, download=...)`; torchvision md5-checks its files),
 - an image-folder tree `<root>/{train,test}/<class>/*.jpg`, as a directory or a `.tar.gz` read in place
-  (like `../shared/cifar10/cifar10-jpeg.tar.gz`).
+  (like `../shared/cifar10/cifar10-jpeg.tar.gz`),
+- a Hugging Face Hub dataset in the Hub's parquet layout, `hf://datasets/uoft-cs/cifar10`,
+- the sample pack shipped in the repository (`SAMPLE_PACK`, 500 test images; `python -m resnext_demo.assets`),
+  which the app uses when none of the full sources is configured.
 Decoded splits are cached as uint8 safetensors in a git-ignored cache folder, keyed by the source's
 content, so the 60,000 JPEGs are decoded once per machine.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -33,6 +37,10 @@ MAX_PIXELS = 64_000_000
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_ARCHIVE = PROJECT_ROOT.parent / "shared" / "cifar10" / "cifar10-jpeg.tar.gz"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # files shipped with the package (resnext_demo.assets)
+SAMPLE_PACK = ASSETS_DIR / "cifar10-test-sample.safetensors"
+PACK_KEY = "resnext_demo_sample_pack"  # the pack's metadata (JSON: source, its sha256, selection rule, classes)
+HUB_PREFIX = "hf://datasets/"  # a dataset on the Hugging Face Hub, e.g. hf://datasets/uoft-cs/cifar10[@revision]
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
@@ -53,6 +61,17 @@ def default_source() -> str | None:
     return str(SHARED_ARCHIVE) if SHARED_ARCHIVE.is_file() else None
 
 
+def sample_source() -> str | None:
+    """The sample pack shipped with the app (a few CIFAR-10 test images), when present: the app's data
+    whenever no full CIFAR-10 source is configured (a Hugging Face Space has no `../shared`)."""
+    return str(SAMPLE_PACK) if SAMPLE_PACK.is_file() else None
+
+
+def is_sample_pack(source: str | Path | None) -> bool:
+    """Whether `source` names a sample pack (one .safetensors file) rather than a full CIFAR-10 source."""
+    return source is not None and str(source).endswith(".safetensors")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file (recorded in checkpoints so a result names its exact data)."""
     h = hashlib.sha256()
@@ -64,6 +83,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def source_id(source: str | Path) -> str:
     """A short content key for a source: sha256 of an archive, or of a directory's file listing."""
+    if str(source).startswith(HUB_PREFIX):  # not a local path: the name (and revision) is the key
+        return hashlib.sha256(str(source).encode()).hexdigest()[:16]
     p = Path(source)
     if p.is_file():
         return sha256_file(p)[:16]
@@ -137,37 +158,103 @@ def _is_image_folder(p: Path) -> bool:
 
 def load_split(source: str | Path | None, split: str, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N x 3 x 32 x 32 uint8) and labels (N int64, indices into CLASSES) of 'train' or 'test'."""
-    from safetensors.torch import load_file, save_file
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if source is None:
         source = default_source()
     if source is None:
         raise FileNotFoundError("no CIFAR-10 source: set RESNEXT_DEMO_DATA to a torchvision CIFAR-10 root "
-                                "(or pass --download) or to an image-folder directory / .tar.gz")
+                                "(or pass --download), an image-folder directory / .tar.gz or hf://datasets/uoft-cs/cifar10")
+    if str(source).startswith(HUB_PREFIX):
+        return _load_hub(str(source), split)
     p = Path(source).expanduser()
+    if is_sample_pack(p):
+        return _load_pack(p, split)
     if not _is_image_folder(p):
         return _load_torchvision(p, split, download)
     if not p.exists():
         raise FileNotFoundError(f"data source {p} does not exist")
-    cache = cache_dir() / f"cifar10-{source_id(p)}-v2-{split}.safetensors"
+    return _cached(source_id(p), split, lambda: _read_image_folder(p), f"{p} has no '{split}/<class>/' images")
+
+
+def _cached(key: str, split: str, read, missing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`split` from the decoded cache, else decode with `read()` -> {split: (images, labels)} and cache every
+    split it returns (an archive is read in one pass); `missing` is the error when `split` is not among them."""
+    from safetensors.torch import load_file, save_file
+
+    cache = cache_dir() / f"cifar10-{key}-v2-{split}.safetensors"
     if cache.is_file():
         t = load_file(cache)
         return t["images"], t["labels"]
-    splits = _read_image_folder(p)
+    splits = read()
     if split not in splits:
-        raise ValueError(f"{p} has no '{split}/<class>/' images")
+        raise ValueError(missing)
     cache.parent.mkdir(parents=True, exist_ok=True)
     result = None
-    for name, (imgs, labels) in splits.items():  # cache every split found: one pass over the archive
+    for name, (imgs, labels) in splits.items():
         x, y = _stack(imgs, labels)
-        tmp = cache.with_name(f"cifar10-{source_id(p)}-v2-{name}.safetensors.{os.getpid()}.tmp")
+        tmp = cache.with_name(f"cifar10-{key}-v2-{name}.safetensors.{os.getpid()}.tmp")
         save_file({"images": x, "labels": y}, tmp)
-        os.replace(tmp, cache.with_name(f"cifar10-{source_id(p)}-v2-{name}.safetensors"))  # atomic: a killed run never leaves half a cache
+        os.replace(tmp, cache.with_name(f"cifar10-{key}-v2-{name}.safetensors"))  # atomic: a killed run never leaves half a cache
         if name == split:
             result = (x, y)
     return result
+
+
+def _load_pack(p: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample pack's 'test' part, or its 'train' part: test images set aside for fine-tuning (resnext_demo.assets)."""
+    from safetensors import safe_open
+
+    if not p.is_file():
+        raise FileNotFoundError(f"data source {p} does not exist")
+    with safe_open(str(p), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(PACK_KEY, "{}"))
+        if meta.get("classes") != list(CLASSES) or f"{split}.images" not in f.keys():
+            raise ValueError(f"{p.name} is not a CIFAR-10 sample pack with a '{split}' part")
+        return f.get_tensor(f"{split}.images"), f.get_tensor(f"{split}.labels")
+
+
+def _load_hub(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of a Hugging Face Hub dataset in the Hub's parquet layout (`hf://datasets/<owner>/<name>[@rev]`,
+    e.g. uoft-cs/cifar10: `plain_text/test-00000-of-00001.parquet`). The first call downloads both splits' files
+    through huggingface_hub (into HF_HUB_CACHE; offline with HF_HUB_OFFLINE=1) and decodes them into our cache,
+    keyed by the name: later calls, a fine-tune's training subset included, touch neither the network nor the Hub."""
+    def read() -> dict[str, tuple[list[np.ndarray], list[int]]]:
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = source[len(HUB_PREFIX):].partition("@")
+        patterns = [p for s in ("train", "test") for p in (f"*{s}-*.parquet", f"*{s}/*.parquet")]
+        folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision or None, allow_patterns=patterns))
+        found = {}
+        for s in ("train", "test"):
+            files = sorted(f for f in folder.rglob("*.parquet") if f.name.startswith(f"{s}-") or f.parent.name == s)
+            if files:
+                found[s] = _read_parquet(files)
+        return found
+
+    return _cached(f"hub-{source_id(source)}", split, read, f"{source} has no '{split}' parquet files")
+
+
+def _read_parquet(files: list[Path]) -> tuple[list[np.ndarray], list[int]]:
+    """Decode Hub parquet files: an image column ('img' or 'image', {bytes, path} cells) and a 'label' column
+    whose class names, when the file records them, must be CIFAR-10's in order."""
+    import pyarrow.parquet as pq
+
+    images, labels = [], []
+    for f in files:
+        table = pq.read_table(f)
+        col = next((c for c in ("img", "image") if c in table.column_names), None)
+        if col is None or "label" not in table.column_names:
+            raise ValueError(f"{f.name}: expected an 'img' (or 'image') and a 'label' column, found {table.column_names}")
+        try:
+            names = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]["names"]
+        except (TypeError, KeyError, ValueError):
+            names = None  # a plain parquet file: labels are taken as CIFAR-10 class indices
+        if names is not None and tuple(names) != CLASSES:
+            raise ValueError(f"{f.name}: its classes {names} are not CIFAR-10's {list(CLASSES)}")
+        images += [_decode_32(cell["bytes"]) for cell in table.column(col).to_pylist()]
+        labels += table.column("label").to_pylist()
+    return images, labels
 
 
 def _load_torchvision(root: Path, split: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:

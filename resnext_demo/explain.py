@@ -751,12 +751,31 @@ def _from_tensor(t: torch.Tensor) -> np.ndarray | float:
     return float(t) if t.dim() == 0 else t.numpy()
 
 
+def specialization_file(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES) -> str:
+    """The cache file name of a model's specialization on a source: its key is the weights, the data and n."""
+    return f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+
+
+def _specialization_path(model: nn.Module, source: str, n: int, cache: str | None = None,
+                         rebuild: bool = False) -> Path:
+    """Where a specialization is (or goes): `cache`, else the data cache, else a file shipped in assets/."""
+    path = (Path(cache) if cache else data.cache_dir() / "analysis") / specialization_file(model, source, n)
+    if cache is None and not rebuild and not path.is_file() and (data.ASSETS_DIR / path.name).is_file():
+        path = data.ASSETS_DIR / path.name  # the default checkpoint's, shipped: the first visitor does not wait
+    return path
+
+
+def specialization_ready(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES) -> bool:
+    """Whether `specialization_cached` would only read a file (so a GPU booking for it can be short)."""
+    return _specialization_path(model, source, n).is_file()
+
+
 def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
                           cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, computed once per
-    checkpoint and data source and kept as safetensors under the data cache ('analysis/')."""
-    root = Path(cache) if cache else data.cache_dir() / "analysis"
-    path = root / f"groups-v2-{model_digest(model)}-{data.source_id(source)}-n{n}.safetensors"
+    checkpoint and data source and kept as safetensors under the data cache ('analysis/'); without `cache`, a
+    file shipped in resnext_demo/assets/ (`python -m resnext_demo.assets specialization`) is read too."""
+    path = _specialization_path(model, source, n, cache, rebuild)
     names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
     if path.is_file() and not rebuild:
         t = load_file(str(path))
@@ -764,7 +783,7 @@ def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION
         return {layer: Specialization(layer, *(_from_tensor(t[f"{layer}/{f}"]) for f in names)) for layer in layers}
     images, labels = data.load_split(source, "test")
     result = group_specialization(model, images[:n], labels[:n])
-    root.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({f"{layer}/{f}": torch.tensor(np.array(getattr(s, f))).contiguous()
                for layer, s in result.items() for f in names}, str(tmp))

@@ -190,6 +190,7 @@ class Result:
     options: dict
     n_train: int
     n_holdout: int
+    n_cifar: int = 0  # CIFAR-10 test images of the forgetting check (fewer than FORGETTING_SLICE in a sample pack)
 
     @property
     def custom_classes(self) -> bool:
@@ -204,7 +205,7 @@ class Result:
                  "", "| | before | after |", "|---|---|---|",
                  f"| held-out part of your data | {pct(self.before.get('holdout'))} | {pct(self.after.get('holdout'))} |"]
         if self.before.get("cifar") is not None or self.after.get("cifar") is not None:
-            lines.append(f"| CIFAR-10 test slice ({FORGETTING_SLICE} images, forgetting) | "
+            lines.append(f"| CIFAR-10 test slice ({self.n_cifar} images, forgetting) | "
                          f"{pct(self.before.get('cifar'))} | {pct(self.after.get('cifar'))} |")
         return "\n".join(lines)
 
@@ -265,7 +266,8 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
     new.eval()
     after = {"holdout": _acc(new, hold_ds), "cifar": _acc(new, cifar)}
     res = Result(new, list(dataset.classes), before, after, history, stopped, time.perf_counter() - t0,
-                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds))
+                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds),
+                 len(cifar[1]) if cifar is not None else 0)
     yield Update("done", res.summary(), list(curve), res)
 
 

@@ -8,6 +8,9 @@ model, never mutated), a freshly fine-tuned model waiting for "use this model", 
 from __future__ import annotations
 
 import functools
+import inspect
+import math
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -47,11 +50,21 @@ TRAIN_LIMIT = 1
 # fp32 checkpoint to continue from ~140 MB); Gradio refuses bigger files while they stream in (413).
 MAX_FILE_SIZE = "200mb"
 QUEUE_MAX = 32  # waiting requests beyond this are refused with "queue full"
-# ZeroGPU: seconds of GPU a model-running event asks for (shorter requests are scheduled sooner; an event
-# that runs longer may be aborted). The fine-tune asks for its wall-time cap plus FINETUNE_GPU_MARGIN
-# (decoding the uploads, the before/after scores and the export happen outside the training loop).
-GPU_SECONDS = 30
-FINETUNE_GPU_MARGIN = 60
+# ZeroGPU (the only Space hardware of a free account): each model-running event books a GPU for a stated number
+# of seconds, which must fit in the visitor's daily quota (about 2 min anonymous, 5 min with a free account) and
+# counts 1.5x on the newest cards; shorter bookings are also scheduled sooner, and a call that overruns its
+# booking may be aborted. So: short bookings, and none for a request that needs no model (no image, no data).
+GPU_SECONDS_QUICK = 10  # one forward pass: classify, predict, a live knock-out
+GPU_SECONDS = 20  # an explanation (feature maps, attributions, the Groups analysis, compare) or a test-image scan
+SPECIALIZATION_GPU_SECONDS = 60  # group statistics over the test images when not cached yet (seconds on a GPU)
+# A fine-tune books its training estimate (epochs x images x the rate below, at least FINETUNE_MIN_SECONDS)
+# plus FINETUNE_GPU_MARGIN for what happens outside the training loop (decoding uploads, before/after scores,
+# export), and its training stops at that estimate. The rates are ~5x what the default model takes per image
+# and epoch on the 2-core development CPU (1.4 ms head, 4 ms all), so a run normally ends well within them.
+TRAIN_SECONDS_PER_IMAGE = {"head": 0.01, "last_stage": 0.015, "all": 0.02}
+FINETUNE_MIN_SECONDS = 10
+FINETUNE_GPU_MARGIN = 20
+ZERO_GPU_TRAIN_SECONDS = 60  # training cap on ZeroGPU: the largest booking, 80 s, costs 120 s on the newest cards
 SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its last use
 N_SAMPLES = 20  # sample gallery: two test images per class
 MISCLASSIFIED_SLICE = 500  # test images scanned for the "misclassified examples" view
@@ -59,9 +72,8 @@ MISCLASSIFIED_SHOW = 24
 DISPLAY = 224  # side of upscaled 32x32 images
 CARDINALITIES = (1, 2, 4, 8, 16, 32)
 
-NO_DATA_HELP = ("No CIFAR-10 source is configured, so there are no sample images. Set the environment "
-                "variable `RESNEXT_DEMO_DATA` to a torchvision CIFAR-10 root or an image-folder "
-                "directory / `.tar.gz`, or start the app with `python app.py --data PATH`. "
+# Seen by visitors, who cannot configure the server: no flags or variables here (the README tells operators).
+NO_DATA_HELP = ("No CIFAR-10 test images are available on this server, so there are no samples here. "
                 "Everything else works with your own images.")
 
 
@@ -111,15 +123,50 @@ class StopFlag:
             self.event.set()
 
 
-def _gpu(fn, duration: float = GPU_SECONDS):
-    """`spaces.GPU(duration=...)(fn)` where the `spaces` package is installed, else `fn` itself.
+def on_zero_gpu() -> bool:
+    """Whether the app runs on ZeroGPU hardware (Hugging Face sets SPACES_ZERO_GPU, which `spaces` reads too)."""
+    return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
-    On ZeroGPU hardware the decorated function runs in a worker process that holds a GPU for at most
-    `duration` seconds; on any other hardware spaces.GPU returns `fn` unchanged (it is effect-free there).
+
+def _if_image(seconds: int):
+    """A booking for an event whose first argument is the image: none without one (the handler says so)."""
+    return lambda image=None, *args, **kwargs: seconds if image is not None else 0
+
+
+def _gpu(fn, duration, before=None):
+    """`fn` for a model-running event. On ZeroGPU: booked through `spaces.GPU` for `duration` seconds (a number,
+    or a function of the event's arguments) and run in the forked worker that holds the GPU, after `before()`
+    there; a request whose duration is 0 needs no model and runs here, without a booking. Elsewhere `fn` itself.
+
+    The worker receives pickled copies of the arguments and sends its results back pickled, so what `fn`
+    returns must live on the CPU (a CUDA tensor or model in a result can hang or fail the transfer).
     """
-    if spaces is None:
+    if not on_zero_gpu():
         return fn
-    return spaces.GPU(duration=int(duration))(fn)
+    seconds = duration if callable(duration) else (lambda *args, **kwargs: duration)
+
+    def booking(*args, **kwargs) -> int:
+        return int(math.ceil(seconds(*args, **kwargs)))
+
+    if inspect.isgeneratorfunction(fn):  # generators (the fine-tune) need generator wrappers at both ends
+        def in_worker(*args, **kwargs):
+            if before:
+                before()
+            yield from fn(*args, **kwargs)
+        booked = spaces.GPU(duration=booking)(functools.wraps(fn)(in_worker))
+
+        def call(*args, **kwargs):
+            yield from (booked if booking(*args, **kwargs) > 0 else fn)(*args, **kwargs)
+    else:
+        def in_worker(*args, **kwargs):
+            if before:
+                before()
+            return fn(*args, **kwargs)
+        booked = spaces.GPU(duration=booking)(functools.wraps(fn)(in_worker))
+
+        def call(*args, **kwargs):
+            return (booked if booking(*args, **kwargs) > 0 else fn)(*args, **kwargs)
+    return functools.wraps(fn)(call)  # Gradio reads fn's signature (progress, gr.SelectData) through wraps
 
 
 def ImageInput(**kwargs) -> gr.Image:  # noqa: N802 (used like a component class)
@@ -294,24 +341,93 @@ class Handlers:
     # ------------------------------------------------------------ shared helpers
 
     def active(self, session: SessionModel | None) -> SessionModel:
-        """The session's model (fine-tuned or uploaded) or the shared base model."""
+        """The session's model (fine-tuned or uploaded) or the shared base model, on the device models run on."""
         if session is not None:
+            device = self.device()
+            if next(session.model.parameters()).device != device:  # in a ZeroGPU worker: it arrives on the CPU
+                session.model.to(device)  # in place: the worker holds its own pickled copy
             return session
         if self.base is None:
             raise gr.Error(no_weights_help(self.weights_path, self.load_error).replace("**", ""), duration=None)
         return self.base
 
+    def device(self) -> torch.device:
+        """Where models run: the shared model's device (in a ZeroGPU worker, after `use_gpu`)."""
+        return next(self.base.model.parameters()).device if self.base is not None else torch.device("cpu")
+
+    def use_gpu(self) -> None:
+        """In a ZeroGPU worker (a fork holding a GPU): move the shared model onto it. The main process keeps
+        it on the CPU, where ZeroGPU only emulates CUDA."""
+        if self.base is not None and torch.cuda.is_available():
+            self.base.model.to("cuda")
+
     def test_split(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The CIFAR-10 test split (loaded once, read-only), or None without a data source."""
         if self.data_source is None:
             return None
-        with self._lock:
-            if self._test is None and self._test_error is None:
-                try:
-                    self._test = data.load_split(self.data_source, "test")
-                except (OSError, ValueError) as e:  # missing/bad source: the app works without samples
-                    self._test_error = f"Could not read the CIFAR-10 source {self.data_source}: {e}".rstrip(".")
-            return self._test
+        if self._test is None and self._test_error is None:  # once loaded, no lock (forked workers copy locks)
+            with self._lock:
+                if self._test is None and self._test_error is None:
+                    try:
+                        self._test = data.load_split(self.data_source, "test")
+                    except (OSError, ValueError) as e:  # missing/bad source: the app works without samples
+                        self._test_error = f"Could not read the CIFAR-10 source {self.data_source}: {e}".rstrip(".")
+        return self._test
+
+    def source_label(self) -> str:
+        """Which CIFAR-10 images the app shows, in words (the sample pack or the configured source)."""
+        split = self.test_split()
+        if split is None:
+            return "none"
+        if data.is_sample_pack(self.data_source):
+            return (f"the sample pack shipped with the app ({len(split[1]):,} CIFAR-10 test images, and "
+                    f"{self.cifar_subset_max() * len(data.CLASSES)} more set aside for fine-tuning)")
+        return f"`{Path(self.data_source).name}` ({len(split[1]):,} test images)"
+
+    def cifar_subset_max(self) -> int:
+        """Most CIFAR-10 images per class a fine-tune can add: the sample pack holds a few, a full source plenty."""
+        if not data.is_sample_pack(self.data_source):
+            return finetune.MAX_CIFAR_PER_CLASS
+        try:
+            y = data.load_split(self.data_source, "train")[1]
+        except (OSError, ValueError):
+            return 0
+        return min(finetune.MAX_CIFAR_PER_CLASS, int(torch.bincount(y, minlength=len(data.CLASSES)).min()))
+
+    # ------------------------------------------------------------ ZeroGPU bookings (seconds; 0 = no GPU needed)
+
+    def misclassified_seconds(self, *args, **kwargs) -> int:
+        """A scan of the test images; nothing to book without them."""
+        return GPU_SECONDS if self.test_split() is not None else 0
+
+    def specialization_seconds(self, layer: str | None = None, session: SessionModel | None = None,
+                               *args, **kwargs) -> int:
+        """Short when the specialization is cached (a shipped or earlier result), long to compute; 0 without data."""
+        sm = session or self.base
+        if sm is None or self.test_split() is None:
+            return 0
+        return GPU_SECONDS if explain.specialization_ready(sm.model, self.data_source) else SPECIALIZATION_GPU_SECONDS
+
+    def train_seconds(self, cifar_per_class: int, train_layers: str, epochs: int, uploads: tuple) -> float:
+        """A fine-tune's training estimate: epochs x images x TRAIN_SECONDS_PER_IMAGE, within
+        [FINETUNE_MIN_SECONDS, max_seconds]; 0 when there is nothing to train."""
+        n = sum(len(u) for u in uploads if isinstance(u, (list, tuple)))  # file lists (new class names are str)
+        if self.data_source is not None and cifar_per_class:
+            n += min(int(cifar_per_class), self.cifar_subset_max()) * len(data.CLASSES)
+        if n == 0:
+            return 0.0
+        rate = TRAIN_SECONDS_PER_IMAGE.get(train_layers, max(TRAIN_SECONDS_PER_IMAGE.values()))
+        estimate = max(1, min(int(epochs or 1), finetune.MAX_EPOCHS)) * n * rate
+        return min(float(self.max_seconds), max(FINETUNE_MIN_SECONDS, estimate))
+
+    def finetune_seconds(self, session: SessionModel | None, flag: StopFlag, cifar_per_class: int,
+                         train_layers: str, epochs: int, lr: float, batch_size: int, *uploads) -> float:
+        """A fine-tune's booking: its training estimate plus FINETUNE_GPU_MARGIN; 0 when it will not train
+        (no images, or Stop pressed while it waited)."""
+        if flag.armed and flag.event.is_set():
+            return 0
+        train = self.train_seconds(cifar_per_class, train_layers, epochs, uploads)
+        return train + FINETUNE_GPU_MARGIN if train > 0 else 0
 
     def data_help(self) -> str:
         """Why there are no samples."""
@@ -380,8 +496,8 @@ class Handlers:
         x, y = split
         idx = list(range(min(N_SAMPLES, len(y))))  # interleaved classes: the first 20 hold 2 per class
         items = [(_upscale(_to_pil32(x[i]), 96), f"#{i} {data.CLASSES[int(y[i])]}") for i in idx]
-        return gr.Gallery(value=items, visible=True), (f"{N_SAMPLES} images from the CIFAR-10 test split "
-                                                        f"(`{Path(self.data_source).name}`); click one to classify it.")
+        return gr.Gallery(value=items, visible=True), (f"{len(items)} CIFAR-10 test images from "
+                                                        f"{self.source_label()}; click one to classify it.")
 
     def load_sample(self, index: int):
         """(32x32 image, truth dict) of test image `index`."""
@@ -412,8 +528,8 @@ class Handlers:
         sm = self.active(session)
         if tuple(sm.classes[:10]) != data.CLASSES:
             raise gr.Error("This session's model does not use the CIFAR-10 classes, so CIFAR-10 errors are not defined.")
-        progress(0, desc=f"classifying {MISCLASSIFIED_SLICE} test images")
         x, y = split[0][:MISCLASSIFIED_SLICE], split[1][:MISCLASSIFIED_SLICE]
+        progress(0, desc=f"classifying {len(y)} test images")
         probs = predict_batch(sm.model, x)
         pred = probs.argmax(1)
         wrong = torch.nonzero(pred != y).flatten().tolist()
@@ -683,7 +799,7 @@ class Handlers:
         """Group specialization over the test set (computed once per checkpoint, cached on disk):
         (figure, top-9 montage, markdown)."""
         if self.data_source is None:
-            raise gr.Error("Group specialization needs the CIFAR-10 test split. " + NO_DATA_HELP)
+            raise gr.Error("Group specialization is measured on CIFAR-10 test images. " + NO_DATA_HELP)
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
         if tuple(sm.classes[:10]) != data.CLASSES:
@@ -697,8 +813,8 @@ class Handlers:
             raise gr.Error(self.data_help())
         montage = visualize.image_montage(split[0][torch.as_tensor(s.top_images)],
                                           [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
-        md = (f"**{layer}** over the first {explain.SPECIALIZATION_IMAGES} CIFAR-10 test images (class-balanced). "
-              f"Rebuild: `python -m resnext_demo.explain`.\n\n" + self._specialization_md(s, list(data.CLASSES)))
+        md = (f"**{layer}** over the first {min(explain.SPECIALIZATION_IMAGES, len(split[1])):,} CIFAR-10 test images "
+              f"(class-balanced) of {self.source_label()}.\n\n" + self._specialization_md(s, list(data.CLASSES)))
         return visualize.specialization_figure(s, data.CLASSES), montage, md
 
     def compare_choices(self) -> list[str]:
@@ -808,7 +924,7 @@ class Handlers:
             ds = finetune.build_dataset(files, classes)
         if cifar_per_class and int(cifar_per_class) > 0:
             if self.data_source is None:
-                raise gr.Error("A CIFAR-10 subset needs a data source. " + NO_DATA_HELP)
+                raise gr.Error("No CIFAR-10 images are available on this server: upload your own images instead.")
             if tuple(sm.classes[:10]) != data.CLASSES:
                 raise gr.Error("A CIFAR-10 subset needs a model with the CIFAR-10 classes.")
             cifar = finetune.cifar_dataset(self.data_source, int(cifar_per_class))
@@ -823,19 +939,23 @@ class Handlers:
         counts = ", ".join(f"{c}: {n}" for c, n in ds.counts().items() if n)
         yield f"Preparing {len(ds)} images ({counts})…", None, "", None, None
         test = self.test_split() if tuple(classes[:10]) == data.CLASSES else None
+        # On ZeroGPU training stops at the estimate the GPU was booked for, so the booking is never overrun.
+        limit = self.train_seconds(cifar_per_class, train_layers, epochs, uploads) if on_zero_gpu() else self.max_seconds
         result = None
-        for u in finetune.run(sm.model, sm.classes, ds, opts, flag.event, test, self.max_seconds):
+        for u in finetune.run(sm.model, sm.classes, ds, opts, flag.event, test, limit):
             df = pd.DataFrame(u.curve) if u.curve else None
             if u.kind == "done":
                 result = u.result
                 break
             yield u.text, df, "", None, None
         if result.stopped and not flag.event.is_set():
-            gr.Warning(f"Training reached the {int(self.max_seconds)} s limit and stopped; the model so far is kept.")
+            gr.Warning(f"Training reached the {int(limit)} s limit and stopped; the model so far is kept.")
         out_dir = Path(tempfile.mkdtemp(prefix="resnext-finetune-"))
         path = finetune.export(result, out_dir / "resnext-finetuned.safetensors", {**sm.meta, "source_name": sm.name})
         meta = weights.read_metadata(path)
-        pending = SessionModel(result.model, meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
+        # From a ZeroGPU worker it goes back pickled, so on the CPU (a CUDA model in a result can hang the transfer)
+        model = result.model.cpu() if on_zero_gpu() else result.model
+        pending = SessionModel(model, meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
         yield ("Done. Press **Use this model** to use it in every tab (this session only), or download it.",
                pd.DataFrame(u.curve) if u.curve else None, result.summary(), str(path), pending)
 
@@ -854,8 +974,7 @@ class Handlers:
         """An uploaded checkpoint becomes this session's model: (session, banner)."""
         if not file:
             raise gr.Error("Choose a .safetensors checkpoint to upload.")
-        device = next(self.base.model.parameters()).device if self.base is not None else "cpu"
-        model, meta = weights.load_checkpoint(file, device)
+        model, meta = weights.load_checkpoint(file, self.device())  # on ZeroGPU: the CPU of the app's process
         sm = SessionModel(model, meta, list(meta["classes"]), Path(file).name)
         return sm, self.model_banner(sm)
 
@@ -919,6 +1038,8 @@ class Handlers:
                       + "); the curve shows the second run only.")
         if not hist:
             md.append("This checkpoint has no training history.")
+        if self.test_split() is not None:
+            md.append(f"CIFAR-10 images in this app: {self.source_label()}.")
         return diagram, table, curve, "\n\n".join(md)
 
 
@@ -952,7 +1073,12 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                weights_path: str | Path | None = None, load_error: str | None = None,
                max_seconds: float = finetune.MAX_SECONDS) -> gr.Blocks:
     """The whole app; `model` None shows how to get a checkpoint and keeps every tab alive."""
+    if on_zero_gpu():
+        max_seconds = min(max_seconds, ZERO_GPU_TRAIN_SECONDS)
     h = Handlers(model, meta, data_source, weights_path, load_error, max_seconds)
+    test = h.test_split()  # read once, before any ZeroGPU worker is forked (workers then inherit it)
+    n_scan = min(MISCLASSIFIED_SLICE, len(test[1])) if test is not None else MISCLASSIFIED_SLICE
+    pack = data.is_sample_pack(data_source)
     base_model = h.base.model if h.base else None
     layer_choices = layer_dropdown_choices(base_model)
     grouped_choices = grouped_dropdown_choices(base_model)
@@ -994,7 +1120,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                      visible=data_source is not None,
                                      height=260, allow_preview=False, elem_id="sample-gallery")
                 with gr.Accordion("Misclassified examples", open=False):
-                    mis_btn = gr.Button(f"Find misclassified images among the first {MISCLASSIFIED_SLICE} test images")
+                    mis_btn = gr.Button(f"Find misclassified images among the first {n_scan} test images")
                     mis_md = gr.Markdown()
                     mis_gallery = gr.Gallery(columns=8, height="auto", allow_preview=False, label="Misclassified")
                 api_btn = gr.Button(visible=False)  # carries the stable /predict endpoint
@@ -1136,8 +1262,10 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                 new_zones.append(gr.File(file_count="multiple", file_types=["image"], height=120,
                                                          label=f"New class {i + 1} images", elem_id=f"new-zone-{i}"))
                 with gr.Row():
-                    ft_cifar = gr.Slider(0, finetune.MAX_CIFAR_PER_CLASS, value=0, step=1,
-                                         label="…and/or a CIFAR-10 training subset (images per class, 0 = none)",
+                    ft_cifar = gr.Slider(0, max(1, h.cifar_subset_max()), value=0, step=1,
+                                         label="…and/or CIFAR-10 images (per class, 0 = none)" + (
+                                             ": test images of the sample pack set aside for this, never scored"
+                                             if pack else ": a subset of the training split"),
                                          interactive=data_source is not None)
                     ft_layers = gr.Radio(list(finetune.TRAIN_LAYERS), value="head", label="What to train",
                                          info="head = classifier only; last_stage = layer3 + head; all = every layer")
@@ -1181,11 +1309,14 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
 
         # ---------------------------------------------------------------- events
         full_outputs = [label, seen, info]
-        # model-running handlers: ZeroGPU runs them on a GPU it holds for their duration (identity elsewhere)
-        predict_full, auto_predict, predict_label = _gpu(h.predict_full), _gpu(h.auto_predict), _gpu(h.predict_label)
-        misclassified, feature_maps = _gpu(h.misclassified), _gpu(h.feature_maps)
-        attribute, compare = _gpu(h.attribute), _gpu(h.compare)
-        train = _gpu(h.finetune, duration=max_seconds + FINETUNE_GPU_MARGIN)
+        # model-running handlers: on ZeroGPU each books a GPU for its duration (none when it needs no model)
+        gpu = functools.partial(_gpu, before=h.use_gpu)
+        quick, slow = _if_image(GPU_SECONDS_QUICK), _if_image(GPU_SECONDS)
+        predict_full, auto_predict, predict_label = gpu(h.predict_full, quick), gpu(h.auto_predict, quick), \
+            gpu(h.predict_label, quick)
+        misclassified, feature_maps = gpu(h.misclassified, h.misclassified_seconds), gpu(h.feature_maps, slow)
+        attribute, compare = gpu(h.attribute, slow), gpu(h.compare, slow)
+        train = gpu(h.finetune, h.finetune_seconds)
         predict_btn.click(predict_full, [image, k, session, truth], full_outputs, api_name="classify", **heavy)
         # any user change (upload, paste, webcam snapshot, clear) forgets the sample's true label and re-predicts
         image.input(lambda: None, None, truth, api_visibility="private", queue=False) \
@@ -1205,8 +1336,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         if data_source is not None:
             demo.load(h.sample_gallery, None, [gallery, gallery_md], api_visibility="private")
 
-        groups, knockout = _gpu(h.groups), _gpu(h.knockout)
-        specialization, compare_models = _gpu(h.specialization, duration=120), _gpu(h.compare_models)
+        groups, knockout = gpu(h.groups, slow), gpu(h.knockout, quick)
+        specialization, compare_models = gpu(h.specialization, h.specialization_seconds), gpu(h.compare_models, slow)
         gr_btn.click(groups, [gr_image, gr_layer, gr_target, gr_contrast, gr_method, gr_mode, session],
                      [gr_importance, gr_ablation, gr_table, gr_cams, gr_md], api_name="groups", **heavy)
         gr_layer.change(h.group_choices, [gr_layer, session], gr_knock, api_visibility="private", queue=False)

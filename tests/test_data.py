@@ -51,6 +51,140 @@ def test_image_folder_directory_and_tarball_agree(tmp_path, monkeypatch) -> None
     assert torch.equal(x2, x3)
 
 
+# ---------------------------------------------------------------- the shipped sample pack, the Hub source
+
+
+def test_shipped_sample_pack_is_small_balanced_and_documented() -> None:
+    """At most 50 test images per class (issue 12), its two parts disjoint, the source and rule in its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    from resnext_demo import assets
+
+    assert data.sample_source() == str(data.SAMPLE_PACK) and data.is_sample_pack(data.sample_source())
+    test, test_y = data.load_split(data.SAMPLE_PACK, "test")
+    train, train_y = data.load_split(data.SAMPLE_PACK, "train")
+    assert test.dtype == train.dtype == torch.uint8 and test.shape[1:] == (3, 32, 32)
+    assert len(test_y) + len(train_y) <= 500
+    per_class = torch.bincount(torch.cat([test_y, train_y]), minlength=10)
+    assert per_class.tolist() == [assets.PER_CLASS] * 10
+    assert torch.bincount(test_y[:10], minlength=10).tolist() == [1] * 10  # prefixes are balanced
+    flat = {bytes(im.numpy().tobytes()) for im in test}
+    assert not any(bytes(im.numpy().tobytes()) in flat for im in train)  # no fine-tune image is ever scored
+    with safe_open(str(data.SAMPLE_PACK), "pt") as f:
+        meta = json.loads(f.metadata()[data.PACK_KEY])
+    assert meta["source"] == "cifar10-jpeg.tar.gz" and len(meta["source_sha256"]) == 64
+    assert "first 50 images of each class" in meta["rule"] and meta["classes"] == list(data.CLASSES)
+    assert "python -m resnext_demo.assets pack" in meta["command"]
+
+
+def test_sample_pack_is_the_first_images_of_the_shared_archive(cifar_source, tmp_path) -> None:
+    """Rebuilding the pack from the archive it names gives the shipped file byte for byte."""
+    from resnext_demo import assets
+
+    if data.sha256_file(cifar_source) != _pack_meta()["source_sha256"]:
+        pytest.skip("the CIFAR-10 source here is not the archive the pack was made from")
+    out = assets.build_pack(cifar_source, tmp_path / "pack.safetensors")
+    assert out.read_bytes() == data.SAMPLE_PACK.read_bytes()
+
+
+def _pack_meta() -> dict:
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(data.SAMPLE_PACK), "pt") as f:
+        return json.loads(f.metadata()[data.PACK_KEY])
+
+
+def test_build_pack_rule_on_an_image_folder(tmp_path, monkeypatch) -> None:
+    """Per class the first images in file-name order; 'train' = the last ones per class, disjoint from 'test'."""
+    from resnext_demo import assets
+
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    files = {}
+    for c in data.CLASSES:
+        d = tmp_path / "tree" / "test" / c
+        d.mkdir(parents=True)
+        files[c] = []
+        for i in range(7):
+            a = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(a).save(d / f"{i:02d}.png")
+            files[c].append(a)
+    out = assets.build_pack(tmp_path / "tree", tmp_path / "pack.safetensors", per_class=5, finetune_per_class=2)
+    x, y = data.load_split(out, "test")
+    xt, yt = data.load_split(out, "train")
+    assert y.tolist() == list(range(10)) * 3 and yt.tolist() == list(range(10)) * 2
+    for c in range(10):
+        want = [torch.from_numpy(a).permute(2, 0, 1) for a in files[data.CLASSES[c]]]
+        assert all(torch.equal(a, b) for a, b in zip(x[y == c], want[:3]))
+        assert all(torch.equal(a, b) for a, b in zip(xt[yt == c], want[3:5]))
+    again = assets.build_pack(tmp_path / "tree", tmp_path / "again.safetensors", per_class=5, finetune_per_class=2)
+    assert again.read_bytes() == out.read_bytes()  # deterministic: its sha256 keys the shipped analysis
+    with pytest.raises(ValueError, match="only 7 test images"):
+        assets.build_pack(tmp_path / "tree", tmp_path / "big.safetensors", per_class=8)
+
+
+def test_a_safetensors_file_that_is_no_pack_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not a CIFAR-10 sample pack"):
+        data.load_split(tmp_path / "model.safetensors", "test")
+    with pytest.raises(FileNotFoundError):
+        data.load_split(tmp_path / "missing.safetensors", "test")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """huggingface_hub offline (no network), its cache in tmp_path/hub; our decoded cache in tmp_path/cache."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "hub"
+
+
+def test_hub_source_reads_the_hubs_parquet_layout(offline_hub) -> None:
+    """hf://datasets/uoft-cs/cifar10 through huggingface_hub.snapshot_download (offline, from a local copy in
+    the Hub's cache layout): each split's images come back exactly, classes interleaved; both splits are
+    decoded and cached at the first call, so the Hub is not asked again."""
+    from tests import hub_layout
+
+    test = hub_layout.synthetic_split(30, seed=0)
+    train = hub_layout.synthetic_split(20, seed=1)
+    hub_layout.write_hub_copy(offline_hub, {"test": test, "train": train})
+    x, y = data.load_split(hub_layout.SOURCE, "test")
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8
+    assert y[:10].tolist() == list(range(10))
+    images, labels = test
+    for c in range(10):  # PNG is lossless: each class's images in the file's order
+        want = torch.from_numpy(images[labels == c]).permute(0, 3, 1, 2)
+        assert torch.equal(x[y == c], want)
+    assert len(list((offline_hub.parent / "cache").glob("cifar10-hub-*.safetensors"))) == 2
+    import shutil
+    shutil.rmtree(offline_hub)  # the decoded cache serves the train split now
+    xt, yt = data.load_split(hub_layout.SOURCE, "train")
+    assert len(yt) == 20 and torch.equal(xt[yt == 0][0], torch.from_numpy(train[0][0]).permute(2, 0, 1))
+
+
+def test_hub_source_with_other_classes_or_missing_files_is_a_clear_error(offline_hub) -> None:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from tests import hub_layout
+
+    with pytest.raises(LocalEntryNotFoundError):  # nothing cached and no network: says so, never hangs
+        data.load_split(hub_layout.SOURCE, "test")
+    hub_layout.write_hub_copy(offline_hub, {"test": hub_layout.synthetic_split(10, 0)})
+    assert len(data.load_split(hub_layout.SOURCE, "test")[1]) == 10
+    with pytest.raises(ValueError, match="no 'train' parquet"):
+        data.load_split(hub_layout.SOURCE, "train")
+    hub_layout.write_hub_copy(offline_hub, {"test": hub_layout.synthetic_split(10, 0)},
+                              classes=tuple(reversed(data.CLASSES)))
+    with pytest.raises(ValueError, match="not CIFAR-10's"):  # another revision (a commit), read afresh
+        data.load_split(f"{hub_layout.SOURCE}@{hub_layout.COMMIT}", "test")
+
+
 def test_foreign_class_folder_is_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "t" / "train" / "unicorn").mkdir(parents=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,9 +49,16 @@ def launch(args: list[str], log: Path):
     """Start app.py; returns (process, url). The caller must stop it."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    return start([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1", *args],
+                 ROOT, env, port, log)
+
+
+def start(cmd: list[str], cwd: Path, env: dict, port: int, log: Path):
+    """Run `cmd` (the app, listening on `port`) with its output in `log`: (process, url) once it answers."""
     out = open(log, "w+")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1", *args],
-                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    # its own process group, so `stop` also ends what it forks (ZeroGPU workers outlive a terminated parent)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     proc.stdout = out
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -63,12 +71,21 @@ def launch(args: list[str], log: Path):
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """Stop the app and every process in its group (`start` made one for it)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            pass
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the app (forked workers)
+    except ProcessLookupError:
+        pass
 
 
 def _png(path: Path, colour, size=(40, 52)) -> str:

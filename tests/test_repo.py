@@ -67,4 +67,22 @@ def test_no_pickles_or_images_from_the_dataset_are_tracked() -> None:
         return  # not a git checkout (e.g. an sdist): nothing to check
     assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"))]
     assert not [f for f in files if f.lower().endswith((".jpg", ".jpeg")) ]  # CIFAR-10 is JPEG here
-    assert not [f for f in files if "cifar10" in f.lower() and not f.endswith((".py", ".md"))]
+    # CIFAR-10 images only in the one sample pack (at most 500 test images; test_data checks its contents)
+    assert [f for f in files if "cifar10" in f.lower() and not f.endswith((".py", ".md"))] == \
+        ["resnext_demo/assets/cifar10-test-sample.safetensors"]
+
+
+# What ZeroGPU (the only Space hardware a free account can use) builds, per its build errors and docs (issue 12).
+ZEROGPU_TORCH = {"2.8.0", "2.9.1", "2.10.0", "2.11.0"}
+ZEROGPU_PYTHON = {"3.10", "3.10.13", "3.12", "3.12.12"}
+
+
+def test_pins_build_on_zerogpu() -> None:
+    yaml = pytest.importorskip("yaml")
+    reqs = (PROJECT_ROOT / "requirements.txt").read_text()
+    torch_pin = re.findall(r"^torch==(\S+)", reqs, re.M)
+    assert len(torch_pin) == 1 and torch_pin[0] in ZEROGPU_TORCH, torch_pin
+    # torchvision releases pair with one torch release each: 0.(N+15) goes with 2.N
+    minor = int(torch_pin[0].split(".")[1])
+    assert re.findall(r"^torchvision==0\.(\d+)\.", reqs, re.M) == [str(minor + 15)]
+    assert yaml.safe_load(_readme()[0])["python_version"] in ZEROGPU_PYTHON

@@ -145,13 +145,39 @@ def test_share_image_skips_unreadable_files(image_path, tmp_path):
     assert all(isinstance(u, dict) and "value" not in u for u in ui.Handlers.share_image(str(bad)))
 
 
-def test_no_data_source_says_how_to_get_one(handlers):
+def _visitor_message(md: str) -> bool:
+    """Says what is missing, and nothing a visitor of a Space cannot use (flags, variables, commands)."""
+    return "No CIFAR-10 test images" in md and not any(w in md for w in ("--", "RESNEXT_", "python", "`"))
+
+
+def test_without_data_the_samples_say_so_in_visitor_words(handlers):
     gallery, md = handlers.sample_gallery()
-    assert "RESNEXT_DEMO_DATA" in md and "--data" in md
-    with pytest.raises(gr.Error, match="RESNEXT_DEMO_DATA"):
+    assert _visitor_message(md)
+    with pytest.raises(gr.Error) as e:
         handlers.random_sample()
+    assert _visitor_message(str(e.value))
     items, idx, md = handlers.misclassified(None, progress=lambda *a, **k: None)
-    assert items == [] and "RESNEXT_DEMO_DATA" in md
+    assert items == [] and _visitor_message(md)
+    assert handlers.misclassified_seconds(None) == 0 and handlers.specialization_seconds("layer2.0.conv2") == 0
+
+
+def test_the_sample_pack_gives_every_data_view(tiny_model, tmp_path, image_path):
+    """No full source: gallery, random and misclassified test images, About, specialization and a fine-tune
+    with a CIFAR-10 subset and the forgetting check all come from the shipped sample pack."""
+    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), "tiny.safetensors")
+    x, y = h.test_split()
+    gallery, md = h.sample_gallery()
+    assert len(gallery.value) == ui.N_SAMPLES and "sample pack" in md and "400" in md
+    im, truth = h.random_sample()
+    assert im.size == (32, 32) and truth["label"] in data.CLASSES and 0 <= truth["index"] < len(y)
+    items, idx, md = h.misclassified(None, progress=lambda *a, **k: None)
+    assert 0 < len(items) == len(idx) <= ui.MISCLASSIFIED_SHOW and "of 400 test images" in md
+    assert "sample pack" in h.about(None, 0)[3]
+    assert h.cifar_subset_max() == 10
+    status, _, result_md, path, pending = list(h.finetune(None, ui.StopFlag(), 10, "head", 1, 0.05, 32,
+                                                          *_uploads({})))[-1]
+    assert "80 training / 20 held-out" in result_md and "test slice (400 images, forgetting)" in result_md
+    assert next(pending.model.parameters()).device.type == "cpu"
 
 
 def test_samples_from_cifar(tiny_model, cifar_source):
@@ -287,7 +313,7 @@ def test_finetune_rejects_bad_input(handlers, tmp_path):
     flag = ui.StopFlag()
     with pytest.raises(gr.Error, match="No training images"):
         _run_finetune(handlers, None, flag, {})
-    with pytest.raises(gr.Error, match="CIFAR-10 subset needs a data source"):
+    with pytest.raises(gr.Error, match="No CIFAR-10 images are available"):
         list(handlers.finetune(None, flag, 5, "head", 1, 0.01, 8, *_uploads({})))
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
@@ -436,8 +462,9 @@ def test_live_knockout(handlers, tiny_model, image_path):
 
 
 def test_specialization_needs_data_then_uses_the_cache(handlers, tiny_model, tmp_path, monkeypatch):
-    with pytest.raises(gr.Error, match="RESNEXT_DEMO_DATA"):
+    with pytest.raises(gr.Error, match="No CIFAR-10 test images") as e:
         handlers.specialization("layer2.0.conv2")
+    assert "RESNEXT_DEMO_DATA" not in str(e.value)
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(40, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
     labels = torch.arange(40) % 10

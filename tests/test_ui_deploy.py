@@ -1,11 +1,15 @@
-"""Deployment behaviour of the UI: spaces.GPU (ZeroGPU) only where `spaces` exists; Stop while queued."""
+"""Deployment behaviour of the UI: ZeroGPU bookings (spaces.GPU) that fit free quotas; Stop while queued.
+
+The real `spaces` package with a stand-in for its scheduler is in test_zerogpu.py."""
 from __future__ import annotations
 
 import functools
+import inspect
 import pickle
 import sys
 import types
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,52 +17,173 @@ from PIL import Image
 from resnext_demo import data, finetune, ui
 
 
-def _fake_spaces(calls: list) -> types.ModuleType:
-    """A stand-in for the `spaces` package: GPU(duration=...) marks the function and records the call."""
+# Free ZeroGPU quotas (issue 12): about 2 min of GPU a day for an anonymous visitor, 5 min with a free account;
+# a booking counts 1.5x on the newest cards.
+ANONYMOUS_QUOTA_S, NEWEST_CARD_FACTOR = 120, 1.5
+
+
+def _fake_spaces(bookings: list) -> types.ModuleType:
+    """A stand-in for `spaces` on ZeroGPU: GPU(duration=...) runs the function here and records the seconds
+    booked (a callable duration is evaluated on the call's arguments, as the real one does)."""
     mod = types.ModuleType("spaces")
 
     def GPU(task=None, *, duration=None):  # noqa: N802 (the real name)
+        def book(args, kwargs):
+            bookings.append(duration(*args, **kwargs) if callable(duration) else duration)
+
         def deco(fn):
-            @functools.wraps(fn)  # as the real one does (Gradio names unnamed events after the function)
-            def wrapped(*args, **kwargs):
+            if inspect.isgeneratorfunction(fn):
+                @functools.wraps(fn)
+                def booked_gen(*args, **kwargs):
+                    book(args, kwargs)
+                    yield from fn(*args, **kwargs)
+                return booked_gen
+
+            @functools.wraps(fn)
+            def booked(*args, **kwargs):
+                book(args, kwargs)
                 return fn(*args, **kwargs)
-            wrapped.gpu_duration = duration
-            wrapped.inner = fn
-            calls.append((fn, duration))
-            return wrapped
+            return booked
         return deco if task is None else deco(task)
     mod.GPU = GPU
     return mod
 
 
-def test_gpu_wrapper_applies_spaces_gpu_only_when_importable(monkeypatch):
-    def fn(x):
-        return x + 1
-    calls: list = []
-    monkeypatch.setitem(sys.modules, "spaces", _fake_spaces(calls))
+@pytest.fixture
+def zero_gpu(monkeypatch) -> list:
+    """The app as on ZeroGPU, with the stand-in `spaces`; returns the list of bookings made."""
+    bookings: list = []
+    monkeypatch.setitem(sys.modules, "spaces", _fake_spaces(bookings))
     monkeypatch.setattr(ui, "spaces", ui._import_spaces())
-    wrapped = ui._gpu(fn, duration=42)
-    assert wrapped is not fn and wrapped.gpu_duration == 42 and wrapped(1) == 2
-    assert ui._gpu(fn).gpu_duration == ui.GPU_SECONDS
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    return bookings
+
+
+def test_gpu_wrapper_books_only_on_zero_gpu_and_only_what_needs_a_model(zero_gpu, monkeypatch):
+    ran = []
+
+    def fn(x):
+        ran.append(x)
+        return x + 1
+
+    def gen(x):
+        yield x
+        yield x + 1
+
+    wrapped = ui._gpu(fn, lambda x: 0 if x is None else 7 * x, before=lambda: ran.append("before"))
+    assert wrapped(2) == 3 and zero_gpu == [14] and ran == ["before", 2]  # booked, `before` ran in the worker
+    with pytest.raises(TypeError):
+        wrapped(None)  # duration 0: runs here, unbooked (and fn's own error comes through)
+    assert zero_gpu == [14] and ran == ["before", 2, None]
+    assert list(ui._gpu(gen, 5)(1)) == [1, 2] and zero_gpu == [14, 5]
+    assert list(ui._gpu(gen, lambda x: 0)(1)) == [1, 2] and zero_gpu == [14, 5]
+    monkeypatch.setenv("SPACES_ZERO_GPU", "false")  # `spaces` installed, but not on ZeroGPU: nothing changes
+    assert ui._gpu(fn, 42) is fn
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` raises ImportError
     monkeypatch.setattr(ui, "spaces", ui._import_spaces())
-    assert ui.spaces is None
-    assert ui._gpu(fn, duration=42) is fn
+    assert ui.spaces is None and not ui.on_zero_gpu() and ui._gpu(fn, 42) is fn
 
 
-def test_build_demo_decorates_the_model_running_events(monkeypatch, tiny_model):
-    calls: list = []
-    monkeypatch.setitem(sys.modules, "spaces", _fake_spaces(calls))
-    monkeypatch.setattr(ui, "spaces", ui._import_spaces())
-    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, None, max_seconds=120)
+def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu, tiny_model, class_files, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=120)
+    h = demo.handlers
     by_name = {f.api_name: f.fn for f in demo.fns.values()}
-    for name in ("classify", "predict", "auto_predict", "misclassified", "feature_maps", "attribute", "compare",
-                 "groups", "knockout", "compare_models"):
-        assert getattr(by_name[name], "gpu_duration", None) == ui.GPU_SECONDS, name
-    assert by_name["specialization"].gpu_duration > ui.GPU_SECONDS  # a pass over the test split
-    assert by_name["finetune"].gpu_duration == 120 + ui.FINETUNE_GPU_MARGIN
-    for name in ("stop", "use_model", "reset_model", "random_sample", "about"):  # no model run on a GPU
-        assert not hasattr(by_name[name], "gpu_duration"), name
+    img = class_files[data.CLASSES.index("cat")][0]
+    no_progress = {"progress": lambda *a, **k: None}
+    layer = "layer2.0.conv2"
+    calls = {  # event: (arguments, seconds it books)
+        "classify": ((img, 3, None, None), {}, ui.GPU_SECONDS_QUICK),
+        "predict": ((img, 3, None), {}, ui.GPU_SECONDS_QUICK),
+        "auto_predict": ((img, 3, None, None), {}, ui.GPU_SECONDS_QUICK),
+        "knockout": ((img, layer, [0]), {}, ui.GPU_SECONDS_QUICK),
+        "feature_maps": ((img, layer), {}, ui.GPU_SECONDS),
+        "attribute": ((img, "Saliency"), {}, ui.GPU_SECONDS),
+        "compare": ((img, "Saliency", "Grad-CAM"), {}, ui.GPU_SECONDS),
+        "groups": ((img, layer), {}, ui.GPU_SECONDS),
+        "compare_models": ((img, "shared model"), {}, ui.GPU_SECONDS),
+        "misclassified": ((None,), no_progress, ui.GPU_SECONDS),
+        "specialization": ((layer, None), no_progress, ui.SPECIALIZATION_GPU_SECONDS),  # not cached yet
+    }
+    for name, (args, kwargs, seconds) in calls.items():
+        zero_gpu.clear()
+        by_name[name](*args, **kwargs)
+        assert zero_gpu == [seconds], name
+    zero_gpu.clear()
+    by_name["specialization"](layer, None, **no_progress)  # now cached: a file read
+    assert zero_gpu == [ui.GPU_SECONDS]
+    # a fine-tune books its estimate: 2 epochs x 4 images, at least FINETUNE_MIN_SECONDS, plus the margin
+    zero_gpu.clear()
+    *_, (status, _, result_md, path, pending) = by_name["finetune"](None, ui.StopFlag(), 0, "head", 2, 0.05, 8,
+                                                                    *class_files)
+    assert zero_gpu == [ui.FINETUNE_MIN_SECONDS + ui.FINETUNE_GPU_MARGIN] and "Finished" in result_md
+    assert next(pending.model.parameters()).device.type == "cpu"  # what leaves a GPU worker is on the CPU
+    # requests that need no model book nothing: no image, a fine-tune with nothing to train or stopped in the queue
+    zero_gpu.clear()
+    for name in ("classify", "predict", "feature_maps", "attribute", "groups", "knockout", "compare_models"):
+        with pytest.raises(gr.Error, match="Upload an image"):
+            by_name[name](None, *calls[name][0][1:])
+    assert by_name["auto_predict"](None, 3, None, None) == (None, None, "")
+    nothing = [None] * len(data.CLASSES) + [""] * finetune.MAX_NEW_CLASSES + [None] * finetune.MAX_NEW_CLASSES
+    with pytest.raises(gr.Error, match="No training images"):
+        list(by_name["finetune"](None, ui.StopFlag(), 0, "head", 1, 0.05, 8, *nothing))
+    flag = ui.StopFlag()
+    h.arm(flag)
+    h.stop(flag)
+    assert "Stopped before training" in list(by_name["finetune"](None, flag, 0, "head", 1, 0.05, 8, *class_files))[0][0]
+    # events that run no model never book one
+    by_name["random_sample"]()
+    by_name["about"](None, 0)
+    by_name["stop"](ui.StopFlag())
+    by_name["use_model"](pending)
+    by_name["reset_model"]()
+    assert zero_gpu == []
+
+
+def test_no_data_books_no_gpu(zero_gpu, tiny_model):
+    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, None)
+    by_name = {f.api_name: f.fn for f in demo.fns.values()}
+    items, _, md = by_name["misclassified"](None, progress=lambda *a, **k: None)
+    assert items == [] and "No CIFAR-10 test images" in md
+    with pytest.raises(gr.Error, match="No CIFAR-10 test images"):
+        by_name["specialization"]("layer2.0.conv2", None, progress=lambda *a, **k: None)
+    assert zero_gpu == []
+
+
+def test_bookings_fit_an_anonymous_visitors_daily_quota(zero_gpu, tiny_model):
+    """Every booking, the largest fine-tune included, fits 2 min of quota even at 1.5x on the newest cards."""
+    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source())
+    h = demo.handlers
+    assert h.max_seconds == ui.ZERO_GPU_TRAIN_SECONDS  # the fine-tune's cap is lowered on ZeroGPU
+    biggest = [["x.png"] * finetune.MAX_IMAGES] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
+        + [None] * finetune.MAX_NEW_CLASSES
+    most = h.finetune_seconds(None, ui.StopFlag(), finetune.MAX_CIFAR_PER_CLASS, "all", finetune.MAX_EPOCHS, 0.01, 8,
+                              *biggest)
+    bookings = [ui.GPU_SECONDS_QUICK, ui.GPU_SECONDS, ui.SPECIALIZATION_GPU_SECONDS, most]
+    assert most == ui.ZERO_GPU_TRAIN_SECONDS + ui.FINETUNE_GPU_MARGIN
+    assert all(NEWEST_CARD_FACTOR * b <= ANONYMOUS_QUOTA_S for b in bookings), bookings
+
+
+def test_fine_tune_booking_grows_with_epochs_and_images(tiny_model):
+    """The estimate (hence the booking and, on ZeroGPU, the training cap) follows epochs x images x rate."""
+    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=300)
+
+    def uploads(n):
+        return [["x.png"] * n] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
+            + [None] * finetune.MAX_NEW_CLASSES
+
+    rate = ui.TRAIN_SECONDS_PER_IMAGE
+    assert h.train_seconds(0, "head", 3, uploads(0)) == 0
+    assert h.train_seconds(0, "all", 20, uploads(400)) == pytest.approx(20 * 400 * rate["all"])
+    assert h.train_seconds(0, "all", 10, uploads(400)) == pytest.approx(10 * 400 * rate["all"])
+    assert h.train_seconds(0, "head", 20, uploads(400)) < h.train_seconds(0, "all", 20, uploads(400))
+    # CIFAR-10 images count too, as many as the sample pack has (10 per class)
+    assert h.train_seconds(50, "all", 20, uploads(0)) == pytest.approx(20 * 100 * rate["all"])
+    assert h.train_seconds(0, "head", 1, uploads(2)) == ui.FINETUNE_MIN_SECONDS
+    assert h.train_seconds(0, "all", 20, uploads(500)) == 200.0 < h.max_seconds
+    assert ui.Handlers(tiny_model, None, None, max_seconds=30).train_seconds(5, "all", 20, uploads(500)) == 30
 
 
 def test_train_click_arms_the_stop_flag_unqueued_before_the_queued_finetune(tiny_model):
