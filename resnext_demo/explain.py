@@ -1095,7 +1095,7 @@ def main(argv: list[str] | None = None) -> None:
         g = len(s.mean)
         off = s.correlation[~np.eye(g, dtype=bool)].mean() if g > 1 else float("nan")
         print(f"| {layer} | {g} | {s.selectivity.mean():.2f} ({s.selectivity.max():.2f}) | {_range(s.control_selectivity)} "
-              f"| {off:.2f} | {s.within_corr:.2f} / {s.between_corr:.2f} | {s.gap:.2f} | {_range(s.control_gap)} "
+              f"| {off:.2f} | {s.within_corr:.2f} / {s.between_corr:.2f} | {s.gap:.3f} | {_range(s.control_gap, '.3f')} "
               f"| {s.colour.min():.2f}–{s.colour.max():.2f} | {s.colour_p:.3f} | {_range(s.control_colour_p, '.3f')} "
               f"| {s.blur.min():.2f}–{s.blur.max():.2f} |")
     blocks = list(spec.values())
@@ -1121,7 +1121,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.patch}x{args.patch} squares -> {args.fill}); 'beats X': images where the map's drop is larger\n")
         extra = " untrained copy's map: mean drop | beats it |" if randomized is not None else ""
         print("| map | mean drop | beats random | beats centre prior | beats image edges | beats all three |" + extra)
-        print("|---|---|---|---|---|---|---|" + "---|---|" * bool(randomized))
+        print("|---|---|---|---|---|---|" + "---|---|" * bool(randomized))
         for name, r in rows.items():
             if name in METHODS:
                 print(f"| {name} | {r['score']:.3f} | {r['wins']}/{r['n']} | {r['beats centre prior']}/{r['n']} "

@@ -286,9 +286,12 @@ def verdict(rows: dict[str, Comparison]) -> list[str]:
             lines.append(f"**A real gain on your held-out images** ({change}).")
         else:
             lines.append(f"**Worse on your held-out images** ({change}).")
-        if among is not None and hold.change > 0 and among.change < hold.change / 2:
-            lines.append(f"**Mostly a shift towards your classes:** choosing only among the trained classes, held-out accuracy "
-                         f"went {100 * among.before:.1f} → {100 * among.after:.1f} %: most of the gain comes from predicting "
+    for all_classes, only, where in ((hold, among, "held-out images"),
+                                     (rows.get("cifar_trained"), rows.get("cifar_among"), "CIFAR-10 images of these classes")):
+        if all_classes is not None and only is not None and all_classes.change > 0 and only.change < all_classes.change / 2:
+            lines.append(f"**Mostly a shift towards your classes** on the {where}: {100 * all_classes.before:.1f} → "
+                         f"{100 * all_classes.after:.1f} % among all classes, but {100 * only.before:.1f} → "
+                         f"{100 * only.after:.1f} % choosing only among the trained ones: the gain comes from predicting "
                          "these classes more often, not from telling them apart better.")
     if cifar is not None:
         lost = -100 * cifar.change

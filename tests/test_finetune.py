@@ -35,12 +35,16 @@ def test_compare_separates_a_class_prior_shift_from_discrimination_and_forgettin
     ranks 3 against 5 exactly as before. So held-out accuracy on 3/5 images rises, accuracy among {3, 5} stays,
     and every other class is forgotten."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(120, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
+    x = (torch.rand(200, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
     with torch.no_grad():
         logits = tiny_model(data.normalize(x))
     among = torch.tensor([3, 5])[logits[:, [3, 5]].argmax(1)]  # labels the model gets right among {3, 5}
     hold = finetune.Dataset(x[:60], among[:60], list(data.CLASSES))
-    cifar = (x[60:], logits[60:].argmax(1))  # labels it gets right among all classes: 100 % before
+    # CIFAR slice: 30 images labelled like the held-out ones, the rest with the model's top class outside {3, 5}
+    # (right before whenever its overall top class is not 3 or 5; never right after the shift)
+    others = logits[90:].clone()
+    others[:, [3, 5]] = -float("inf")
+    cifar = (x[60:], torch.cat([among[60:90], others.argmax(1)]))
     after = copy.deepcopy(tiny_model)
     with torch.no_grad():
         after.fc.bias[[3, 5]] += 1000.0
@@ -49,10 +53,13 @@ def test_compare_separates_a_class_prior_shift_from_discrimination_and_forgettin
     assert rows["holdout"].before == pytest.approx(ten_way_before) and rows["holdout"].after == 1.0
     assert rows["holdout_among"].before == rows["holdout_among"].after == 1.0
     kept = float(torch.isin(cifar[1], torch.tensor([3, 5])).double().mean())
-    assert rows["cifar"].before == 1.0 and rows["cifar"].after == pytest.approx(kept)
+    right_before = float((logits[60:].argmax(1) == cifar[1]).double().mean())
+    assert rows["cifar"].before == pytest.approx(right_before) and rows["cifar"].after == pytest.approx(kept)
     assert rows["cifar_trained"].n == int(torch.isin(cifar[1], torch.tensor([3, 5])).sum())
     words = "\n".join(finetune.verdict(rows))
-    assert "Mostly a shift towards your classes" in words and "Bought with forgetting" in words
+    assert "Mostly a shift towards your classes** on the held-out images" in words and "Bought with forgetting" in words
+    assert "on the CIFAR-10 images of these classes" in words  # 10-way up, among {3, 5} unchanged there too
+    assert rows["cifar_among"].change == 0 and rows["cifar_trained"].change > 0
     assert rows["holdout"].change > 0.2  # the shift is a big "gain" here, so the verdict has something to see through
 
 
