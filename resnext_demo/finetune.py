@@ -198,6 +198,11 @@ def mcnemar_p(worse: int, better: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(worse, better) + 1)) / 2 ** n)
 
 
+def _p(p: float) -> str:
+    """A p-value for people: three decimals, or '< 0.001'."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 @dataclass
 class Comparison:
     """One accuracy measured before and after the fine-tune on the same images (per image, for a paired test)."""
@@ -278,7 +283,7 @@ def verdict(rows: dict[str, Comparison]) -> list[str]:
     lines = []
     hold, among, cifar = rows.get("holdout"), rows.get("holdout_among"), rows.get("cifar")
     if hold is not None:
-        change = f"{100 * hold.change:+.1f} points on {hold.n} held-out images, paired p = {hold.p:.2f}"
+        change = f"{100 * hold.change:+.1f} points on {hold.n} held-out images, paired p = {_p(hold.p)}"
         if hold.p >= 0.05:
             lines.append(f"**Within noise:** the held-out change ({change}) could be chance: with this few held-out images "
                          "only a large difference would show; add images to tell.")
@@ -298,10 +303,10 @@ def verdict(rows: dict[str, Comparison]) -> list[str]:
         if cifar.change < 0 and cifar.p < 0.05:
             gain = 100 * hold.change if hold is not None else 0.0
             lines.append(f"**Bought with forgetting:** the CIFAR-10 slice lost {lost:.1f} points ({100 * cifar.before:.1f} → "
-                         f"{100 * cifar.after:.1f} %, p = {cifar.p:.3f})"
+                         f"{100 * cifar.after:.1f} %, p = {_p(cifar.p)})"
                          + (" — more than the held-out gain." if lost >= gain else "."))
         else:
-            lines.append(f"No measurable forgetting on the CIFAR-10 slice ({-lost:+.1f} points, p = {cifar.p:.2f}).")
+            lines.append(f"No measurable forgetting on the CIFAR-10 slice ({-lost:+.1f} points, p = {_p(cifar.p)}).")
     return lines
 
 
@@ -330,7 +335,7 @@ class Result:
         lines = [f"**{'Stopped' if self.stopped else 'Finished'}** after {self.seconds:.1f} s "
                  f"({len(self.history)} epoch(s), {self.n_train} training / {self.n_holdout} held-out images).",
                  "", "| | images | before | after | change | paired p |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c.label} | {c.n} | {c.cell('before')} | {c.cell('after')} | {100 * c.change:+.1f} | {c.p:.3f} |"
+        lines += [f"| {c.label} | {c.n} | {c.cell('before')} | {c.cell('after')} | {100 * c.change:+.1f} | {_p(c.p)} |"
                   for c in self.comparisons.values()]
         lines += ["", "Accuracy (95 % Wilson interval); change in points; paired p: McNemar's exact test on the images "
                       "whose answer changed.", ""]
