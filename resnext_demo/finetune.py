@@ -8,17 +8,20 @@ The caller's model is never modified: every run trains its own `copy.deepcopy`.
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from . import data, weights
-from .train import TrainConfig, accuracy, fit, subset
+from .predict import predict_batch
+from .train import TrainConfig, fit, subset
 
 # Server-side caps (shown in the UI): a fine-tune must stay usable on a 2-core CPU.
 MAX_IMAGES = 500  # uploaded images in all (extra files are refused, not silently dropped)
@@ -176,6 +179,137 @@ class Update:
     result: "Result | None" = None
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95 % for z = 1.96) of a proportion k / n: honest for a dozen images and at 0 or n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(worse: int, better: int) -> float:
+    """Exact two-sided McNemar p-value: of the images whose correctness changed, `worse` went wrong and `better`
+    right; if the accuracy did not change, each of them is a fair coin flip."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(worse, better) + 1)) / 2 ** n)
+
+
+def _p(p: float) -> str:
+    """A p-value for people: three decimals, or '< 0.001'."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+@dataclass
+class Comparison:
+    """One accuracy measured before and after the fine-tune on the same images (per image, for a paired test)."""
+
+    label: str
+    correct_before: np.ndarray  # bool per image
+    correct_after: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.correct_after)
+
+    @property
+    def before(self) -> float:
+        return float(self.correct_before.mean())
+
+    @property
+    def after(self) -> float:
+        return float(self.correct_after.mean())
+
+    @property
+    def change(self) -> float:
+        """after - before (a fraction; > 0 = better)."""
+        return self.after - self.before
+
+    @property
+    def p(self) -> float:
+        """McNemar's exact p-value of the change (small = unlikely to be chance)."""
+        worse = int((self.correct_before & ~self.correct_after).sum())
+        return mcnemar_p(worse, int((~self.correct_before & self.correct_after).sum()))
+
+    def cell(self, when: str) -> str:
+        """'58.3 % (32–81)': the accuracy before or after with its 95 % Wilson interval."""
+        c = self.correct_before if when == "before" else self.correct_after
+        lo, hi = wilson_interval(int(c.sum()), len(c))
+        return f"{100 * c.mean():.1f} % ({100 * lo:.0f}–{100 * hi:.0f})"
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, among: list[int] | None = None) -> np.ndarray:
+    """Per image: is the top class right (among all outputs, or only among the class indices `among`)?
+    A class the model has no output for (a new class, before) is never predicted."""
+    probs = predict_batch(model, x)
+    if among is not None:
+        keep = torch.zeros(probs.shape[1], dtype=torch.bool)
+        keep[[c for c in among if c < probs.shape[1]]] = True
+        probs = torch.where(keep, probs, torch.full_like(probs, -1.0))
+    return (probs.argmax(1) == y).numpy()
+
+
+def compare(before: nn.Module, after: nn.Module, hold: Dataset, trained: list[int],
+            cifar: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Comparison]:
+    """The before/after accuracies a user needs to judge a fine-tune: the held-out images (all classes, and
+    choosing only among the `trained` class indices), and on a CIFAR-10 test slice everything (forgetting) and
+    the images of the trained classes (10-way, and choosing only among them)."""
+    def pair(label: str, x: torch.Tensor, y: torch.Tensor, among: list[int] | None = None) -> Comparison:
+        return Comparison(label, _correct(before, x, y, among), _correct(after, x, y, among))
+
+    rows: dict[str, Comparison] = {}
+    if len(hold):
+        rows["holdout"] = pair("held-out part of your data", hold.x, hold.y)
+        if 2 <= len(trained) < len(hold.classes):
+            rows["holdout_among"] = pair(f"held-out, choosing only among the {len(trained)} trained classes",
+                                         hold.x, hold.y, trained)
+    if cifar is not None:
+        rows["cifar"] = pair(f"CIFAR-10 test slice ({len(cifar[1])} images, forgetting)", *cifar)
+        mine = torch.isin(cifar[1], torch.tensor(trained))
+        if 0 < len(trained) < len(data.CLASSES) and mine.any():
+            x, y = cifar[0][mine], cifar[1][mine]
+            rows["cifar_trained"] = pair(f"CIFAR-10 slice, images of the trained classes ({int(mine.sum())})", x, y)
+            if len(trained) >= 2:
+                rows["cifar_among"] = pair("…the same images, choosing only among the trained classes", x, y, trained)
+    return rows
+
+
+def verdict(rows: dict[str, Comparison]) -> list[str]:
+    """Plain-words verdicts: is the held-out gain more than noise, is it a shift towards the trained classes
+    rather than better discrimination, and was it bought with forgetting?"""
+    lines = []
+    hold, among, cifar = rows.get("holdout"), rows.get("holdout_among"), rows.get("cifar")
+    if hold is not None:
+        change = f"{100 * hold.change:+.1f} points on {hold.n} held-out images, paired p = {_p(hold.p)}"
+        if hold.p >= 0.05:
+            lines.append(f"**Within noise:** the held-out change ({change}) could be chance: with this few held-out images "
+                         "only a large difference would show; add images to tell.")
+        elif hold.change > 0:
+            lines.append(f"**A real gain on your held-out images** ({change}).")
+        else:
+            lines.append(f"**Worse on your held-out images** ({change}).")
+    for all_classes, only, where in ((hold, among, "held-out images"),
+                                     (rows.get("cifar_trained"), rows.get("cifar_among"), "CIFAR-10 images of these classes")):
+        if all_classes is not None and only is not None and all_classes.change > 0 and only.change < all_classes.change / 2:
+            lines.append(f"**Mostly a shift towards your classes** on the {where}: {100 * all_classes.before:.1f} → "
+                         f"{100 * all_classes.after:.1f} % among all classes, but {100 * only.before:.1f} → "
+                         f"{100 * only.after:.1f} % choosing only among the trained ones: the gain comes from predicting "
+                         "these classes more often, not from telling them apart better.")
+    if cifar is not None:
+        lost = -100 * cifar.change
+        if cifar.change < 0 and cifar.p < 0.05:
+            gain = 100 * hold.change if hold is not None else 0.0
+            lines.append(f"**Bought with forgetting:** the CIFAR-10 slice lost {lost:.1f} points ({100 * cifar.before:.1f} → "
+                         f"{100 * cifar.after:.1f} %, p = {_p(cifar.p)})"
+                         + (" — more than the held-out gain." if lost >= gain else "."))
+        else:
+            lines.append(f"No measurable forgetting on the CIFAR-10 slice ({-lost:+.1f} points, p = {_p(cifar.p)}).")
+    return lines
+
+
 @dataclass
 class Result:
     """A finished (or stopped) fine-tune: the new model and its numbers."""
@@ -190,33 +324,22 @@ class Result:
     options: dict
     n_train: int
     n_holdout: int
-    n_cifar: int = 0  # CIFAR-10 test images of the forgetting check (fewer than FORGETTING_SLICE in a sample pack)
+    comparisons: dict[str, Comparison] = field(default_factory=dict)  # see `compare`
 
     @property
     def custom_classes(self) -> bool:
         return tuple(self.classes) != data.CLASSES
 
     def summary(self) -> str:
-        """Markdown lines: before/after accuracies."""
-        def pct(v):
-            return "n/a" if v is None else f"{100 * v:.1f} %"
+        """Markdown: before/after accuracies with 95 % intervals and paired p-values, then the verdicts."""
         lines = [f"**{'Stopped' if self.stopped else 'Finished'}** after {self.seconds:.1f} s "
                  f"({len(self.history)} epoch(s), {self.n_train} training / {self.n_holdout} held-out images).",
-                 "", "| | before | after |", "|---|---|---|",
-                 f"| held-out part of your data | {pct(self.before.get('holdout'))} | {pct(self.after.get('holdout'))} |"]
-        if self.before.get("cifar") is not None or self.after.get("cifar") is not None:
-            lines.append(f"| CIFAR-10 test slice ({self.n_cifar} images, forgetting) | "
-                         f"{pct(self.before.get('cifar'))} | {pct(self.after.get('cifar'))} |")
-        return "\n".join(lines)
-
-
-def _acc(model: nn.Module, ds: Dataset | tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
-    if ds is None:
-        return None
-    x, y = (ds.x, ds.y) if isinstance(ds, Dataset) else ds
-    if len(y) == 0:
-        return None
-    return accuracy(model, x, y)
+                 "", "| | images | before | after | change | paired p |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c.label} | {c.n} | {c.cell('before')} | {c.cell('after')} | {100 * c.change:+.1f} | {_p(c.p)} |"
+                  for c in self.comparisons.values()]
+        lines += ["", "Accuracy (95 % Wilson interval); change in points; paired p: McNemar's exact test on the images "
+                      "whose answer changed.", ""]
+        return "\n".join(lines + verdict(self.comparisons))
 
 
 def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: Options,
@@ -236,14 +359,14 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
     if cifar_test is not None and tuple(dataset.classes[:len(data.CLASSES)]) == data.CLASSES:
         cifar = (cifar_test[0][:FORGETTING_SLICE], cifar_test[1][:FORGETTING_SLICE])
     # Before = the session's model as it is (a new class is simply never predicted by it).
-    before = {"holdout": _acc(base, hold_ds), "cifar": _acc(base, cifar)}
+    start = float(_correct(base, hold_ds.x, hold_ds.y).mean()) if len(hold_ds) else None
+    trained = sorted(set(train_ds.y.tolist()))  # the classes this fine-tune has training images of
     cfg = TrainConfig(model="fine-tune", epochs=int(opts.epochs), batch_size=min(int(opts.batch_size), len(train_ds)),
                       lr=float(opts.lr), weight_decay=5e-4, label_smoothing=0.0, schedule="cosine",
                       warmup_epochs=0.0, channels_last=device.type == "cuda", bf16=True, seed=int(opts.seed),
                       train_layers=opts.train_layers, max_seconds=float(max_seconds), log_every=1)
     # The held-out score before training starts the curve at epoch 0 (and puts all series in the first plot).
-    curve: list[dict] = [] if before["holdout"] is None else \
-        [{"epoch": 0.0, "series": "held-out accuracy", "value": before["holdout"]}]
+    curve: list[dict] = [] if start is None else [{"epoch": 0.0, "series": "held-out accuracy", "value": start}]
     t0 = time.perf_counter()
     history: list[dict] = []
     stopped = False
@@ -264,10 +387,11 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
         elif ev.kind == "done":
             history, stopped = ev.history, ev.stopped
     new.eval()
-    after = {"holdout": _acc(new, hold_ds), "cifar": _acc(new, cifar)}
+    rows = compare(base, new, hold_ds, trained, cifar)
+    before, after = ({k: getattr(rows[k], when) if k in rows else None for k in ("holdout", "cifar")}
+                     for when in ("before", "after"))
     res = Result(new, list(dataset.classes), before, after, history, stopped, time.perf_counter() - t0,
-                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds),
-                 len(cifar[1]) if cifar is not None else 0)
+                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds), rows)
     yield Update("done", res.summary(), list(curve), res)
 
 

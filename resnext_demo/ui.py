@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, finetune, visualize, weights
+from . import data, explain, finetune, verdicts, visualize, weights
 from .model import ResNeXtConfig, build_from_config, config_params, count_macs, equal_budget_configs, \
     list_models, matched_base_width
 from .predict import predict, predict_batch
@@ -549,8 +549,9 @@ class Handlers:
 
     @_friendly
     def feature_maps(self, image, layer: str, view: str = "channels", scale: str = "group",
-                     session: SessionModel | None = None):
-        """(grid image, raw range markdown, per-group stats chart) for one layer."""
+                     session: SessionModel | None = None, shown: str = "activation"):
+        """(grid image, raw range markdown, per-group stats chart) for one layer; `shown` 'activation' (after BN +
+        ReLU, what the next layer receives) or 'conv' (a grouped conv's raw output, before BN)."""
         if image is None:
             raise gr.Error("Upload an image first (or classify one in the Predict tab).")
         sm = self.active(session)
@@ -559,16 +560,17 @@ class Handlers:
             raise gr.Error(f"Pick a layer from the list ({layer!r} is not a layer of this model).")
         x = data.preprocess(image)
         groups = explain.groups_of(sm.model, layer)
-        names = [layer]
-        act = explain.activation_node(sm.model, layer) if groups > 1 else None
-        if act and act != layer:
-            names.append(act)
-        maps = explain.feature_maps(sm.model, x, names)
-        fmap = maps[layer]
+        node, fmap, stats = explain.shown_maps(sm.model, x, layer, before_bn=shown == "conv")
         grid, ranges = visualize.group_grid(explain.split_groups(fmap, groups), scale=scale, view=view)
-        stats = explain.group_stats(fmap, groups, maps.get(act) if act else None)
-        title = f"{layer}: {groups} group(s) × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
-        md = f"**{title}**, colour scale per {scale}.\n\n```\n{ranges}\n```"
+        title = f"{node}: {groups} group(s) × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
+        if node == layer and groups > 1:
+            what = ("the grouped conv's raw output **before BN and ReLU**: BN rescales every channel, so these strengths "
+                    "are not what the next layer sees (sparsity is counted after the ReLU)")
+        elif groups > 1:
+            what = "after BN + ReLU: **what the block's next 1×1 conv receives** from each group"
+        else:
+            what = "a stage output, after its ReLU"
+        md = f"**{title}** — {what}; colour scale per {scale}.\n\n```\n{ranges}\n```"
         return grid, md, visualize.group_stats_figure(stats, title=title)
 
     # ------------------------------------------------------------ Attributions
@@ -596,13 +598,9 @@ class Handlers:
 
     @staticmethod
     def _faithfulness_md(sm: SessionModel, x: torch.Tensor, values: np.ndarray, target: int) -> str:
-        """One line: the map's deletion score against random orders (is this heatmap trustworthy here?)."""
-        if not np.any(values):
-            return "**Faithfulness:** not measurable for an empty map."
-        d = explain.deletion_score(sm.model, x, values, target)
-        verdict = "✓ better than random" if d.score > d.random_score else "✗ no better than random on this image"
-        return (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map lowers "
-                f"p({sm.classes[target]}) by {d.score:.3f} on average; random orders: {d.random_score:.3f} — {verdict}.")
+        """One line: the map's deletion score against random orders and model-blind maps."""
+        f = explain.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
+        return verdicts.faithfulness_md(f, sm.classes[target])
 
     def _attr_md(self, a: explain.Attribution, sm: SessionModel, x: torch.Tensor | None = None) -> str:
         params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
@@ -611,6 +609,8 @@ class Handlers:
               + (f" · {params}" if params else ""))
         if a.note:
             md += f"\n\n**Note:** {a.note}"
+        if verdicts.attribution_delta_md(a):
+            md += "\n\n" + verdicts.attribution_delta_md(a)
         if x is not None:
             md += "\n\n" + self._faithfulness_md(sm, x, a.values, a.target)
         return md
@@ -712,7 +712,7 @@ class Handlers:
         ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
         cams = explain.group_gradcam(sm.model, x, layer, t)
         live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
-        scored = dict(zip(live, explain.deletion_scores(sm.model, x, cams[live], t))) if live else {}
+        scored = dict(zip(live, explain.faithfulness(sm.model, x, cams[live], t))) if live else {}
         dels = [scored.get(i) for i in range(len(cams))]
         top_after = ab.probs.argmax(1)
         table = pd.DataFrame({
@@ -723,7 +723,9 @@ class Handlers:
             "drop": np.round(ab.drop.astype(np.float64), 4),
             "top-1 after knock-out": [f"{sm.classes[j]} ({ab.probs[i, j]:.2f})" for i, j in enumerate(top_after)],
             "Grad-CAM max": [float(f"{cam.max():.3g}") for cam in cams],
-            "deletion drop (random)": [f"{d.score:.3f} ({d.random_score:.3f})" if d else "empty map" for d in dels],
+            "deletion drop (random · best model-blind)": [
+                f"{d.score:.3f} ({d.random_score:.3f} · {d.best_reference[1]:.3f})" if d else "empty map" for d in dels],
+            "faithful?": [verdicts.faithfulness_short(d) for d in dels],
         })
         order = ab.ranking()
         what = f"**{sm.classes[t]}**" + (f" rather than **{sm.classes[c]}**" if c is not None else "")
@@ -732,14 +734,14 @@ class Handlers:
         md = [f"**{layer}** · {len(gi.values)} groups · explaining {what} · prediction: {pred.top_class} "
               f"({pred.probs[pred.top_class]:.2f})",
               f"**Importance** ({method}): strongest evidence for it **g{g_for}** ({gi.values[g_for]:+.3g}), "
-              f"strongest against **g{g_against}** ({gi.values[g_against]:+.3g}); all groups: {gi.total:+.3g}"
-              + (f"; via the block's shortcut: {gi.shortcut:+.3g} (conductance: groups + shortcut = "
-                 f"logit change from a black image)" if gi.shortcut is not None else "") + ".",
+              f"strongest against **g{g_against}** ({gi.values[g_against]:+.3g}); all groups: {gi.total:+.3g}."
+              + (" " + verdicts.conductance_md(gi, explain.CONDUCTANCE_TOL) if gi.shortcut is not None else ""),
               f"**Knock-out** ({mode}, one group at a time): most harmful **g{order[0]}** "
               f"(p {ab.base[t]:.3f} → {ab.probs[order[0], t]:.3f})"
               + (f"; knocking out {', '.join(f'g{i}' for i in flips)} alone changes the top-1 class." if flips
                  else "; no single group changes the top-1 class: the block's paths are redundant for this image."),
-              "**Group Grad-CAM**: where each group's evidence lies, on one shared colour scale (faint = weak group)."]
+              "**Group Grad-CAM**: where each group's evidence lies, on one shared colour scale (faint = weak group). "
+              + verdicts.group_cams_md(dels)]
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes), table,
                 visualize.group_cam_grid(cams, im32), "\n\n".join(md))
 
@@ -765,35 +767,6 @@ class Handlers:
                        f"p({sm.classes[b]}) {base[b]:.3f} → {probs[b]:.3f}; top-1 "
                        + (f"stays **{sm.classes[a]}**." if a == b else f"becomes **{sm.classes[a]}** ({probs[a]:.3f})."))
 
-    @staticmethod
-    def _specialization_md(s: explain.Specialization, classes: list[str]) -> str:
-        """What the numbers say, in words generated from them (nothing typed in per checkpoint)."""
-        g = len(s.mean)
-        rel = s.class_means / np.where(s.class_means.mean(1, keepdims=True) > 0, s.class_means.mean(1, keepdims=True), 1)
-        best = int(np.argmax(s.selectivity))
-        dead = int((s.mean <= 0).sum())
-        sel = float(np.mean(s.selectivity))
-        strength = "weak" if sel < 0.2 else "moderate" if sel < 0.4 else "strong"
-        lines = [f"**Class preference is {strength}**: mean selectivity {sel:.2f} (0 = fires equally for every class, "
-                 f"1 = for one class only); most selective **g{best}** prefers **{classes[int(s.preferred_class[best])]}** "
-                 f"({100 * (rel[best].max() - 1):+.0f} % vs its mean)."]
-        if np.isfinite(s.within_corr):
-            gap = s.within_corr - s.between_corr  # a correlation gap under 0.02 is within run-to-run noise
-            lines.append(f"**Groups as units**: channels of one group correlate {s.within_corr:.2f} across images, "
-                         f"channels of different groups {s.between_corr:.2f} — "
-                         + ("a group's channels share a function more than channels of different groups do." if gap >= 0.02
-                            else "no clear sign that a group's channels belong together here."))
-        if np.isfinite(s.colour_p):
-            lines.append(f"**Colour vs shape**: the groups differ in colour sensitivity more than "
-                         f"{100 * (1 - s.colour_p):.1f} % of random channel partitions (p = {s.colour_p:.3f}) — "
-                         + ("the grouping separates colour-sensitive from colour-blind paths, like AlexNet's two "
-                            "groups." if s.colour_p < 0.05 else "no evidence that this block's grouping follows colour.")
-                         + f" Most colour-sensitive: **g{int(np.argmax(s.colour))}** ({s.colour.max():.2f}); most "
-                         f"shape/texture-sensitive: **g{int(np.argmax(s.blur))}** ({s.blur.max():.2f}).")
-        if dead:
-            lines.append(f"{dead} of {g} groups never fire on these images (dead paths).")
-        return "\n\n".join(lines)
-
     @_friendly
     def specialization(self, layer: str, session: SessionModel | None = None, progress=gr.Progress()):
         """Group specialization over the test set (computed once per checkpoint, cached on disk):
@@ -804,7 +777,8 @@ class Handlers:
         layer = self._grouped_layer(sm, layer)
         if tuple(sm.classes[:10]) != data.CLASSES:
             raise gr.Error("Specialization is measured on CIFAR-10: this session's model uses other classes.")
-        progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images (once per checkpoint)")
+        progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images, for this model and "
+                         f"{len(explain.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
         with self._spec_lock:  # two sessions asking at once compute it once
             spec = explain.specialization_cached(sm.model, self.data_source)
         s = spec[layer]
@@ -814,7 +788,10 @@ class Handlers:
         montage = visualize.image_montage(split[0][torch.as_tensor(s.top_images)],
                                           [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
         md = (f"**{layer}** over the first {min(explain.SPECIALIZATION_IMAGES, len(split[1])):,} CIFAR-10 test images "
-              f"(class-balanced) of {self.source_label()}.\n\n" + self._specialization_md(s, list(data.CLASSES)))
+              f"(class-balanced) of {self.source_label()}, each number next to the same number for "
+              f"{len(s.control_gap)} untrained copies of the architecture (random weights, BN statistics from "
+              f"training images): what the grouping gives before any training.\n\n"
+              + verdicts.specialization_md(s, list(data.CLASSES)))
         return visualize.specialization_figure(s, data.CLASSES), montage, md
 
     def compare_choices(self) -> list[str]:
@@ -1139,7 +1116,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                                   info="explain the margin over another class: which groups argue for it?")
                         gr_method = gr.Radio(list(explain.GROUP_METHODS), value=explain.GROUP_METHODS[0],
                                              label="Importance method",
-                                             info="Conductance also splits off what flows through the shortcut (slower)")
+                                             info="Conductance also measures what flows through the shortcut, with "
+                                                  "its convergence error (slower: up to 512 steps)")
                         gr_mode = gr.Radio(list(explain.ABLATIONS), value="zero", label="Knock-out",
                                            info="zero = remove the path; mean = keep its average, erase where it fired")
                         gr_btn = gr.Button("Analyse the groups", variant="primary", elem_id="gr-btn")
@@ -1153,7 +1131,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                                                elem_id="gr-ablation")
                         gr_table = gr.Dataframe(
                             pd.DataFrame(columns=["group", "importance", "p after knock-out", "drop",
-                                                  "top-1 after knock-out", "Grad-CAM max", "deletion drop (random)"]),
+                                                  "top-1 after knock-out", "Grad-CAM max",
+                                                  "deletion drop (random · best model-blind)", "faithful?"]),
                             label="Per group: importance, knock-out effect, Grad-CAM, faithfulness",
                             interactive=False, wrap=True, elem_id="gr-table")
                 with gr.Accordion("Live knock-out: tick groups to remove them", open=True):
@@ -1201,6 +1180,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         fm_view = gr.Radio(["channels", "summary"], value="channels", label="View",
                                            info="each group's channels, or one summary map per group")
                         fm_scale = gr.Radio(["channel", "group", "layer"], value="group", label="Colour scale per")
+                        fm_shown = gr.Radio([("after BN + ReLU (what the next layer receives)", "activation"),
+                                             ("conv output, before BN", "conv")], value="activation",
+                                            label="Grouped conv shown", elem_id="fm-shown")
                         fm_btn = gr.Button("Show feature maps", variant="primary", elem_id="fm-btn")
                     with gr.Column(scale=2):
                         fm_grid = gr.Image(label="Feature maps by group", interactive=False, elem_id="fm-grid")
@@ -1349,7 +1331,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                       [cmp_label_a, cmp_label_b, cmp_cam_a, cmp_cam_b, cmp_gi_a, cmp_gi_b, cmp_md],
                       api_name="compare_models", **heavy)
 
-        fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session]
+        fm_inputs = [fm_image, fm_layer, fm_view, fm_scale, session, fm_shown]
         fm_btn.click(feature_maps, fm_inputs, [fm_grid, fm_md, fm_stats], api_name="feature_maps", **heavy)
 
         at_params = [at_steps, at_baseline, at_samples, at_noise, at_layer, at_window, at_stride]

@@ -225,3 +225,49 @@ def test_torchvision_seed_model(x):
     a = explain.attribute(seed, x, "Grad-CAM", target=0)
     assert a.params["layer"] == "net.layer4" and a.values.shape == (32, 32) and np.isfinite(a.values).all()
     assert "unreliable" in explain.attribute(seed, x, "GuidedBackprop", target=0).note
+
+
+# ---------------------------------------------------------------- issue 13: reproducible, converged, labelled
+
+
+def test_smoothgrad_is_seeded_and_equals_captums_noise_tunnel(tiny_model, x):
+    """Same image, same map (noise from a local generator, the process-wide RNG untouched); and the map is what
+    Captum's NoiseTunnel(Saliency) gives when the global generator is seeded the same way."""
+    from captum.attr import NoiseTunnel, Saliency
+
+    state = torch.random.get_rng_state()
+    a = explain.attribute(tiny_model, x, "SmoothGrad", 2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert np.array_equal(a.values, explain.attribute(tiny_model, x, "SmoothGrad", 2).values)
+    stdev = 0.15 * float(x.max() - x.min())
+    torch.manual_seed(explain.SMOOTHGRAD_SEED)
+    ref = NoiseTunnel(Saliency(tiny_model)).attribute(x.clone().requires_grad_(), nt_type="smoothgrad", nt_samples=16,
+                                                      stdevs=stdev, target=2, abs=True)
+    np.testing.assert_allclose(a.values, ref[0].sum(0).detach().numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_integrated_gradients_reports_its_convergence_delta(tiny_model, x):
+    with torch.no_grad():
+        change = float(tiny_model(x)[0, 3] - tiny_model(data.normalize(torch.zeros_like(x)))[0, 3])
+    for steps in (4, 64):
+        a = explain.attribute(tiny_model, x, "Integrated Gradients", 3, steps=steps)
+        assert a.change == pytest.approx(change, abs=1e-5)  # f(x) - f(black), by a plain forward
+        assert a.delta == pytest.approx(float(a.values.astype(np.float64).sum()) - change, abs=1e-5)
+    assert explain.attribute(tiny_model, x, "Saliency", 3).delta is None
+
+
+def test_shown_maps_default_to_what_the_next_layer_receives(tiny_model, x):
+    ref = _hooked_outputs(tiny_model, {"conv": "layer2.0.conv2", "act": "layer2.0.act2", "stage": "layer2"}, x)
+    node, fmap, stats = explain.shown_maps(tiny_model, x, "layer2.0.conv2")
+    assert node == "layer2.0.act2"
+    torch.testing.assert_close(fmap, ref["act"])
+    act = ref["act"][0].reshape(4, -1).double()
+    np.testing.assert_allclose(stats.l1, act.abs().mean(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stats.sparsity, (act <= 0).double().mean(1).numpy())
+    node, fmap, stats = explain.shown_maps(tiny_model, x, "layer2.0.conv2", before_bn=True)
+    assert node == "layer2.0.conv2"
+    torch.testing.assert_close(fmap, ref["conv"])
+    np.testing.assert_allclose(stats.sparsity, (act <= 0).double().mean(1).numpy())  # still counted after the ReLU
+    node, fmap, _ = explain.shown_maps(tiny_model, x, "layer2", before_bn=True)
+    assert node == "layer2"
+    torch.testing.assert_close(fmap, ref["stage"])

@@ -475,6 +475,7 @@ def test_specialization_needs_data_then_uses_the_cache(handlers, tiny_model, tmp
     fig, montage, md = h.specialization("layer2.0.conv2")
     assert isinstance(fig, Image.Image) and montage.size[1] == 4 * (2 * 32 + 2)  # one row per group
     assert "selectivity" in md and "Colour" in md
+    assert "5 untrained copies" in md  # every verdict next to the untrained control
     assert len(list(tmp_path.glob("analysis/*.safetensors"))) == 1
 
 
@@ -528,3 +529,20 @@ def test_about_names_the_checkpoint_a_run_started_from(tiny_model):
     h = ui.Handlers(tiny_model, meta, None, "x.safetensors")
     md = h.about(None, 0)[3]
     assert "abababababab" in md and "68.73 %" in md and "second run" in md
+
+
+def test_feature_maps_show_what_the_next_layer_receives(handlers, tiny_model, image_path):
+    _, md, _ = handlers.feature_maps(image_path, "layer2.0.conv2", "channels", "layer", None)
+    assert "layer2.0.act2" in md and "what the block's next 1×1 conv receives" in md
+    act = explain.feature_maps(tiny_model, data.preprocess(image_path), ["layer2.0.act2"])["layer2.0.act2"]
+    assert f"all: min {float(act.min()):.4g}, max {float(act.max()):.4g}" in md  # the ranges are the activation's
+    _, md, _ = handlers.feature_maps(image_path, "layer2.0.conv2", "channels", "layer", None, "conv")
+    assert "layer2.0.conv2:" in md and "before BN and ReLU" in md
+
+
+def test_heat_maps_and_conductance_say_how_far_to_trust_them(handlers, image_path):
+    _, md = handlers.attribute(image_path, "Integrated Gradients")
+    assert "centre prior" in md and "image edges" in md and "**Convergence:**" in md
+    _, _, table, _, md = handlers.groups(image_path, "layer2.0.conv2", "predicted", "none", "Conductance", "zero")
+    assert "projection shortcut" in md and "**Convergence:**" in md and "model-blind maps" in md
+    assert "faithful?" in table.columns

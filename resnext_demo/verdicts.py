@@ -1,0 +1,134 @@
+"""Numbers -> sentences: what the explanation views say about their own reliability.
+
+Plain functions over explain.py's dataclasses, no model and no gradio, so tests read them without a
+server. Every verdict is generated from the numbers it is given and is stated against a reference that
+knows less (random orders and model-blind maps for a heat map, untrained copies of the architecture for
+group specialization, half the integration steps for Conductance) — never typed in per checkpoint.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
+    from .explain import Attribution, Faithfulness, GroupImportance, Specialization
+
+UNIT_GAP = 0.02  # a within/between channel-correlation gap under this is within run-to-run noise
+
+
+def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
+    """One line under a heat map: its deletion drop against random orders and the model-blind maps."""
+    if f is None:
+        return "**Faithfulness:** not measurable for an empty map."
+    refs = ", ".join(f"{name} {score:.3f}" for name, score in f.references.items())
+    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map lowers p({class_name}) by "
+            f"{f.score:.3f} on average; random orders: {f.random_score:.3f}; maps that know nothing about the model: "
+            f"{refs} — ")
+    if f.verdict == "no better than random":
+        return line + "✗ no better than random orders on this image."
+    if f.verdict == "beats random only":
+        name, score = f.best_reference
+        return line + (f"beats random orders but **not the {name}** ({score:.3f}): on this image the map finds no more "
+                       "of what the model uses than a map that ignores the model.")
+    return line + "✓ beats random orders and every model-blind map on this image."
+
+
+def faithfulness_short(f: Faithfulness | None) -> str:
+    """A table cell: the verdict in two or three words ('' for an empty map)."""
+    if f is None:
+        return ""
+    return {"beats references": "✓ beats model-blind maps", "beats random only": "random only, not model-blind maps",
+            "no better than random": "✗ not even random"}[f.verdict]
+
+
+def group_cams_md(faith: list[Faithfulness | None]) -> str:
+    """How many groups' Grad-CAMs beat random orders and the model-blind maps (None = an empty map)."""
+    scored = [f for f in faith if f is not None]
+    if not scored:
+        return "No group has a non-empty Grad-CAM for this class here."
+    refs = ", ".join(f"{name} {score:.3f}" for name, score in scored[0].references.items())
+    beat_random = sum(f.verdict != "no better than random" for f in scored)
+    beat_all = sum(f.verdict == "beats references" for f in scored)
+    return (f"Deletion test of the {len(scored)} non-empty group maps: {beat_random} beat random orders, {beat_all} also "
+            f"beat the model-blind maps ({refs}) on this image.")
+
+
+def attribution_delta_md(a: Attribution) -> str | None:
+    """Integrated Gradients' convergence delta in words (None for the other methods)."""
+    if a.delta is None or a.change is None:
+        return None
+    rel = abs(a.delta) / abs(a.change) if a.change else float("inf")
+    return (f"**Convergence:** the attributions sum to {a.change + a.delta:.4g}, the logit changes by {a.change:.4g} from "
+            f"the baseline: off by {a.delta:+.3g} ({100 * rel:.1f} %) at {a.params.get('steps')} steps"
+            + (" — more steps shrink it." if rel > 0.05 else "."))
+
+
+def conductance_md(gi: GroupImportance, tol: float) -> str:
+    """The shortcut's share and how well Conductance converged, for the Groups tab."""
+    what = {"identity": "identity shortcut (the block's input)", "projection": "projection shortcut (1×1 conv + BN)"}
+    line = (f"Via the block's {what.get(gi.shortcut_kind, 'shortcut')}: {gi.shortcut:+.3g}. **Convergence:** "
+            f"{gi.steps} steps; no group moved more than {gi.step_error:.3f} logit from {gi.steps // 2} steps; groups + "
+            f"shortcut = {gi.total + gi.shortcut:.3f} vs the logit change from a black image {gi.change:.3f} "
+            f"(gap {gi.completeness_gap:+.3f})")
+    if max(gi.step_error, abs(gi.completeness_gap)) > tol:
+        return line + f" — **not converged**: differences under {max(gi.step_error, abs(gi.completeness_gap)):.2f} are noise."
+    return line + "."
+
+
+def _versus(control: np.ndarray, fmt: str = ".2f") -> str:
+    """'untrained copies: lo–hi' (or a note that no control was computed)."""
+    if not len(control):
+        return "no untrained control computed"
+    return f"{len(control)} untrained copies: {control.min():{fmt}}–{control.max():{fmt}}"
+
+
+def specialization_md(s: Specialization, classes: list[str] | tuple[str, ...]) -> str:
+    """What a block's specialization numbers say, each verdict stated against untrained copies of the architecture."""
+    g = len(s.mean)
+    mean = s.class_means.mean(1, keepdims=True)
+    rel = s.class_means / np.where(mean > 0, mean, 1)
+    best = int(np.argmax(s.selectivity))
+    sel = float(np.mean(s.selectivity))
+    strength = "weak" if sel < 0.2 else "moderate" if sel < 0.4 else "strong"
+    control = len(s.control_selectivity) > 0
+    lines = [f"**Class preference is {strength}**: mean selectivity {sel:.2f} (0 = fires equally for every class, "
+             f"1 = for one class only; {_versus(s.control_selectivity)})"
+             + ("" if not control else " — more than every untrained copy." if sel > s.control_selectivity.max()
+                else " — no more than untrained copies of the architecture show.")
+             + f" Most selective **g{best}** prefers **{classes[int(s.preferred_class[best])]}** "
+             f"({100 * (rel[best].max() - 1):+.0f} % vs its mean)."]
+    if np.isfinite(s.within_corr):
+        gap = s.gap
+        head = (f"**Groups as units**: channels of one group correlate {s.within_corr:.2f} across images, channels of "
+                f"different groups {s.between_corr:.2f} (gap {gap:.2f}; {_versus(s.control_gap)}) — ")
+        if gap < UNIT_GAP:
+            lines.append(head + "no clear sign that a group's channels belong together here.")
+        elif not control:
+            lines.append(head + "a group's channels correlate more than channels of different groups.")
+        elif gap > s.control_gap.max():
+            lines.append(head + "more than in every untrained copy: training made a group's channels share a function "
+                                "beyond what the architecture gives.")
+        else:
+            lines.append(head + "but untrained copies show gaps as large: a group's channels see the same inputs, so this "
+                                "much comes from the architecture, not from training.")
+    if np.isfinite(s.colour_p):
+        cp = s.control_colour_p
+        head = (f"**Colour vs shape**: the groups differ in colour sensitivity more than {100 * (1 - s.colour_p):.1f} % of "
+                f"random channel partitions (p = {s.colour_p:.3f}; {_versus(cp, '.3f')}"
+                + (f", below 0.05 in {int((cp < 0.05).sum())} of {len(cp)}" if len(cp) else "") + ") — ")
+        if s.colour_p >= 0.05:
+            verdict = "no evidence that this block's grouping follows colour."
+        elif not len(cp):
+            verdict = "the grouping separates colour-sensitive from colour-blind paths."
+        elif s.colour_p < cp.min():
+            verdict = ("a split the untrained copies do not reach: training separated colour-sensitive from colour-blind "
+                       "paths, like AlexNet's two groups.")
+        else:
+            verdict = "but untrained copies reach such p too: a colour split this strong appears without training."
+        lines.append(head + verdict + f" Most colour-sensitive: **g{int(np.argmax(s.colour))}** ({s.colour.max():.2f}); "
+                     f"most shape/texture-sensitive: **g{int(np.argmax(s.blur))}** ({s.blur.max():.2f}).")
+    dead = int((s.mean <= 0).sum())
+    if dead:
+        lines.append(f"{dead} of {g} groups never fire on these images (dead paths).")
+    return "\n\n".join(lines)
