@@ -30,13 +30,13 @@ def fake_source(monkeypatch, tmp_path):
 
 def test_a_shipped_cache_is_read_and_never_written(tiny_model, fake_source, tmp_path):
     shipped = explain.specialization_cached(tiny_model, "src", n=40, cache=str(tmp_path / "assets"))
-    assert fake_source == ["test"]
+    assert fake_source == ["test", "train"]  # test images, and training images for the untrained control's BN
     again = explain.specialization_cached(tiny_model, "src", n=40)  # no cache given: the data cache, then assets/
-    assert fake_source == ["test"] and not (tmp_path / "cache").exists()
+    assert fake_source == ["test", "train"] and not (tmp_path / "cache").exists()
     assert list(again) == list(shipped)
     assert all(np.array_equal(again[k].class_means, shipped[k].class_means) for k in shipped)
     explain.specialization_cached(tiny_model, "src", n=40, rebuild=True)  # a rebuild goes to the data cache
-    assert fake_source == ["test", "test"] and len(list((tmp_path / "cache" / "analysis").iterdir())) == 1
+    assert fake_source == ["test", "train"] * 2 and len(list((tmp_path / "cache" / "analysis").iterdir())) == 1
     assert len(list((tmp_path / "assets").iterdir())) == 1
 
 
