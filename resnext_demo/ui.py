@@ -563,14 +563,7 @@ class Handlers:
         node, fmap, stats = explain.shown_maps(sm.model, x, layer, before_bn=shown == "conv")
         grid, ranges = visualize.group_grid(explain.split_groups(fmap, groups), scale=scale, view=view)
         title = f"{node}: {groups} group(s) × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
-        if node == layer and groups > 1:
-            what = ("the grouped conv's raw output **before BN and ReLU**: BN rescales every channel, so these strengths "
-                    "are not what the next layer sees (sparsity is counted after the ReLU)")
-        elif groups > 1:
-            what = "after BN + ReLU: **what the block's next 1×1 conv receives** from each group"
-        else:
-            what = "a stage output, after its ReLU"
-        md = f"**{title}** — {what}; colour scale per {scale}.\n\n```\n{ranges}\n```"
+        md = f"**{title}** — {verdicts.shown_maps_label(node, layer, groups)}; colour scale per {scale}.\n\n```\n{ranges}\n```"
         return grid, md, visualize.group_stats_figure(stats, title=title)
 
     # ------------------------------------------------------------ Attributions
@@ -609,8 +602,9 @@ class Handlers:
               + (f" · {params}" if params else ""))
         if a.note:
             md += f"\n\n**Note:** {a.note}"
-        if verdicts.attribution_delta_md(a):
-            md += "\n\n" + verdicts.attribution_delta_md(a)
+        delta = verdicts.attribution_delta_md(a)
+        if delta:
+            md += "\n\n" + delta
         if x is not None:
             md += "\n\n" + self._faithfulness_md(sm, x, a.values, a.target)
         return md

@@ -17,6 +17,16 @@ if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
 UNIT_GAP = 0.02  # a within/between channel-correlation gap under this is within run-to-run noise
 
 
+def shown_maps_label(node: str, layer: str, groups: int) -> str:
+    """What the Feature-maps view shows (explain.shown_maps' `node` for the chosen `layer`), in words."""
+    if groups == 1:
+        return "a stage output, after its ReLU"
+    if node == layer:
+        return ("the grouped conv's raw output **before BN and ReLU**: BN rescales every channel, so these strengths "
+                "are not what the next layer sees (sparsity is counted after the ReLU)")
+    return "after BN + ReLU: **what the block's next 1×1 conv receives** from each group"
+
+
 def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
     """One line under a heat map: its deletion drop against random orders and the model-blind maps."""
     if f is None:
