@@ -95,17 +95,17 @@ class ResNeXt(nn.Module):
         cin = config.stem_width
         self.stage_names: list[str] = []
         for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
-            blocks = [
-                Bottleneck(cin if b == 0 else cout, cout, config.cardinality, config.group_width(i),
-                           stride=2 if (i > 0 and b == 0) else 1)
-                for b in range(depth)
-            ]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.add_module(f"layer{i + 1}", nn.Sequential(*self.stage_blocks(i, cin, cout, depth)))
             self.stage_names.append(f"layer{i + 1}")
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, config.num_classes)
         _init_weights(self, zero_init_residual)
+
+    def stage_blocks(self, i: int, cin: int, cout: int, depth: int) -> list[nn.Module]:
+        """Stage i's blocks: bottlenecks, the first one carrying the stride (after stage 1) and projection."""
+        return [Bottleneck(cin if b == 0 else cout, cout, self.config.cardinality, self.config.group_width(i),
+                           stride=2 if (i > 0 and b == 0) else 1) for b in range(depth)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and all stages: N x widths[-1] x H/4 x W/4."""
@@ -160,23 +160,10 @@ class FastResNeXt(ResNeXt):
     (conv2 grouped, act2 after it), so every per-group view works unchanged.
     """
 
-    def __init__(self, config: ResNeXtConfig, zero_init_residual: bool = False):
-        nn.Module.__init__(self)
-        self.config = config
-        self.conv1 = nn.Conv2d(3, config.stem_width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(config.stem_width)
-        self.act1 = nn.ReLU(inplace=False)
-        cin = config.stem_width
-        self.stage_names = []
-        for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
-            blocks = [Downsample(cin, cout)] + [Bottleneck(cout, cout, config.cardinality, config.group_width(i))
-                                                for _ in range(depth)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.stage_names.append(f"layer{i + 1}")
-            cin = cout
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, config.num_classes)
-        _init_weights(self, zero_init_residual)
+    def stage_blocks(self, i: int, cin: int, cout: int, depth: int) -> list[nn.Module]:
+        """Stage i's blocks: the Downsample, then `depth` bottlenecks with identity shortcuts."""
+        return [Downsample(cin, cout)] + [Bottleneck(cout, cout, self.config.cardinality, self.config.group_width(i))
+                                          for _ in range(depth)]
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:

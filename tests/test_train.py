@@ -123,15 +123,20 @@ def test_subset_is_balanced() -> None:
     assert len(ys) == 50 and torch.bincount(ys).tolist() == [5] * 10
 
 
-def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
-    """2-process DistributedDataParallel on CPU (gloo): both ranks end identical, and equal to the file."""
-    rng = np.random.default_rng(0)
+def _image_tree(root, per_class: int, seed: int) -> None:
+    """A random-noise image-folder tree <root>/{train,test}/<class>/<i>.png (per_class images each)."""
+    rng = np.random.default_rng(seed)
     for split in ("train", "test"):
         for c in data.CLASSES:
-            d = tmp_path / "tree" / split / c
+            d = root / split / c
             d.mkdir(parents=True)
-            for i in range(4):
+            for i in range(per_class):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
+    """2-process DistributedDataParallel on CPU (gloo): both ranks end identical, and equal to the file."""
+    _image_tree(tmp_path / "tree", per_class=4, seed=0)
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "RESNEXT_DEMO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -149,12 +154,7 @@ def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
 def test_init_from_starts_at_a_checkpoints_weights(tmp_path, monkeypatch) -> None:
     """--init-from: the weights carry over (lr 0 keeps them), the metadata names the starting checkpoint,
     and another architecture is refused."""
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for c in data.CLASSES:
-            d = tmp_path / "tree" / split / c
-            d.mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / "0.png")
+    _image_tree(tmp_path / "tree", per_class=1, seed=1)
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
     common = ["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--epochs", "1",
               "--batch-size", "5", "--device", "cpu"]
@@ -186,13 +186,7 @@ def test_val_run_scores_epochs_on_validation_and_reads_test_once(tmp_path, monke
     """--val N: the curve is validation accuracy (val_acc), the metadata holds the test top-1 (plain and
     flip-TTA) computed once at the end, which equals a fresh evaluation of the saved weights."""
     from resnext_demo.evaluate import evaluate
-    rng = np.random.default_rng(2)
-    for split in ("train", "test"):
-        for c in data.CLASSES:
-            d = tmp_path / "tree" / split / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    _image_tree(tmp_path / "tree", per_class=3, seed=2)
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "v.safetensors"
     train.main(["--model", "resnext14_8x4d_fast", "--data", str(tmp_path / "tree"), "--epochs", "1", "--whiten",
