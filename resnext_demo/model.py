@@ -7,6 +7,7 @@ This file imports nothing else of the project.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -285,8 +286,10 @@ def matched_base_width(config: ResNeXtConfig, cardinality: int) -> int:
 
 def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
     """Multiply-adds of a config on a size x size input (cifar family: without building it; = count_macs)."""
+    if config.family == "fast":
+        return _fast_counts(config, size)[1]
     if config.family != "cifar":
-        return count_macs(build_from_config(config), size)
+        return _built_counts(config, size)[1]
     hw = size * size
     total = 27 * config.stem_width * hw
     cin = config.stem_width
@@ -305,8 +308,10 @@ def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
 
 def config_params(config: ResNeXtConfig) -> int:
     """Parameters of a config (cifar family: counted without building it; equals count_params)."""
+    if config.family == "fast":
+        return _fast_counts(config)[0]
     if config.family != "cifar":
-        return count_params(build_from_config(config))
+        return _built_counts(config)[0]
     total = 27 * config.stem_width + 2 * config.stem_width  # stem conv + BN
     cin = config.stem_width
     for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
@@ -318,6 +323,31 @@ def config_params(config: ResNeXtConfig) -> int:
                 total += c * cout + 2 * cout
         cin = cout
     return total + cin * config.num_classes + config.num_classes
+
+
+def _fast_counts(config: ResNeXtConfig, size: int = 32) -> tuple[int, int]:
+    """(params, MACs) of a FastResNeXt config in closed form (BN: 2 parameters per channel, no MACs)."""
+    params, macs = 27 * config.stem_width + 2 * config.stem_width, 27 * config.stem_width * size * size
+    cin, hw = config.stem_width, size * size
+    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+        params += 9 * cin * cout + 2 * cout  # Downsample: its conv runs before the pool, on the finer grid
+        macs += 9 * cin * cout * hw
+        hw //= 4
+        w = config.bottleneck_width(i)
+        block = cout * w + 9 * w * w // config.cardinality + w * cout
+        params += depth * (block + 2 * (2 * w + cout))
+        macs += depth * block * hw
+        cin = cout
+    return params + cin * config.num_classes + config.num_classes, macs + cin * config.num_classes
+
+
+@functools.lru_cache(maxsize=512)
+def _built_counts(config: ResNeXtConfig, size: int = 32) -> tuple[int, int]:
+    """(params, MACs) of a family without a closed form, built on the meta device (no memory, no arithmetic)
+    and cached: the equal-budget search asks for dozens of neighbouring configs."""
+    with torch.device("meta"):
+        m = build_from_config(config)
+    return count_params(m), count_macs(m, size)
 
 
 def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict[str, ResNeXtConfig]:

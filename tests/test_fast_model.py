@@ -127,3 +127,12 @@ def test_group_views_match_plain_captum_and_a_hand_edited_model(fast_model, x, l
     lg = LayerGradCam(fast_model, act).attribute(x, target=3)
     full = F.interpolate(lg.detach(), size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy()
     np.testing.assert_allclose(cams.sum(0), full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [TINY_FAST, ResNeXtConfig(depths=(2, 1, 3), stem_width=24, widths=(48, 96, 160),
+                                                          cardinality=16, base_width=3, num_classes=7, family="fast")])
+def test_closed_form_counts_equal_the_built_model(cfg) -> None:
+    """config_params / config_macs (closed form, used by the About tab's equal-budget search) = counting."""
+    from resnext_demo.model import config_macs, config_params, count_macs, count_params
+    m = FastResNeXt(cfg)
+    assert (config_params(cfg), config_macs(cfg)) == (count_params(m), count_macs(m))
