@@ -24,7 +24,7 @@ import torch.nn as nn
 from PIL import Image
 
 from . import data, explain, finetune, verdicts, visualize, weights
-from .model import ResNeXtConfig, build_from_config, config_params, count_macs, equal_budget_configs, \
+from .model import ResNeXtConfig, config_macs, config_params, equal_budget_configs, \
     list_models, matched_base_width
 from .predict import predict, predict_batch
 
@@ -254,17 +254,9 @@ def grouped_dropdown_choices(model: nn.Module | None) -> list[tuple[str, str]]:
     return [(_layer_label(model, n, True), n) for n in model.grouped_convs()]
 
 
-@functools.lru_cache(maxsize=16)
-def _macs(config: ResNeXtConfig) -> int:
-    """MACs of a config, counted on the meta device (no memory, no real arithmetic)."""
-    with torch.device("meta"):
-        m = build_from_config(config)
-    return count_macs(m)
-
-
 def architecture_text(name: str, cfg: ResNeXtConfig) -> str:
     """One paragraph naming the loaded network's layout and its computed size."""
-    size = (f"{config_params(cfg) / 1e6:.2f} M parameters, {_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per "
+    size = (f"{config_params(cfg) / 1e6:.2f} M parameters, {config_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per "
             f"32×32 image" if cfg.family in ("cifar", "fast") else f"cardinality {cfg.cardinality}")
     per_group = f"C={cfg.cardinality} groups, d={cfg.base_width} channels per group in stage 1 (doubling each stage)"
     if cfg.family == "cifar":
@@ -289,7 +281,7 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
     rows = []
     for c in cfgs:
         rows.append({"C (groups)": c.cardinality, "d (stage 1)": c.base_width,
-                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs": round(_macs(c) / 1e6, 1),
+                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs": round(config_macs(c) / 1e6, 1),
                      "loaded": "◀" if (c.cardinality, c.base_width) == (config.cardinality, config.base_width) else ""})
     return pd.DataFrame(rows)
 
