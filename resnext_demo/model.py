@@ -352,11 +352,12 @@ def _built_counts(config: ResNeXtConfig, size: int = 32) -> tuple[int, int]:
 
 def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict[str, ResNeXtConfig]:
     """Models with the complexity of `reference` at other cardinalities, named like the paper (C x d)."""
-    base, suffix = _CONFIGS[reference], reference.rsplit("_", 1)[-1]
+    base, suffix = _CONFIGS[reference], reference.split("_", 2)[-1]
+    depth = reference.split("_", 1)[0].removeprefix("resnext")  # weighted layers: 29 or 20
     out = {}
     for c in cardinalities:
         d = matched_base_width(base, c)
-        name = f"resnet29_{suffix}" if c == 1 else f"resnext29_{c}x{d}d_{suffix}"
+        name = f"resnet{depth}_{suffix}" if c == 1 else f"resnext{depth}_{c}x{d}d_{suffix}"
         out[name] = replace(base, cardinality=c, base_width=d)
     return out
 
@@ -375,7 +376,12 @@ _CONFIGS.update({
                                          base_width=4, family="fast"),
     "resnext14_16x4d_fast_wide": ResNeXtConfig(depths=(1, 1, 1), stem_width=32, widths=(96, 384, 384),
                                                cardinality=16, base_width=4, family="fast"),
+    # 2.4x the default's multiply-adds, still ~1.8x faster than resnet18-CIFAR at batch 1 on the CPU.
+    "resnext20_16x8d_fast_wide": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(96, 384, 384),
+                                               cardinality=16, base_width=8, family="fast"),
 })
+# The cardinality sweep of the fast family at the default's budget (C=32 would miss it by 9-10 %).
+_CONFIGS.update(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
 _CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
                                             cardinality=32, base_width=4, family="torchvision")
 

@@ -29,7 +29,10 @@ class CheckpointError(ValueError):
 
 
 def code_commit() -> str:
-    """The git commit of this code (recorded in checkpoints), or 'unknown' outside a checkout."""
+    """The git commit of this code (recorded in checkpoints), or 'unknown' outside a checkout.
+    $RESNEXT_DEMO_COMMIT wins: a copy of the tree without .git (a lent GPU machine) still records it."""
+    if os.environ.get("RESNEXT_DEMO_COMMIT"):
+        return os.environ["RESNEXT_DEMO_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=data.PROJECT_ROOT, capture_output=True,
                              text=True, timeout=5)
