@@ -286,27 +286,19 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
     return pd.DataFrame(rows)
 
 
-SWEEP_RESULTS = weights.WEIGHTS_DIR / "sweep" / "results.json"  # shipped by the cardinality sweep (issue 7)
-
-
-def sweep_table(path: str | Path = SWEEP_RESULTS) -> pd.DataFrame | None:
-    """The shipped cardinality sweep's results as a table, or None when not shipped (or unreadable)."""
+def sweep_table(path: str | Path = weights.SWEEP_RESULTS) -> pd.DataFrame | None:
+    """The shipped cardinality sweep (`python -m resnext_demo.sweep collect`), one row per C, or None when
+    there is none (or it is unreadable)."""
     import json
 
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        rows = json.loads(Path(path).read_text())["rows"]
+        return pd.DataFrame([{"C": r["C"], "d": r["d"], "model": r["model"], "params (M)": r["params_M"],
+                              "MFLOPs": r["MFLOPs"], "top-1 % (mean ± half-range)":
+                              f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_spread']:.2f}",
+                              "seeds": len(r["seeds"]), "epochs": r["epochs"]} for r in rows]) if rows else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if isinstance(raw, dict):  # {"results": [...]} / {"runs": [...]} / {name: row}
-        rows = next((raw[k] for k in ("results", "runs", "models", "rows") if isinstance(raw.get(k), list)), None)
-        if rows is None:
-            rows = [{"name": k, **v} for k, v in raw.items() if isinstance(v, dict)]
-    else:
-        rows = raw
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        return None
-    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows]
-    return pd.DataFrame(flat)
 
 
 class Handlers:
@@ -959,7 +951,7 @@ class Handlers:
     # ------------------------------------------------------------ About
 
     @staticmethod
-    def sweep(path: str | Path = SWEEP_RESULTS):
+    def sweep(path: str | Path = weights.SWEEP_RESULTS):
         """(table update, markdown, accuracy-vs-C plot update) of the shipped cardinality sweep (written by
         `python -m resnext_demo.sweep`); hidden when there is none."""
         t = sweep_table(path)
@@ -969,9 +961,11 @@ class Handlers:
         results = json.loads(Path(path).read_text())
         plot = (gr.update(value=visualize.sweep_figure(results), visible=True)
                 if isinstance(results, dict) and isinstance(results.get("rows"), list) else gr.update(visible=False))
+        rows = results.get("rows") or []
+        how = (f", {rows[0]['epochs']} epochs each on {rows[0].get('device') or 'an unrecorded device'}" if rows else "")
         return gr.update(value=t, visible=True), (
-            "**Cardinality sweep** (`weights/sweep/results.json`): models of one budget at different C, "
-            "trained with the same recipe."), plot
+            "**Cardinality sweep** (`weights/sweep/results.json`): models of one parameter and FLOP budget at "
+            f"different C, trained with the same recipe{how}. " + verdicts.sweep_md(results)), plot
 
     @_friendly
     def about(self, session: SessionModel | None = None, stage: int = 0):

@@ -142,3 +142,24 @@ def specialization_md(s: Specialization, classes: list[str] | tuple[str, ...]) -
     if dead:
         lines.append(f"{dead} of {g} groups never fire on these images (dead paths).")
     return "\n\n".join(lines)
+
+
+def sweep_md(results: dict) -> str:
+    """What a cardinality sweep's results.json shows, against two noise references: the seeds' own spread and
+    the sampling error of one test-split accuracy."""
+    rows = results.get("rows") or []
+    if len(rows) < 2:
+        return "Too few cardinalities to compare."
+    best, worst = max(rows, key=lambda r: r["top1_mean"]), min(rows, key=lambda r: r["top1_mean"])
+    gap = best["top1_mean"] - worst["top1_mean"]
+    seed_range = max(2 * r["top1_spread"] for r in rows)  # the widest seed-to-seed difference of one model
+    n = max((r.get("test_images") or 0 for r in results.get("runs") or []), default=0) or 10_000
+    se = float(np.sqrt(best["top1_mean"] * (1 - best["top1_mean"]) / n))
+    line = (f"Best C = {best['C']} ({100 * best['top1_mean']:.2f} %), worst C = {worst['C']} "
+            f"({100 * worst['top1_mean']:.2f} %): a gap of {100 * gap:.2f} points, against seeds of one model that "
+            f"differ by up to {100 * seed_range:.2f} and a sampling error of ±{100 * se:.2f} for one accuracy on "
+            f"{n:,} test images. ")
+    if gap > max(seed_range, 2 * se):
+        return line + "The gap is larger than both: at this budget and recipe, cardinality matters."
+    return line + ("**The gap is within that noise: this sweep does not separate the cardinalities** (more seeds "
+                   "and epochs would be needed to confirm or refute the paper at this scale).")

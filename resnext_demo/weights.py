@@ -22,6 +22,7 @@ FORMAT = "resnext-demo/1"
 META_KEY = "resnext_demo"
 WEIGHTS_DIR = data.PROJECT_ROOT / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
+SWEEP_RESULTS = WEIGHTS_DIR / "sweep" / "results.json"  # the cardinality sweep's (resnext_demo.sweep)
 
 
 class CheckpointError(ValueError):
