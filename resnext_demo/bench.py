@@ -206,6 +206,12 @@ def train_throughput(model: nn.Module, device: torch.device, bf16: bool, channel
     return batch_size / r["median"]
 
 
+def _sweep_names() -> set[str]:
+    """The sweep's equal-budget variants: the same cost as the default, so not worth a row each."""
+    from .model import equal_budget_configs
+    return set(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
+
+
 def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0) -> list[dict]:
     """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench reference
     measured in the same run (the ratio is what survives a noisy machine)."""
@@ -277,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.train:
-        names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"]
+        names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"
+                                                           and n not in _sweep_names()]
         rows = training_table(device, names, compiled=args.compile)
         print(json.dumps(rows, indent=1) if args.json else
               f"Device: {device} ({torch.get_num_threads()} torch threads), batch 256\n\n" + training_report(rows))

@@ -387,12 +387,14 @@ def sweep_figure(results: dict) -> Image.Image:
         err = np.array([100 * r.get("top1_spread", 0.0) for r in rows])
         ax.errorbar(c, acc, yerr=err, fmt="o-", ms=4, capsize=3)
         for r, x, y in zip(rows, c, acc):
-            ax.annotate(f"{r['C']}×{r['d']}d\n{r['params_M']:.2f} M", (x, y), fontsize=7, xytext=(4, -14),
+            ax.annotate(f"{r['C']}×{r['d']}d\n{r['params_M']:.2f} M", (x, y), fontsize=7, xytext=(6, -18),
                         textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_xticks(c, [str(int(v)) for v in c])
         mflops = [r["MFLOPs"] for r in rows]
-        ax.set_title(f"same budget ({min(mflops):.0f}–{max(mflops):.0f} MFLOPs), same recipe", fontsize=8)
+        seeds = max(len(r.get("seeds", [])) for r in rows)
+        ax.set_title(f"same budget ({min(mflops):.0f}–{max(mflops):.0f} MFLOPs), same recipe; mean of {seeds} "
+                     f"seed(s), bars: half the range", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no sweep results", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("cardinality C (groups)", fontsize=8)

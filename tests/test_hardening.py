@@ -30,11 +30,8 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from resnext_demo import ui  # noqa: E402  (imports gradio: after the importorskip)
 
-# Gradio's own gr.Image preprocessing opens uploads with PIL before any handler runs; until ui uses an
-# input component that hands the file to data.open_image untouched (ui.ImageInput), files PIL cannot
-# open get Gradio's raw message and transparency/16-bit are converted by Gradio, not by data.to_rgb.
-NEEDS_IMAGE_INPUT = pytest.mark.xfail(not hasattr(ui, "ImageInput"), strict=True,
-                                      reason="gr.Image preprocesses uploads itself; needs ui.ImageInput")
+# Gradio's own gr.Image preprocessing would open uploads with PIL before any handler runs; ui.ImageInput
+# hands the file to data.open_image untouched, so the tests below hold for every upload.
 
 
 def _tiny_model():
@@ -102,20 +99,18 @@ def assert_human(msg: str) -> None:
 # ---------------------------------------------------------------- images
 
 BROKEN_EXPECT = {
-    "empty": ("The file is empty", False),
-    "text renamed .png": ("not an image format I can read", False),
-    "truncated PNG": ("damaged or truncated", True),
-    "truncated JPEG": ("damaged or truncated", True),
-    "decompression bomb": ("too large to decode safely", False),
-    "100 MP bomb": ("too large to decode safely", True),
+    "empty": "The file is empty",
+    "text renamed .png": "not an image format I can read",
+    "truncated PNG": "damaged or truncated",
+    "truncated JPEG": "damaged or truncated",
+    "decompression bomb": "too large to decode safely",
+    "100 MP bomb": "too large to decode safely",
 }
 
 
 @pytest.mark.parametrize("name", list(BROKEN_EXPECT))
-def test_broken_image_gets_a_human_error(name, client, files, server, request):
-    expected, works_without_image_input = BROKEN_EXPECT[name]
-    if not works_without_image_input:
-        request.applymarker(NEEDS_IMAGE_INPUT)
+def test_broken_image_gets_a_human_error(name, client, files, server):
+    expected = BROKEN_EXPECT[name]
     t0 = time.monotonic()
     with pytest.raises(AppError) as e:
         client.predict(handle_file(str(files[name])), api_name="/predict")
@@ -151,7 +146,6 @@ def _same_picture(d: Path, src: Path, name: str, fn) -> Path:
         return badfiles._save(fn(im), d / name)
 
 
-@NEEDS_IMAGE_INPUT
 def test_transparency_is_composited_on_white(client, files, server):
     """A transparent PNG predicts like the same picture pasted on the stated background (white)."""
     def on_white(im):
@@ -163,7 +157,6 @@ def test_transparency_is_composited_on_white(client, files, server):
     assert max(abs(a[c] - b[c]) for c in data.CLASSES) < 1e-4
 
 
-@NEEDS_IMAGE_INPUT
 def test_sixteen_bit_is_scaled_not_clipped(client, files, server):
     """A 16-bit PNG predicts like its 8-bit version (values scaled by 255/65535, not clipped at 255)."""
     def to8(im):
@@ -285,8 +278,7 @@ def test_uploads_are_bounded_by_max_file_size(server, client):
     url, tmp, _ = server
     with urllib.request.urlopen(url + "config", timeout=10) as r:
         limit = json.loads(r.read()).get("max_file_size")
-    if limit is None:
-        pytest.xfail("app.py does not pass max_file_size to launch(): uploads are unbounded")
+    assert limit is not None, "app.py does not pass max_file_size to launch(): uploads are unbounded"
     big = tmp / "too-big.png"
     with open(big, "wb") as f:
         f.truncate(int(limit) + 1)  # sparse: costs no disk
