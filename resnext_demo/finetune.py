@@ -405,4 +405,6 @@ def export(result: Result, path: str | Path, base_meta: dict | None = None) -> P
                           "n_train": result.n_train, "n_holdout": result.n_holdout, "stopped": result.stopped}}
     if result.custom_classes:
         meta["custom_classes"] = True
+    if "cifar" in result.comparisons:  # say what "accuracy" was measured on (a slice, not the whole split)
+        meta["data"] = {"test_images": result.comparisons["cifar"].n}
     return weights.save_checkpoint(path, result.model, meta)

@@ -288,6 +288,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str | t
     return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
 
 
+def compact_resume(path: str | Path) -> Path:
+    """Rewrite a resume state small enough to commit: fp16 weights, the epoch and curve, no momentum (it
+    restarts from zero when resumed; the data order still continues exactly). EMA runs keep their average."""
+    model, meta = weights.load_checkpoint(path)
+    ema = {k: v for k, v in weights.load_extra_tensors(path).items() if k.startswith("ema")}
+    meta = {k: v for k, v in meta.items() if k not in ("format", "config", "classes", "mean", "std", "dtype")}
+    meta["compacted"] = "fp16 weights, momentum dropped (restarts from zero at the resumed epoch)"
+    return weights.save_checkpoint(path, model, meta, half=True,
+                                   extra_tensors={k: (v.half() if v.is_floating_point() else v) for k, v in ema.items()})
+
+
 def params_digest(model: nn.Module) -> str:
     """sha256 of all parameters and buffers in order (to check that DDP ranks agree)."""
     h = hashlib.sha256()
@@ -320,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 into --data")
     ap.add_argument("--out", default=str(weights.WEIGHTS_DIR / "trained.safetensors"))
     ap.add_argument("--resume", action="store_true", help="continue from <out>.resume.safetensors if present")
+    ap.add_argument("--compact-resume", action="store_true",
+                    help="only rewrite <out>.resume.safetensors small enough to commit (fp16, no momentum) and exit")
     ap.add_argument("--subset", type=int, default=None, help="train on a balanced subset (smoke runs)")
     ap.add_argument("--test-subset", type=int, default=None, help="evaluate on a balanced test subset")
     ap.add_argument("--val", type=int, default=0, metavar="N",
@@ -339,6 +352,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.add_argument(flag, type=type(val) if val is not None else float, default=val)
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
+    if args.compact_resume:
+        path = compact_resume(Path(args.out).with_suffix(".resume.safetensors"))
+        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB")
+        return
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -423,7 +423,9 @@ class Handlers:
             return no_weights_help(self.weights_path, self.load_error)
         sm = self.active(session)
         acc = sm.meta.get("accuracy")
-        acc_s = f", CIFAR-10 test accuracy {100 * acc:.1f} %" if isinstance(acc, (int, float)) else ""
+        n = sm.meta["data"].get("test_images") if isinstance(sm.meta.get("data"), dict) else None
+        on = f" on {n:,} test images" if isinstance(n, int) else ""  # a fine-tune's slice is not the whole split
+        acc_s = f", CIFAR-10 test accuracy {100 * acc:.2f} %{on}" if isinstance(acc, (int, float)) else ""
         who = "the shared model" if session is None else "**your session's model** (only you see it)"
         return (f"Using {who}: `{sm.name}` — ResNeXt C={sm.model.config.cardinality}, "
                 f"{len(sm.classes)} classes{acc_s}.")
@@ -546,7 +548,7 @@ class Handlers:
         groups = explain.groups_of(sm.model, layer)
         node, fmap, stats = explain.shown_maps(sm.model, x, layer, before_bn=shown == "conv")
         grid, ranges = visualize.group_grid(explain.split_groups(fmap, groups), scale=scale, view=view)
-        title = f"{node}: {groups} group(s) × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
+        title = f"{node}: {groups} group{'s' if groups != 1 else ''} × {fmap.shape[1] // groups} channels, {fmap.shape[2]}×{fmap.shape[3]}"
         md = f"**{title}** — {verdicts.shown_maps_label(node, layer, groups)}; colour scale per {scale}.\n\n```\n{ranges}\n```"
         return grid, md, visualize.group_stats_figure(stats, title=title)
 
@@ -579,11 +581,13 @@ class Handlers:
         f = explain.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
         return verdicts.faithfulness_md(f, sm.classes[target])
 
-    def _attr_md(self, a: explain.Attribution, sm: SessionModel, x: torch.Tensor | None = None) -> str:
+    def _attr_md(self, a: explain.Attribution, sm: SessionModel, x: torch.Tensor | None = None,
+                 signed: bool = True) -> str:
         params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
+        shown = (f"map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]" if signed else
+                 f"shown: |value|, 0 to {float(np.abs(a.values).max()):.4g}")
         md = (f"**{a.method}** for class **{sm.classes[a.target]}** · raw range [{a.raw_min:.4g}, {a.raw_max:.4g}]"
-              f" · map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]"
-              + (f" · {params}" if params else ""))
+              f" · {shown}" + (f" · {params}" if params else ""))
         if a.note:
             md += f"\n\n**Note:** {a.note}"
         delta = verdicts.attribution_delta_md(a)
@@ -605,8 +609,8 @@ class Handlers:
         t = self._target(sm, target, im32)
         a = explain.attribute(sm.model, x, method, t,
                               **self.method_params(method, steps, baseline, samples, noise, layer, window, stride))
-        return visualize.attribution_image(a, im32, signed=bool(signed), opacity=float(opacity)), \
-            self._attr_md(a, sm, x)
+        return visualize.attribution_panels([a], im32, signed=bool(signed), opacity=float(opacity)), \
+            self._attr_md(a, sm, x, bool(signed))
 
     @_friendly
     def compare(self, image, method_a: str, method_b: str, target: str = "predicted", signed: bool = True,
@@ -624,7 +628,7 @@ class Handlers:
                  for m in (method_a, method_b)]
         img = visualize.attribution_pair(attrs[0], attrs[1], im32, signed=bool(signed),
                                          opacity=float(opacity))
-        return img, "\n\n".join(self._attr_md(a, sm, x) for a in attrs)
+        return img, "\n\n".join(self._attr_md(a, sm, x, bool(signed)) for a in attrs)
 
     @staticmethod
     def param_visibility(method: str):
@@ -935,9 +939,10 @@ class Handlers:
 
     def model_controls(self, session: SessionModel | None):
         """Layer and class dropdowns that fit the session's model (its layers, its classes): Feature maps
-        layer, Grad-CAM layer, attribution target, Groups block, Groups target, Groups contrast."""
+        layer, Grad-CAM layer, attribution target, Groups block, Groups target, Groups contrast, and the
+        Predict tab's top-k slider (at most the model's number of classes)."""
         if session is None and self.base is None:
-            return (gr.update(),) * 6
+            return (gr.update(),) * 7
         sm = self.active(session)
         layers = layer_dropdown_choices(sm.model)
         blocks = grouped_dropdown_choices(sm.model)
@@ -946,7 +951,8 @@ class Handlers:
                 gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
                 gr.update(choices=blocks, value=blocks[-1][1] if blocks else None),
                 gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
-                gr.update(choices=["none", "runner-up"] + list(sm.classes), value="none"))
+                gr.update(choices=["none", "runner-up"] + list(sm.classes), value="none"),
+                gr.update(maximum=len(sm.classes), value=min(3, len(sm.classes))))
 
     # ------------------------------------------------------------ About
 
@@ -1062,7 +1068,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         image = ImageInput(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
                                          label="Image (any size; it is centre-cropped and shrunk to 32×32)",
                                          height=320, elem_id="predict-image")
-                        k = gr.Slider(1, len(classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown")
+                        k = gr.Slider(1, len(classes), value=3, step=1, label="Top-k classes shown")
                         with gr.Row():
                             predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
                             random_btn = gr.Button("Random test image", elem_id="random-btn")
@@ -1195,7 +1201,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         with gr.Row():
                             at_method_b = gr.Dropdown(list(explain.METHODS), value="Grad-CAM", label="Compare with")
                             at_cmp_btn = gr.Button("Compare side by side", elem_id="at-cmp-btn")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=3):  # wide: three ~280 px panels per method (image | map | overlay)
                         at_out = gr.Image(label="Attribution", interactive=False, elem_id="at-out")
                         at_md = gr.Markdown(elem_id="at-md")
                         at_cmp = gr.Image(label="Comparison", interactive=False, elem_id="at-cmp")
@@ -1327,7 +1333,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
             .then(train, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
                   api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
-        controls = [fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast]
+        controls = [fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast, k]
         ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
             .success(h.model_controls, session, controls, api_visibility="private")
         ft_reset.click(h.reset_model, None, [session, banner], api_name="reset_model") \

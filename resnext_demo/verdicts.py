@@ -32,9 +32,10 @@ def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
     if f is None:
         return "**Faithfulness:** not measurable for an empty map."
     refs = ", ".join(f"{name} {score:.3f}" for name, score in f.references.items())
-    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map lowers p({class_name}) by "
-            f"{f.score:.3f} on average; random orders: {f.random_score:.3f}; maps that know nothing about the model: "
-            f"{refs} — ")
+    effect = (f"lowers p({class_name}) by {f.score:.3f}" if f.score >= 0 else
+              f"raises p({class_name}) by {-f.score:.3f} (a drop of {f.score:.3f})")
+    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map {effect} on average; "
+            f"random orders: {f.random_score:.3f}; maps that know nothing about the model: {refs} — ")
     if f.verdict == "no better than random":
         return line + "✗ no better than random orders on this image."
     if f.verdict == "beats random only":

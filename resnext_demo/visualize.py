@@ -209,13 +209,40 @@ def _attr_title(a: Attribution) -> str:
 
 def attribution_pair(a: Attribution, b: Attribution, image32: Image.Image | np.ndarray, signed: bool = True,
                      opacity: float = 0.5) -> Image.Image:
-    """Two attributions of the same image side by side, titled with method, params and raw ranges."""
-    fig = Figure(figsize=(6.4, 3.8))
-    for i, attr in enumerate((a, b)):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.imshow(attribution_image(attr, image32, signed=signed, opacity=opacity))
-        ax.set_title(_attr_title(attr) + ("\n(" + attr.note[:40] + "…)" if attr.note else ""), fontsize=8)
-        ax.set_axis_off()
+    """Two attributions of the same image, one row of attribution_panels each."""
+    return attribution_panels([a, b], image32, signed=signed, opacity=opacity)
+
+
+def attribution_panels(attrs: list[Attribution], image32: Image.Image | np.ndarray, signed: bool = True,
+                       opacity: float = 0.5) -> Image.Image:
+    """Captum's `visualize_image_attr_multiple` layout, one row per attribution: the image the model saw |
+    the map alone with its colour bar (diverging and centred at 0 when signed; |value| when not) | the overlay.
+    Each panel is drawn at about 280 px, so a 32 x 32 map can be read."""
+    fig = Figure(figsize=(10.4, 3.3 * len(attrs)))
+    for row, attr in enumerate(attrs):
+        v = np.nan_to_num(np.asarray(attr.values, dtype=np.float64))
+        m = float(np.abs(v).max()) or 1.0
+        ax0, ax1, ax2 = (fig.add_subplot(len(attrs), 3, 3 * row + k) for k in (1, 2, 3))
+        ax0.imshow(upscale(image32, 256))
+        ax0.set_title("image (32×32, as the model sees it)", fontsize=9)
+        if signed:
+            im = ax1.imshow(v, cmap="bwr", vmin=-m, vmax=m, interpolation="nearest")
+            label = "red: for the class · blue: against"
+        else:
+            im = ax1.imshow(np.abs(v), cmap="inferno", vmin=0, vmax=m, interpolation="nearest")
+            label = "|attribution|"
+        cb = fig.colorbar(im, ax=ax1, fraction=0.046, pad=0.03)
+        cb.ax.tick_params(labelsize=7)
+        cb.set_label(label, fontsize=7)
+        params = ", ".join(f"{k}={v}" for k, v in attr.params.items() if v is not None)
+        ax1.set_title(f"{attr.method}" + (f" ({params})" if params and len(params) < 40 else ""), fontsize=9)
+        ax2.imshow(overlay(attr.values, image32, signed=signed, opacity=opacity, size=256))
+        ax2.set_title(f"overlay (opacity {opacity:g})" if not attr.note else attr.note[:45] + "…", fontsize=9)
+        for ax in (ax0, ax1, ax2):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.1 / len(attrs), bottom=0.02, wspace=0.22,
+                        hspace=0.25)
     return figure_to_image(fig)
 
 

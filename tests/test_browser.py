@@ -63,6 +63,11 @@ def test_browser_every_tab_and_finetune(app_url):
         screenshots.open_tab(page, "attributions")
         page.locator("#at-btn").click()
         screenshots.wait_image(page, "at-out")
+        page.wait_for_function("() => document.querySelector('#at-out img').naturalWidth > 0")
+        natural_w, natural_h, shown_w = page.eval_on_selector(
+            "#at-out img", "e => [e.naturalWidth, e.naturalHeight, e.getBoundingClientRect().width]")
+        # image | map with its colour bar | overlay: three panels, each at least 256 px as drawn and as shown
+        assert natural_w >= 3 * 256 and natural_h >= 256 and shown_w >= 3 * 256, (natural_w, natural_h, shown_w)
         assert "raw range" in screenshots.wait_text(page, "at-md", "raw range")
         assert "Faithfulness" in page.locator("#at-md").inner_text()
 

@@ -198,3 +198,28 @@ def test_val_run_scores_epochs_on_validation_and_reads_test_once(tmp_path, monke
     x, y = data.load_split(str(tmp_path / "tree"), "test")
     assert meta["accuracy"] == pytest.approx(evaluate(model, x, y)["top1"])
     assert meta["accuracy_tta"] == pytest.approx(evaluate(model, x, y, tta=True)["top1"])
+
+
+def test_a_compacted_resume_state_is_small_and_continues(tmp_path, monkeypatch) -> None:
+    """--compact-resume: fp16 weights, no momentum, the epoch and curve kept; --resume then continues at the
+    next epoch from those weights (what a session commits when a long run is unfinished)."""
+    _image_tree(tmp_path / "tree", per_class=2, seed=3)
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    common = ["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--batch-size", "5",
+              "--device", "cpu", "--out", str(tmp_path / "run.safetensors")]
+    train.main([*common, "--epochs", "1"])
+    model, meta = weights.load_checkpoint(tmp_path / "run.safetensors")
+    resume = tmp_path / "run.resume.safetensors"  # as the CLI leaves it after epoch 1 of 2
+    momentum = {f"optim.{i}": torch.randn_like(p) for i, p in enumerate(model.parameters())}
+    weights.save_checkpoint(resume, model, {k: meta[k] for k in ("recipe", "command", "data", "params", "macs")}
+                            | {"epoch": 1, "history": meta["history"]}, extra_tensors=momentum)
+    full = resume.stat().st_size
+    train.main([*common, "--compact-resume"])
+    small, cmeta = weights.load_checkpoint(resume)
+    assert resume.stat().st_size < 0.3 * full and cmeta["dtype"] == "float16" and cmeta["epoch"] == 1
+    assert weights.load_extra_tensors(resume) == {}
+    assert all(torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(model.parameters(), small.parameters()))
+    train.main([*common, "--epochs", "2", "--resume"])
+    _, done = weights.load_checkpoint(tmp_path / "run.safetensors")
+    assert [h["epoch"] for h in done["history"]] == [1, 2] and done["history"][0] == meta["history"][0]
+    assert not resume.exists()

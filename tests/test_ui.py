@@ -1,6 +1,8 @@
 """Every UI handler called directly on the tiny model (no server, no browser)."""
 from __future__ import annotations
 
+import json
+
 import copy
 import threading
 from pathlib import Path
@@ -275,10 +277,13 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
     # "use this model" swaps only the session's state
     session, banner = handlers.use_model(pending)
     assert session is pending and "session" in banner
+    if "data" in meta:  # its accuracy is on a CIFAR-10 slice, and the banner says how many images
+        assert f"on {meta['data']['test_images']:,} test images" in banner
     probs = handlers.predict_label(image_path, 11, session)
     assert "zebra" in probs
     assert "zebra" not in handlers.predict_label(image_path, 10, None)
-    fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast = handlers.model_controls(session)
+    fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast, top_k = handlers.model_controls(session)
+    assert top_k["maximum"] == 11 == len(session.classes)  # the top-k slider follows the model's classes
     assert "zebra" in at_target["choices"] and fm_layer["value"] == "layer1.0.conv2"
     assert "zebra" in gr_target["choices"] and "zebra" in gr_contrast["choices"] and gr_layer["value"] == "layer3.0.conv2"
     # re-upload the exported file to continue
@@ -410,11 +415,16 @@ def test_sweep_table_when_shipped(tmp_path):
     assert ui.sweep_table(tmp_path / "missing.json") is None
     assert ui.Handlers.sweep(tmp_path / "missing.json")[0]["visible"] is False
     p = tmp_path / "results.json"
-    p.write_text('{"results": [{"cardinality": 1, "top1": 0.81, "curve": [1, 2]}, {"cardinality": 8, "top1": 0.84}]}')
+    p.write_text('{"results": [{"cardinality": 1, "top1": 0.81}]}')  # not what `sweep collect` writes: hidden
+    assert ui.sweep_table(p) is None and ui.Handlers.sweep(p)[0]["visible"] is False
+    rows = [{"C": c, "d": d, "model": f"m{c}", "params_M": 1.0, "MFLOPs": 100.0, "top1_mean": acc, "top1_spread": 0.001,
+             "seeds": [0, 1], "epochs": 3, "device": "cpu"} for c, d, acc in ((1, 20, 0.81), (8, 4, 0.84))]
+    p.write_text(json.dumps({"rows": rows, "runs": []}))
     t = ui.sweep_table(p)
-    assert list(t["cardinality"]) == [1, 8] and "curve" not in t.columns
+    assert list(t["C"]) == [1, 8] and list(t["top-1 % (mean ± half-range)"]) == ["81.00 ± 0.10", "84.00 ± 0.10"]
     upd, md, plot = ui.Handlers.sweep(p)
-    assert upd["visible"] is True and "sweep" in md.lower() and plot["visible"] is False  # not our format: no plot
+    assert upd["visible"] is True and plot["visible"] is True and "3 epochs each on cpu" in md
+    assert "cardinality matters" in md  # 3 points apart, seeds 0.2 apart
     p.write_text("not json")
     assert ui.sweep_table(p) is None
 

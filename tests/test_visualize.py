@@ -103,7 +103,26 @@ def test_attribution_image_empty_map_is_just_the_image(image32):
 
 def test_attribution_pair(image32):
     a, b = _attr(np.random.rand(32, 32)), _attr(np.zeros((32, 32)), "Grad-CAM", note="all zeros: …")
-    _rgb(visualize.attribution_pair(a, b, image32, signed=False))
+    one, two = visualize.attribution_panels([a], image32), _rgb(visualize.attribution_pair(a, b, image32, signed=False))
+    assert two.shape[0] > 1.8 * one.size[1] and two.shape[1] == one.size[0]  # one row of panels per method
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_attribution_panels_are_large_and_coloured_by_sign(image32, signed):
+    """image | map with colour bar | overlay, each panel >= 256 px wide; a signed map is drawn red where
+    positive and blue where negative, an absolute one by |value| in a sequential map."""
+    v = np.zeros((32, 32))
+    v[:, :16], v[:, 16:] = 1.0, -1.0
+    out = _rgb(visualize.attribution_panels([_attr(v)], image32, signed=signed))
+    assert out.shape[1] >= 3 * 256 and out.shape[0] >= 256
+    third = out.shape[1] // 3  # the map panel: its left half vs its right half (rows through the middle)
+    mid = out[out.shape[0] // 2, third:2 * third].astype(int)
+    reds = mid[:, 0] - mid[:, 2]
+    left, right = reds[: len(reds) // 3], reds[len(reds) // 3: 2 * len(reds) // 3]
+    if signed:
+        assert (left > 100).sum() > 20 and (right < -100).sum() > 20  # red for, blue against
+    else:
+        assert not (right < -100).sum()  # no blue: |value| only
 
 
 def test_curve_figure():
