@@ -7,6 +7,8 @@ model, never mutated), a freshly fine-tuned model waiting for "use this model", 
 """
 from __future__ import annotations
 
+import re
+
 import functools
 import inspect
 import math
@@ -991,7 +993,9 @@ class Handlers:
                       + (f" ({sm.meta['data']['test_images']} images)" if isinstance(sm.meta.get("data"), dict)
                          and sm.meta["data"].get("test_images") else "") + ".")
         if sm.meta.get("command"):
-            md.append(f"Trained with `{sm.meta['command']}`"
+            # paths inside the project as the README writes them (relative), wherever the run happened
+            command = re.sub(r"(?<=\s)/\S*?/(runs|weights)/", r"\1/", str(sm.meta["command"]))
+            md.append(f"Trained with `{command}`"
                       + (f" on {sm.meta['device']}" if sm.meta.get("device") else "") + ".")
         init = sm.meta.get("init_from")
         if isinstance(init, dict):  # a warm restart: its curve covers this run only
@@ -1011,6 +1015,8 @@ CSS = """
 #predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
+/* Table headers break between words only ("importance", not "importanc e"). */
+#gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
 """
 
 GROUPS_TEXT = """
@@ -1112,6 +1118,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         gr_importance = gr.Image(label="Group importance (green = for, red = against)",
                                                  interactive=False, elem_id="gr-importance")
                         gr_cams = gr.Image(label="Group-restricted Grad-CAM: where did each group look?",
+                                           show_label=False,  # the figure has its title; the badge hid panels'
                                            interactive=False, elem_id="gr-cams")
                         gr_ablation = gr.Image(label="Knock out each group in turn", interactive=False,
                                                elem_id="gr-ablation")
@@ -1202,9 +1209,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                             at_method_b = gr.Dropdown(list(explain.METHODS), value="Grad-CAM", label="Compare with")
                             at_cmp_btn = gr.Button("Compare side by side", elem_id="at-cmp-btn")
                     with gr.Column(scale=3):  # wide: three ~280 px panels per method (image | map | overlay)
-                        at_out = gr.Image(label="Attribution", interactive=False, elem_id="at-out")
+                        at_out = gr.Image(label="Attribution", show_label=False, interactive=False, elem_id="at-out")
                         at_md = gr.Markdown(elem_id="at-md")
-                        at_cmp = gr.Image(label="Comparison", interactive=False, elem_id="at-cmp")
+                        at_cmp = gr.Image(label="Comparison", show_label=False, interactive=False, elem_id="at-cmp")
                         at_cmp_md = gr.Markdown()
 
             # ---------------------------------------------------------------- Fine-tune
@@ -1262,7 +1269,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                 ab_md = gr.Markdown(elem_id="ab-md")
                 ab_stage = gr.Slider(0, max(1, len(base_model.config.depths) - 1) if base_model else 2, value=0, step=1,
                                      label="Stage (0-based) drawn")
-                ab_diagram = gr.Image(label="One block of the loaded model", interactive=False, elem_id="ab-diagram")
+                ab_diagram = gr.Image(label="One block of the loaded model", show_label=False,  # titled figure
+                                      interactive=False, elem_id="ab-diagram")
                 with gr.Row():
                     ab_table = gr.Dataframe(label="Same budget, other cardinalities (computed by the code)",
                                             interactive=False, wrap=True)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyBboxPatch
 from PIL import Image
@@ -285,21 +287,34 @@ def ablation_figure(ab: GroupAblation, classes: list[str] | tuple[str, ...]) -> 
                        height=2.6, top=0.86)
 
 
-def group_cam_grid(cams: np.ndarray, image32: Image.Image | np.ndarray, opacity: float = 0.8, size: int = 96) -> Image.Image:
+def group_cam_grid(cams: np.ndarray, image32: Image.Image | np.ndarray, opacity: float = 0.8, size: int = 128) -> Image.Image:
     """One overlay per group of group-restricted Grad-CAM maps (G x 32 x 32), on one shared colour scale
-    so that the groups' strengths are comparable; each panel titled with its own maximum."""
+    (with its colour bar) so that the groups' strengths are comparable; each panel titled with its own
+    maximum; the title says when every map is near zero (nothing to see at this block)."""
     cams = np.asarray(cams, dtype=np.float64)
-    top = float(np.abs(cams).max()) or None  # one scale for all groups: a weak group looks weak
+    top = float(np.abs(cams).max())
+    signed = bool((cams < 0).any())
     n = len(cams)
-    cols = min(n, 8)
+    cols = 4 if n <= 16 else 8
     rows = int(np.ceil(n / cols))
-    fig = Figure(figsize=(1.25 * cols, 1.45 * rows))
+    height = 2.1 * rows + 1.0
+    fig = Figure(figsize=(2.05 * cols + 0.9, height))
     for i, cam in enumerate(cams):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(overlay(cam, image32, signed=bool((cams < 0).any()), opacity=opacity, size=size, vmax=top))
-        ax.set_title(f"g{i} max {float(cam.max()):.2g}", fontsize=7)
+        ax.imshow(overlay(cam, image32, signed=signed, opacity=opacity, size=size, vmax=top or None))
+        ax.set_title(f"g{i}  max {float(cam.max()):.2g}", fontsize=9)
         ax.set_axis_off()
-    fig.subplots_adjust(wspace=0.05, hspace=0.3, left=0.01, right=0.99, top=0.9, bottom=0.01)
+    note = (f"every map is weak here (max {top:.2g} < 0.01): colours are stretched to that small maximum; "
+            "early blocks carry little class gradient" if top < 0.01 else
+            "one colour scale for all groups: a weak group looks weak")
+    fig.suptitle(f"Group-restricted Grad-CAM, shared scale 0 … {top:.2g}\n{note}", fontsize=9)
+    cmap = "bwr" if signed else "inferno"
+    sm = ScalarMappable(norm=Normalize(-top if signed else 0, top or 1), cmap=cmap)
+    fig.subplots_adjust(wspace=0.08, hspace=0.3, left=0.01, right=0.88, top=1 - 0.9 / height,
+                        bottom=0.02)
+    cb = fig.colorbar(sm, cax=fig.add_axes((0.9, 0.1, 0.02, 0.7)))
+    cb.ax.tick_params(labelsize=7)
+    cb.set_label("Grad-CAM (shared scale)", fontsize=8)
     return figure_to_image(fig)
 
 

@@ -400,6 +400,9 @@ def test_about_is_computed_from_the_model(handlers, tiny_model):
     h2 = ui.Handlers(tiny_model, {"classes": list(data.CLASSES), "history": hist, "accuracy": 0.45}, None)
     _, _, curve2, md2 = h2.about(None, 0)
     assert isinstance(curve2, Image.Image) and "45.00 %" in md2
+    cmd = "python -m resnext_demo.train --model m --out /elsewhere/proj/runs/gpu/x.safetensors --resume"
+    h3 = ui.Handlers(tiny_model, {"classes": list(data.CLASSES), "command": cmd}, None)
+    assert "`python -m resnext_demo.train --model m --out runs/gpu/x.safetensors --resume`" in h3.about(None, 0)[3]
 
 
 def test_equal_budget_table_named_recipe():

@@ -156,7 +156,10 @@ def test_group_cam_grid_shares_one_scale(image32):
     cams[0, :8] = 1.0
     cams[1, :8] = 0.1  # same place, a tenth of the strength: must look fainter than group 0
     im = _rgb(visualize.group_cam_grid(cams, image32))
-    assert im.shape[1] > im.shape[0]  # one row of panels
+    assert im.shape[1] > im.shape[0]  # one row of panels (up to 4 per row)
+    sixteen = _rgb(visualize.group_cam_grid(np.repeat(cams[:1], 16, 0), image32))
+    assert sixteen.shape[0] > 3 * im.shape[0] * 0.8 and sixteen.shape[1] == im.shape[1]  # 4 x 4, same width
+    assert sixteen.shape[1] / 4 >= 180  # panels large enough to read (~200 px each)
     strong = np.asarray(visualize.overlay(cams[0], image32, signed=False, vmax=1.0), dtype=float)
     weak = np.asarray(visualize.overlay(cams[1], image32, signed=False, vmax=1.0), dtype=float)
     plain = np.asarray(visualize.upscale(image32), dtype=float)
