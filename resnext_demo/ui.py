@@ -1074,7 +1074,10 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         image = ImageInput(type="filepath", format="png", sources=["upload", "clipboard", "webcam"],
                                          label="Image (any size; it is centre-cropped and shrunk to 32×32)",
                                          height=320, elem_id="predict-image")
-                        k = gr.Slider(1, len(classes), value=3, step=1, label="Top-k classes shown")
+                        # The API accepts k up to a fine-tuned model's class count; the page shows the model's own
+                        # (set on load and on every model switch, see model_controls).
+                        k = gr.Slider(1, len(classes) + finetune.MAX_NEW_CLASSES, value=3, step=1,
+                                      label="Top-k classes shown")
                         with gr.Row():
                             predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
                             random_btn = gr.Button("Random test image", elem_id="random-btn")
@@ -1349,6 +1352,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         ft_ckpt.upload(h.load_checkpoint, ft_ckpt, [session, banner], api_name="load_checkpoint") \
             .success(h.model_controls, session, controls, api_visibility="private")
 
+        demo.load(lambda: gr.update(maximum=len(classes)), None, k, api_visibility="private", queue=False)
         demo.load(h.sweep, None, [ab_sweep, ab_sweep_md, ab_sweep_plot], api_visibility="private")
         ab_outputs = [ab_diagram, ab_table, ab_curve, ab_md]
         ab_btn.click(h.about, [session, ab_stage], ab_outputs, api_name="about")
