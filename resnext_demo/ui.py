@@ -523,7 +523,7 @@ class Handlers:
         wrong = torch.nonzero(pred != y).flatten().tolist()
         shown = wrong[:MISCLASSIFIED_SHOW]
         items = [(_upscale(_to_pil32(x[i]), 96),
-                  f"#{i} {data.CLASSES[int(y[i])]} → {sm.classes[int(pred[i])]} ({100 * float(probs[i, pred[i]]):.0f} %)")
+                  f"{data.CLASSES[int(y[i])]}→{sm.classes[int(pred[i])]} {100 * float(probs[i, pred[i]]):.0f}%")
                  for i in shown]
         md = (f"{len(wrong)} of {len(y)} test images misclassified ({100 * (1 - len(wrong) / len(y)):.1f} % correct); "
               f"showing {len(shown)}. Click one to load it.")
@@ -719,6 +719,9 @@ class Handlers:
               f"({pred.probs[pred.top_class]:.2f})",
               f"**Importance** ({method}): strongest evidence for it **g{g_for}** ({gi.values[g_for]:+.3g}), "
               f"strongest against **g{g_against}** ({gi.values[g_against]:+.3g}); all groups: {gi.total:+.3g}."
+              + (f" Here positive means *favours {sm.classes[t]} over {sm.classes[gi.contrast]}*. The groups' total "
+                 "is only this block's share of the margin (the shortcut and the other blocks carry the rest), so "
+                 "it can be negative while the model prefers the class." if gi.contrast is not None else "")
               + (" " + verdicts.conductance_md(gi, explain.CONDUCTANCE_TOL) if gi.shortcut is not None else ""),
               f"**Knock-out** ({mode}, one group at a time): most harmful **g{order[0]}** "
               f"(p {ab.base[t]:.3f} → {ab.probs[order[0], t]:.3f})"
@@ -1094,7 +1097,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                 with gr.Accordion("Misclassified examples", open=False):
                     mis_btn = gr.Button(f"Find misclassified images among the first {n_scan} test images")
                     mis_md = gr.Markdown()
-                    mis_gallery = gr.Gallery(columns=8, height="auto", allow_preview=False, label="Misclassified")
+                    mis_gallery = gr.Gallery(columns=6, height="auto", allow_preview=False,  # captions fit
+                                             label="Misclassified: true → predicted, confidence")
                 api_btn = gr.Button(visible=False)  # carries the stable /predict endpoint
 
             # ---------------------------------------------------------------- Groups

@@ -277,7 +277,10 @@ def group_importance_figure(gi: GroupImportance, classes: list[str] | tuple[str,
     title = f"{gi.method} of {what} at {gi.layer}\nfor: {v[v > 0].sum():.3g} · against: {v[v < 0].sum():.3g} · total {gi.total:.3g}"
     if gi.shortcut is not None:
         title += f" · via shortcut {gi.shortcut:.3g}"
-    return _group_bars(v, ("tab:green", "tab:red"), "group", "attribution", title)
+    a = classes[gi.target]
+    title += (f"\ngreen: favours '{a}' over '{classes[gi.contrast]}' · red: favours '{classes[gi.contrast]}'"
+              if gi.contrast is not None else f"\ngreen: evidence for '{a}' · red: against it")
+    return _group_bars(v, ("tab:green", "tab:red"), "group", "attribution", title, height=3.2, top=0.72)
 
 
 def ablation_figure(ab: GroupAblation, classes: list[str] | tuple[str, ...]) -> Image.Image:
@@ -349,7 +352,7 @@ def specialization_figure(spec: Specialization, classes: list[str] | tuple[str, 
     rel = 100 * (cm / np.where(mean > 0, mean, 1) - 1)  # % above / below the group's own average
     lim = max(float(np.abs(rel).max()), 1e-9)
     im1 = ax1.imshow(rel, cmap="PiYG", aspect="auto", vmin=-lim, vmax=lim)
-    ax1.set_xticks(range(len(classes)), [c[:5] for c in classes], rotation=60, fontsize=7)
+    ax1.set_xticks(range(len(classes)), list(classes), rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
     ax1.set_yticks(range(g) if g <= 16 else range(0, g, max(1, g // 8)))
     ax1.tick_params(labelsize=7)
     ax1.set_ylabel("group", fontsize=8)
@@ -369,7 +372,7 @@ def specialization_figure(spec: Specialization, classes: list[str] | tuple[str, 
     ax3.tick_params(labelsize=7)
     ax3.grid(alpha=0.3)
     fig.suptitle(f"{spec.layer}: selectivity mean {np.mean(spec.selectivity):.2f}, max {np.max(spec.selectivity):.2f}", fontsize=9)
-    fig.subplots_adjust(wspace=0.5, bottom=0.2, top=0.82)
+    fig.subplots_adjust(wspace=0.5, bottom=0.25, top=0.82)  # room for whole class names under the first panel
     return figure_to_image(fig)
 
 

@@ -174,6 +174,10 @@ def test_the_sample_pack_gives_every_data_view(tiny_model, tmp_path, image_path)
     assert im.size == (32, 32) and truth["label"] in data.CLASSES and 0 <= truth["index"] < len(y)
     items, idx, md = h.misclassified(None, progress=lambda *a, **k: None)
     assert 0 < len(items) == len(idx) <= ui.MISCLASSIFIED_SHOW and "of 400 test images" in md
+    for (_, caption), i in zip(items, idx):  # "true→predicted 62%", short enough not to be cut
+        true, rest = caption.split("→")
+        assert true == data.CLASSES[int(y[i])] and rest.split()[0] in data.CLASSES and true != rest.split()[0]
+        assert caption.endswith("%") and len(caption) <= 24
     assert "sample pack" in h.about(None, 0)[3]
     assert h.cifar_subset_max() == 10
     status, _, result_md, path, pending = list(h.finetune(None, ui.StopFlag(), 10, "head", 1, 0.05, 32,
