@@ -923,6 +923,16 @@ class Handlers:
         yield ("Done. Press **Use this model** to use it in every tab (this session only), or download it.",
                pd.DataFrame(u.curve) if u.curve else None, result.summary(), str(path), pending)
 
+    @staticmethod
+    def curve_image(curve: pd.DataFrame | None) -> Image.Image | None:
+        """The live fine-tune curve (the /finetune endpoint's table) drawn on two axes, or nothing yet."""
+        if curve is None or len(curve) == 0 or "series" not in curve.columns:
+            return None
+        curve = curve.copy()
+        for col in ("epoch", "value"):  # the browser sends the table back as text
+            curve[col] = pd.to_numeric(curve[col], errors="coerce")
+        return visualize.finetune_curve_figure(curve.dropna(subset=["epoch"]).to_dict("records"))
+
     def use_model(self, pending: SessionModel | None):
         """Make the last fine-tuned model this session's model: (session, banner)."""
         if pending is None:
@@ -1018,6 +1028,7 @@ CSS = """
 #predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
+#ft-curve { display: none; }  /* the fine-tune endpoint's table: drawn as #ft-plot instead */
 /* Table headers break between words only ("importance", not "importanc e"). */
 #gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
 """
@@ -1259,8 +1270,10 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                     ft_train = gr.Button("Train", variant="primary", elem_id="ft-train")
                     ft_stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")
                 ft_status = gr.Markdown(elem_id="ft-status")
-                ft_plot = gr.LinePlot(x="epoch", y="value", color="series", label="Loss and accuracy",
-                                      x_title="epoch", y_title="")
+                # The API returns the curve as a table (ft_curve); the page draws it on two axes (ft_plot). The
+                # table is rendered but hidden by CSS: an unrendered component fires no change event.
+                ft_plot = gr.Image(label="Loss and accuracy", show_label=False, interactive=False, elem_id="ft-plot")
+                ft_curve = gr.Dataframe(interactive=False, elem_id="ft-curve")
                 ft_result = gr.Markdown(elem_id="ft-result")
                 with gr.Row():
                     ft_use = gr.Button("Use this model (this session only)", elem_id="ft-use")
@@ -1345,9 +1358,10 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         ft_inputs = [session, stop_flag, ft_cifar, ft_layers, ft_epochs, ft_lr, ft_bs, *zones, *new_names, *new_zones]
         # arm the stop flag at the click (unqueued), so a Stop pressed while the job waits in the queue counts
         ft_train.click(h.arm, stop_flag, None, api_visibility="private", queue=False) \
-            .then(train, ft_inputs, [ft_status, ft_plot, ft_result, ft_download, pending],
+            .then(train, ft_inputs, [ft_status, ft_curve, ft_result, ft_download, pending],
                   api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
         ft_stop.click(h.stop, stop_flag, ft_status, api_name="stop", queue=False)
+        ft_curve.change(h.curve_image, ft_curve, ft_plot, api_visibility="private", queue=False)
         controls = [fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast, k]
         ft_use.click(h.use_model, pending, [session, banner], api_name="use_model") \
             .success(h.model_controls, session, controls, api_visibility="private")

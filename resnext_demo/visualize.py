@@ -420,6 +420,37 @@ def curve_figure(history: list[dict]) -> Image.Image:
     return figure_to_image(fig)
 
 
+def finetune_curve_figure(rows: list[dict]) -> Image.Image:
+    """A fine-tune's live curve (rows of epoch, series, value as finetune.Update.curve): loss and accuracy on
+    two axes with their units, whole-epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 2.8))
+    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for series in dict.fromkeys(r["series"] for r in rows):
+        pts = sorted((r["epoch"], r["value"]) for r in rows if r["series"] == series and r["value"] is not None)
+        if not pts:
+            continue
+        x, v = zip(*pts)
+        if "loss" in series:
+            ax_loss.plot(x, v, "-", lw=1.2, label=series)
+        else:
+            ax_acc.plot(x, [100 * a for a in v], "o-" if "held-out" in series else "-", ms=4, lw=1.2, label=series)
+    for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(name, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    ax_acc.set_ylim(0, 100)
+    if not rows:
+        ax_loss.text(0.5, 0.5, "training has not started", ha="center", va="center", transform=ax_loss.transAxes)
+    fig.subplots_adjust(wspace=0.3, bottom=0.18, left=0.08, right=0.98)
+    return figure_to_image(fig)
+
+
 def sweep_figure(results: dict) -> Image.Image:
     """Top-1 vs cardinality C (log2 axis) of a sweep's results.json, ± the spread over seeds, each point
     labelled with its bottleneck width d and parameters."""

@@ -81,6 +81,7 @@ def test_browser_every_tab_and_finetune(app_url):
         page.locator("#ft-train").click()
         result = screenshots.wait_text(page, "ft-result", "after", timeout=240_000)
         assert "1 epoch" in result
+        screenshots.wait_image(page, "ft-plot")  # the live curve, drawn on two axes
         page.locator("#ft-use").click()
         screenshots.wait_text(page, "model-banner", "session")
 

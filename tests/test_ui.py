@@ -563,3 +563,11 @@ def test_heat_maps_and_conductance_say_how_far_to_trust_them(handlers, image_pat
     _, _, table, _, md = handlers.groups(image_path, "layer2.0.conv2", "predicted", "none", "Conductance", "zero")
     assert "projection shortcut" in md and "**Convergence:**" in md and "model-blind maps" in md
     assert "faithful?" in table.columns
+
+
+def test_finetune_curve_is_drawn_from_the_endpoint_table():
+    rows = [{"epoch": 0.5, "series": "train loss", "value": 1.0}, {"epoch": 1.0, "series": "held-out accuracy", "value": 0.5}]
+    assert isinstance(ui.Handlers.curve_image(pd.DataFrame(rows)), Image.Image)
+    assert ui.Handlers.curve_image(None) is None and ui.Handlers.curve_image(pd.DataFrame()) is None
+    as_text = pd.DataFrame(rows).astype(str)  # what a browser's table sends back
+    assert np.array_equal(np.asarray(ui.Handlers.curve_image(as_text)), np.asarray(ui.Handlers.curve_image(pd.DataFrame(rows))))

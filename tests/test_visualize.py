@@ -200,3 +200,26 @@ def test_group_grid_pixels_follow_the_layer_scale():
     for v in (0.0, 1.0):
         want = tuple(int(x * 255 + 0.5) for x in colormaps["viridis"](v)[:3])
         assert want in colours, (v, want)
+
+
+def test_finetune_curve_figure_two_axes_whole_epochs(monkeypatch):
+    """Loss and accuracy on their own axes (accuracy in %), whole-epoch ticks, the held-out points marked."""
+    rows = [{"epoch": 0.0, "series": "held-out accuracy", "value": 0.4}]
+    for i in range(1, 21):
+        rows += [{"epoch": i / 10, "series": "train loss", "value": 2 - i / 20},
+                 {"epoch": i / 10, "series": "train accuracy", "value": 0.3 + i / 50}]
+    rows.append({"epoch": 1.0, "series": "held-out accuracy", "value": 0.6})
+    rows.append({"epoch": 2.0, "series": "held-out accuracy", "value": 0.7})
+    _rgb(visualize.finetune_curve_figure(rows))
+    _rgb(visualize.finetune_curve_figure([]))
+    captured, real = {}, visualize.figure_to_image
+    monkeypatch.setattr(visualize, "figure_to_image", lambda fig, *a, **k: captured.setdefault("fig", fig) and real(fig))
+    visualize.finetune_curve_figure(rows)
+    loss_ax, acc_ax = captured["fig"].axes
+    assert [l.get_label() for l in loss_ax.lines] == ["train loss"]
+    assert {l.get_label() for l in acc_ax.lines} == {"train accuracy", "held-out accuracy"}
+    assert max(max(l.get_ydata()) for l in acc_ax.lines) == pytest.approx(70.0)  # percent
+    ticks = [t for t in loss_ax.get_xticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    del loss_ax, acc_ax
+    captured.clear()  # the leak check below wants every figure gone
