@@ -305,3 +305,27 @@ def test_decompression_bomb_is_refused() -> None:
 def test_normalize_round_trip() -> None:
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert torch.allclose(data.denormalize(data.normalize(x)), x.float() / 255, atol=1e-6)
+
+
+def test_bombs_are_refused_from_the_header_without_decoding(tmp_path, monkeypatch) -> None:
+    """What keeps a bomb cheap is that no pixel is decoded: refused from the header (our cap, then PIL's)."""
+    from tests import badfiles
+
+    def no_decoding(self):
+        raise AssertionError("a bomb was decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    for make in (badfiles.bomb_png, badfiles.bomb_png_100mp):
+        with pytest.raises(data.ImageError, match="too large"):
+            data.open_image(make(tmp_path))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path) -> None:
+    """A 50 MP photo is decoded by libjpeg's draft mode at a fraction of its size (what makes it fast), still
+    at least `draft` pixels on its short side."""
+    from tests import badfiles
+    path = badfiles.large_photo(tmp_path)
+    with Image.open(path) as im:
+        full = im.size
+    im = data.open_image(path, draft=4 * data.IMAGE_SIZE)
+    assert min(im.size) >= 4 * data.IMAGE_SIZE and im.size[0] * im.size[1] <= full[0] * full[1] / 16

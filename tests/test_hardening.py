@@ -12,7 +12,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -111,13 +110,12 @@ BROKEN_EXPECT = {
 @pytest.mark.parametrize("name", list(BROKEN_EXPECT))
 def test_broken_image_gets_a_human_error(name, client, files, server):
     expected = BROKEN_EXPECT[name]
-    t0 = time.monotonic()
     with pytest.raises(AppError) as e:
         client.predict(handle_file(str(files[name])), api_name="/predict")
     msg = str(e.value)
     assert expected in msg, msg
     assert_human(msg)
-    assert time.monotonic() - t0 < 30  # a bomb is refused from its header, not decoded
+    # (that a bomb is refused from its header, never decoded, is tested in test_data without a clock)
     still_alive(client, server[1])
 
 
@@ -126,13 +124,12 @@ def test_odd_but_valid_image_is_predicted(name, client, files):
     predict10(client, files[name])
 
 
-def test_large_photo_is_predicted_quickly(client, files):
-    """A 50 MP JPEG (1.4 MB upload) is decoded under the pixel cap and predicted."""
+def test_large_photo_is_predicted(client, files):
+    """A 50 MP JPEG (1.4 MB upload) is decoded under the pixel cap and predicted (decoded at a reduced scale:
+    test_data checks that, without a clock)."""
     with Image.open(files["50 MP photo"]) as im:
         assert im.width * im.height > 45e6
-    t0 = time.monotonic()
     predict10(client, files["50 MP photo"])
-    assert time.monotonic() - t0 < 60
 
 
 def test_exif_orientation_is_applied(client, files):
@@ -310,7 +307,6 @@ def test_uploads_are_bounded_by_max_file_size(server, client):
 def test_loadtest_command_smoke(server):
     """`python -m resnext_demo.loadtest` on its own server: no failed request, overload refused cleanly."""
     tmp = server[1]
-    t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "resnext_demo.loadtest", "--users", "2", "--requests", "2",
                           "--weights", str(tmp / "tiny.safetensors"), "--overload-extra", "4", "--timeout", "240",
                           "--flood", "finetune", "--json"], cwd=data.PROJECT_ROOT, capture_output=True, text=True, timeout=300,
@@ -322,7 +318,6 @@ def test_loadtest_command_smoke(server):
     assert o["server_alive_after"] and o["other_errors"] == 0
     assert o["rejected_queue_full"] >= 1 and o["completed"] <= o["queue_max_size"] + 2
     assert any("Queue is full" in m for m in o["messages"])
-    assert time.monotonic() - t0 < 300
 
 
 def test_loadtest_refuses_remote_hosts():
