@@ -85,7 +85,9 @@ def test_forward_backward_shapes_and_finite(name: str) -> None:
     assert out.shape == (2, 10)
     out.logsumexp(1).sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reaches {missing}"  # timm's check: every parameter is trained
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     feats = model.forward_features(x.detach())
     assert model.forward_head(feats).shape == (2, 10)
     assert model.forward_head(feats, pre_logits=True).ndim == 2

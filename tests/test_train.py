@@ -102,7 +102,16 @@ def test_augment_properties() -> None:
     assert out.shape == (64, 3, 32, 32) and torch.isfinite(out).all()
     same = train.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
     assert torch.equal(out, same)  # random choices come only from the generator
-    # A crop with padding p is the padded image shifted by at most p: every output pixel row exists in it.
+    # A crop with padding p is the zero-padded image shifted by at most p pixels each way, and the shifts vary.
+    cropped = train.augment(x[:8], torch.Generator().manual_seed(3), padding=4, flip=False)
+    padded = torch.nn.functional.pad(x[:8], (4, 4, 4, 4))
+    shifts = set()
+    for i in range(8):
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if torch.equal(cropped[i], data.normalize(padded[i:i + 1, :, dy:dy + 32, dx:dx + 32])[0])]
+        assert found, f"image {i} is not a 32x32 window of its padded copy"
+        shifts.add(found[0])
+    assert len(shifts) > 1
     flipped = train.augment(x, torch.Generator().manual_seed(2), padding=0, flip=True)
     for i in range(8):
         assert torch.equal(flipped[i], data.normalize(x[i:i + 1])[0]) or \
