@@ -975,11 +975,16 @@ def untrained_copy(model: nn.Module, seed: int, images: torch.Tensor, batch_size
 
 
 def specialization_control(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor,
-                           result: dict[str, Specialization], seeds: tuple[int, ...] = CONTROL_SEEDS) -> None:
+                           result: dict[str, Specialization], seeds: tuple[int, ...] = CONTROL_SEEDS,
+                           on_step=None) -> None:
     """Fill `result`'s control_* fields: `group_specialization` on the same images for untrained copies of the
-    architecture (one per seed, BN recalibrated on the uint8 training images `calibration`)."""
-    controls = [group_specialization(untrained_copy(model, s, calibration), images, labels, list(result))
-                for s in seeds]
+    architecture (one per seed, BN recalibrated on the uint8 training images `calibration`); `on_step(i)` is
+    called before copy i (for a progress bar)."""
+    controls = []
+    for i, s in enumerate(seeds):
+        if on_step is not None:
+            on_step(i)
+        controls.append(group_specialization(untrained_copy(model, s, calibration), images, labels, list(result)))
     for layer, spec in result.items():
         spec.control_gap = np.array([c[layer].gap for c in controls])
         spec.control_colour_p = np.array([c[layer].colour_p for c in controls])
@@ -987,21 +992,26 @@ def specialization_control(model: nn.Module, images: torch.Tensor, labels: torch
 
 
 def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
-                          cache: str | None = None, rebuild: bool = False) -> dict[str, Specialization]:
+                          cache: str | None = None, rebuild: bool = False,
+                          on_step=None) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, with its untrained
     control (`specialization_control`, CONTROL_SEEDS, the first CONTROL_CALIBRATION training images), computed
     once per checkpoint and data source and kept as safetensors under the data cache ('analysis/'); without
-    `cache`, a file shipped in resnext_demo/assets/ (`python -m resnext_demo.assets specialization`) is read too."""
+    `cache`, a file shipped in resnext_demo/assets/ (`python -m resnext_demo.assets specialization`) is read too.
+    When it computes, `on_step(step, steps, what)` reports each of its 1 + len(CONTROL_SEEDS) passes."""
     path = _specialization_path(model, source, n, cache, rebuild)
     names = [f.name for f in Specialization.__dataclass_fields__.values() if f.name != "layer"]
     if path.is_file() and not rebuild:
         t = load_file(str(path))
         layers = sorted({k.rsplit("/", 1)[0] for k in t}, key=list(model.grouped_convs()).index)
         return {layer: Specialization(layer, *(_from_tensor(t[f"{layer}/{f}"]) for f in names)) for layer in layers}
+    steps = 1 + len(CONTROL_SEEDS)
+    report = on_step or (lambda *a: None)
     images, labels = data.load_split(source, "test")
+    report(0, steps, f"the trained model's groups over {min(n, len(labels)):,} test images")
     result = group_specialization(model, images[:n], labels[:n])
     specialization_control(model, images[:n], labels[:n], data.load_split(source, "train")[0][:CONTROL_CALIBRATION],
-                           result)
+                           result, on_step=lambda i: report(1 + i, steps, f"untrained copy {i + 1} of {steps - 1}"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({f"{layer}/{f}": torch.tensor(np.array(getattr(s, f))).contiguous()

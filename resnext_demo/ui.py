@@ -767,7 +767,8 @@ class Handlers:
         progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images, for this model and "
                          f"{len(explain.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
         with self._spec_lock:  # two sessions asking at once compute it once
-            spec = explain.specialization_cached(sm.model, self.data_source)
+            spec = explain.specialization_cached(
+                sm.model, self.data_source, on_step=lambda i, n, what: progress(i / n, desc=f"step {i + 1}/{n}: {what}"))
         s = spec[layer]
         split = self.test_split()
         if split is None:
@@ -962,7 +963,7 @@ class Handlers:
         layers = layer_dropdown_choices(sm.model)
         blocks = grouped_dropdown_choices(sm.model)
         return (gr.update(choices=layers, value=layers[0][1] if layers else None),
-                gr.update(choices=layers, value=None),
+                gr.update(choices=layers, value=layers[-1][1] if layers else None),  # Grad-CAM's default layer
                 gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
                 gr.update(choices=blocks, value=blocks[-1][1] if blocks else None),
                 gr.update(choices=["predicted"] + list(sm.classes), value="predicted"),
@@ -1218,8 +1219,10 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                             at_samples = gr.Slider(2, 64, value=16, step=1, label="Samples (SmoothGrad)", visible=False)
                             at_noise = gr.Slider(0.0, 1.0, value=0.15, step=0.01, label="Noise level (SmoothGrad)",
                                                  visible=False)
-                            at_layer = gr.Dropdown([(lbl, v) for lbl, v in layer_choices], value=None,
-                                                   label="Layer (Grad-CAM; empty = last stage)", visible=False)
+                            at_layer = gr.Dropdown([(lbl, v) for lbl, v in layer_choices],
+                                                   value=layer_choices[-1][1] if layer_choices else None,
+                                                   label="Layer (Grad-CAM; the last stage unless you choose)",
+                                                   visible=False)
                             at_window = gr.Slider(2, 16, value=8, step=1, label="Window (Occlusion)", visible=False)
                             at_stride = gr.Slider(1, 16, value=4, step=1, label="Stride (Occlusion)", visible=False)
                         at_btn = gr.Button("Explain", variant="primary", elem_id="at-btn")

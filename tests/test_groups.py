@@ -226,9 +226,15 @@ def test_specialization_cache_round_trip(tiny_model, tmp_path, monkeypatch, labe
     calls = []
     monkeypatch.setattr(data, "load_split", lambda source, split: calls.append(split) or (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
-    first = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))
-    again = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))
+    steps = []
+    first = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
+                                          on_step=lambda i, n, what: steps.append((i, n)))
+    n = 1 + len(explain.CONTROL_SEEDS)  # the model, then each untrained copy, reported before it runs
+    assert steps == [(i, n) for i in range(n)]
+    again = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
+                                          on_step=lambda *a: steps.append(a))
     assert calls == ["test", "train"]  # the second call read the cache (train: the control's BN calibration)
+    assert len(steps) == n  # and reported no work
     assert list(again) == list(first)
     for layer in first:
         for f in ("class_means", "selectivity", "top_images", "correlation", "colour", "blur", "mean",

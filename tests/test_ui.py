@@ -289,6 +289,7 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
     fm_layer, at_layer, at_target, gr_layer, gr_target, gr_contrast, top_k = handlers.model_controls(session)
     assert top_k["maximum"] == 11 == len(session.classes)  # the top-k slider follows the model's classes
     assert "zebra" in at_target["choices"] and fm_layer["value"] == "layer1.0.conv2"
+    assert at_layer["value"] == explain.layer_choices(session.model)["stages"][-1]  # Grad-CAM's own default
     assert "zebra" in gr_target["choices"] and "zebra" in gr_contrast["choices"] and gr_layer["value"] == "layer3.0.conv2"
     # re-upload the exported file to continue
     s2, banner2 = handlers.load_checkpoint(path)
