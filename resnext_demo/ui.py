@@ -288,6 +288,23 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
     return pd.DataFrame(rows)
 
 
+@functools.lru_cache(maxsize=4)
+def _sweep_view(path: str, mtime_ns: int) -> tuple[pd.DataFrame, str, Image.Image] | None:
+    """The About tab's sweep table, words and plot, built once per results file (it runs on every page load;
+    `mtime_ns` makes a rewritten file a new entry)."""
+    import json
+
+    table = sweep_table(path)
+    if table is None:
+        return None
+    results = json.loads(Path(path).read_text())
+    rows = results["rows"]
+    how = f", {rows[0]['epochs']} epochs each on {rows[0].get('device') or 'an unrecorded device'}"
+    md = ("**Cardinality sweep** (`weights/sweep/results.json`): models of one parameter and FLOP budget at "
+          f"different C, trained with the same recipe{how}. " + verdicts.sweep_md(results))
+    return table, md, visualize.sweep_figure(results)
+
+
 def sweep_table(path: str | Path = weights.SWEEP_RESULTS) -> pd.DataFrame | None:
     """The shipped cardinality sweep (`python -m resnext_demo.sweep collect`), one row per C, or None when
     there is none (or it is unreadable)."""
@@ -976,18 +993,12 @@ class Handlers:
     def sweep(path: str | Path = weights.SWEEP_RESULTS):
         """(table update, markdown, accuracy-vs-C plot update) of the shipped cardinality sweep (written by
         `python -m resnext_demo.sweep`); hidden when there is none."""
-        t = sweep_table(path)
-        if t is None:
+        p = Path(path)
+        view = _sweep_view(str(p), p.stat().st_mtime_ns if p.is_file() else 0)
+        if view is None:
             return gr.update(visible=False), "", gr.update(visible=False)
-        import json
-        results = json.loads(Path(path).read_text())
-        plot = (gr.update(value=visualize.sweep_figure(results), visible=True)
-                if isinstance(results, dict) and isinstance(results.get("rows"), list) else gr.update(visible=False))
-        rows = results.get("rows") or []
-        how = (f", {rows[0]['epochs']} epochs each on {rows[0].get('device') or 'an unrecorded device'}" if rows else "")
-        return gr.update(value=t, visible=True), (
-            "**Cardinality sweep** (`weights/sweep/results.json`): models of one parameter and FLOP budget at "
-            f"different C, trained with the same recipe{how}. " + verdicts.sweep_md(results)), plot
+        table, md, figure = view
+        return gr.update(value=table, visible=True), md, gr.update(value=figure, visible=True)
 
     @_friendly
     def about(self, session: SessionModel | None = None, stage: int = 0):
