@@ -2,6 +2,7 @@
 side by side, each run's epochs sized to the time left (a developer tool, not part of the app).
 
     python tools/gpu_campaign.py --data .data/cifar10-jpeg.tar.gz --out "$OUT" --deadline 530
+    python tools/gpu_campaign.py throughput --out runs/gpu1     # what the card did (tars unpacked there)
 
 1. decode CIFAR-10 once (every run then reads the cache);
 2. probe: every planned run trains on random data at the same time for one fixed window, so each measures
@@ -137,9 +138,24 @@ def _pack(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: in
     return left
 
 
+def throughput(folder: Path) -> dict:
+    """What a campaign got from the card, from its unpacked runs (summary.json + curves): images trained, the
+    longest run's seconds, img/s and TFLOP/s in all (6 FLOPs per multiply-add: forward + backward)."""
+    from resnext_demo.model import config_macs, get_config
+
+    images = flops = longest = 0.0
+    for name, run in json.loads((folder / "summary.json").read_text())["runs"].items():
+        curve = json.loads((folder / f"{name}.curve.json").read_text())
+        n = (45_000 if name.startswith("val-") else 50_000) * len(curve)
+        images, flops = images + n, flops + n * 6 * config_macs(get_config(run["model"]))
+        longest = max(longest, curve[-1]["seconds"])
+    return {"images": int(images), "seconds": longest, "img_per_s": round(images / longest),
+            "tflops": round(flops / longest / 1e12, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", nargs="?", default="campaign", choices=("campaign", "probe"))
+    ap.add_argument("action", nargs="?", default="campaign", choices=("campaign", "probe", "throughput"))
     ap.add_argument("--data", default=".data/cifar10-jpeg.tar.gz")
     ap.add_argument("--out", default="out/gpu")
     ap.add_argument("--deadline", type=float, default=530, help="seconds from start until everything is packed")
@@ -161,6 +177,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.action == "probe":
         return probe(a.model, a.flags.split(), a.t1, a.t2, a.result, a.device)
+    if a.action == "throughput":  # --out: a campaign's unpacked results
+        return print(json.dumps(throughput(Path(a.out))))
 
     t0 = time.time()
     out, work = Path(a.out), ROOT / "runs" / "gpu"
