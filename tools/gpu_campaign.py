@@ -2,6 +2,7 @@
 side by side, each run's epochs sized to the time left (a developer tool, not part of the app).
 
     python tools/gpu_campaign.py --data .data/cifar10-jpeg.tar.gz --out "$OUT" --deadline 530
+    python tools/gpu_campaign.py --plan long --max-epochs 200 --out "$OUT" --deadline 520   # the third call
     python tools/gpu_campaign.py throughput --out runs/gpu1     # what the card did (tars unpacked there)
 
 1. decode CIFAR-10 once (every run then reads the cache);
@@ -74,6 +75,14 @@ def plan_large() -> list[Run]:
     return [Run("val-large-base", "resnext23_16x8d_fast_large", 0, ["--val", "5000"], keep="half"),
             Run("val-large-cutout", "resnext23_16x8d_fast_large", 0, CUTOUT + ["--val", "5000"], keep="half"),
             Run("val-large32-base", "resnext20_32x8d_fast_large", 0, ["--val", "5000"], keep="half")]
+
+
+def plan_long() -> list[Run]:
+    """Third call: the chosen recipe (large + cutout 12) trained for as long as the call allows, on 45k
+    (its validation accuracy decides whether it replaces the default) and its full-data twin on all 50k
+    (what ships if it does: same recipe, same epochs, 5,000 more training images)."""
+    return [Run("val-large-cutout-long", "resnext23_16x8d_fast_large", 0, CUTOUT + ["--val", "5000"], keep="half"),
+            Run("full-large-cutout-long", "resnext23_16x8d_fast_large", 0, CUTOUT, keep="half")]
 
 
 def probe(model: str, flags: list[str], t1: float, t2: float, result: str, device: str) -> None:
@@ -160,7 +169,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/gpu")
     ap.add_argument("--deadline", type=float, default=530, help="seconds from start until everything is packed")
     ap.add_argument("--max-epochs", type=int, default=100)
-    ap.add_argument("--plan", default="first", choices=("first", "large"))
+    ap.add_argument("--plan", default="first", choices=("first", "large", "long"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--only", default=None, help="comma-separated run names (smoke tests)")
     ap.add_argument("--extra", default="", help="flags added to every training run (smoke tests: --subset ...)")
@@ -190,7 +199,8 @@ def main() -> None:
     for split in ("train", "test"):  # decode once; every run reads the cache
         data.load_split(str(Path(a.data).resolve()), split)
     print(f"[{time.time() - t0:5.0f}s] data decoded", flush=True)
-    runs = [r for r in (plan_large() if a.plan == "large" else plan()) if a.only is None or r.name in a.only.split(",")]
+    plans = {"first": plan, "large": plan_large, "long": plan_long}
+    runs = [r for r in plans[a.plan]() if a.only is None or r.name in a.only.split(",")]
 
     # 2. probe, all at once
     t1 = time.time() + a.probe_start
