@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, train, visualize, weights
+from . import data, explain, launch, train, visualize, weights
 from .model import build_model, count_macs, get_config, list_models
 from .predict import predict
 
@@ -75,32 +73,19 @@ def _photo(size: int = 512) -> Image.Image:
     return Image.fromarray(a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def startup_seconds(weights_path: Path, timeout: float = 120.0) -> float:
     """Cold start: launch app.py in a subprocess and time until its page is served."""
-    port = _free_port()
+    port = launch.free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(data.PROJECT_ROOT / "app.py"), "--port", str(port),
                              "--host", "127.0.0.1", "--weights", str(weights_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        while time.perf_counter() - t < timeout:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError("the app did not serve its page in time")
+        launch.wait_ready(f"http://127.0.0.1:{port}/", proc, timeout, path="", poll=0.1)
+        return time.perf_counter() - t
     finally:
-        proc.kill()
-        proc.wait()
+        launch.stop(proc)
 
 
 def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: list[str], path: Path) -> None:

@@ -25,8 +25,6 @@ import argparse
 import ipaddress
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,6 @@ import urllib.parse
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from . import data, finetune
+from .launch import app_server, wait_ready
 
 ROOT = data.PROJECT_ROOT
 STARTUP_TIMEOUT = 180.0
@@ -50,13 +48,6 @@ HEAVY_LIMIT = 2
 
 
 # ---------------------------------------------------------------- the server
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def check_loopback(url: str) -> str:
     """The URL normalised with a trailing slash; ValueError unless its host is a loopback address."""
@@ -68,54 +59,6 @@ def check_loopback(url: str) -> str:
     if not ok:
         raise ValueError(f"refusing to load-test {url!r}: only loopback hosts (127.0.0.1, localhost, ::1) are allowed")
     return url if url.endswith("/") else url + "/"
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
-    """Poll until the app answers /config (or its process died, or the timeout passed)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with code {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"the app did not answer on {url} within {timeout:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate, then kill after 10 s."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@contextmanager
-def app_server(args: list[str], log: str | Path, env: dict | None = None, timeout: float = STARTUP_TIMEOUT):
-    """`python app.py ARGS` on a free loopback port; yields (url, process); always stops it.
-
-    The log (stdout + stderr) goes to `log`; a failed start raises with the log's tail."""
-    port = free_port()
-    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
-                                 *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            try:
-                wait_ready(url, proc, timeout)
-            except Exception as e:
-                raise RuntimeError(f"{e}\n--- app log ---\n{Path(log).read_text()[-4000:]}") from e
-            yield url, proc
-        finally:
-            stop_process(proc)
 
 
 def default_checkpoint(tmp: Path) -> Path:
@@ -465,7 +408,7 @@ def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path:
         src = data_source if data_source is not None else data.default_source()
         if src:
             args += ["--data", src]
-        with app_server(args, log or tmp / "app.log") as (u, _):
+        with app_server(args, log or tmp / "app.log", timeout=STARTUP_TIMEOUT) as (u, _):
             rep = phases(u)
         rep["server"] = f"app.py --weights {ckpt.name}" + (f" --data {Path(src).name}" if src else "")
     rep["machine"] = machine
@@ -517,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.accuracy:
         src = a.data or data.default_source()
         ckpt = a.weights or str(default_checkpoint(Path(tempfile.mkdtemp())))
-        with app_server(["--weights", ckpt, "--data", src], Path(tempfile.mkdtemp()) / "app.log") as (u, _):
+        with app_server(["--weights", ckpt, "--data", src], Path(tempfile.mkdtemp()) / "app.log",
+                        timeout=STARTUP_TIMEOUT) as (u, _):
             rep = api_accuracy(u, a.accuracy, src)
         print(json.dumps(rep) if a.json else
               f"/predict top-1 {rep['top1']:.4f} on {rep['images']} test images ({rep['seconds']:.0f} s) [{ckpt}]")

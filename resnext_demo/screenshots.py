@@ -1,29 +1,27 @@
 """Screenshots of every tab for the README: `python -m resnext_demo.screenshots --out docs/screenshots`.
 
 Launches `app.py` itself on a free port and drives it with Playwright and Debian's chromium
-(never a downloaded browser). By default the app runs without a CIFAR-10 source, and every image shown is
-a synthetic one drawn here, so the screenshots contain no CIFAR-10 image and may be committed;
+(never a downloaded browser). By default the app runs without a CIFAR-10 source: the tabs show a real photo
+that ships with gradio (`real_photo`) and the fine-tune tab synthetic drawings made here, so the screenshots
+contain no CIFAR-10 image and may be committed;
 `--with-samples` shows the sample gallery too (then do not commit predict.png).
 The helpers here (launch_app, open_tab, upload, wait_image) are also what tests/test_browser.py uses.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import data, weights
+from . import data, launch, weights
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -33,47 +31,15 @@ TABS = {"predict": "Predict", "groups": "Groups (cardinality)", "features": "Fea
         "finetune": "Fine-tune", "about": "About the architecture"}
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def launch_app(weights_path: str | Path, data_source: str | None = None, timeout: float = 120,
                log: str | Path | None = None) -> Iterator[str]:
-    """Run app.py in a subprocess; yields its URL once it answers; always stops it."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    args = [sys.executable, str(ROOT / "app.py"), "--weights", str(weights_path), "--port", str(port),
-            "--host", "127.0.0.1", "--data", data_source or ""]  # "" = no data source
-    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                out.seek(0)
-                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{out.read()}")
-            try:
-                with urllib.request.urlopen(url + "config", timeout=2):
-                    break
-            except OSError:
-                if time.time() - t0 > timeout:
-                    raise TimeoutError(f"app.py did not answer on {url} within {timeout} s")
-                time.sleep(0.5)
+    """Run app.py (threads capped at 1, so a browser fits beside it) and yield its URL; always stops it."""
+    args = ["--weights", str(weights_path), "--data", data_source or ""]  # "" = no data source
+    with tempfile.TemporaryDirectory() as tmp, \
+            launch.app_server(args, log or Path(tmp) / "app.log", {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                              timeout) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        out.close()
 
 
 @contextlib.contextmanager
@@ -116,6 +82,16 @@ def wait_text(page, elem_id: str, pattern: str, timeout: float = 120_000) -> str
     return page.locator(f"#{elem_id}").inner_text()
 
 
+def real_photo(name: str = "lion.jpg") -> Path:
+    """A real photograph that ships inside the installed gradio package (its demo media, Apache-2.0), so the
+    screenshots show one without committing a photo or any CIFAR-10 image. CIFAR-10 has no lions: the
+    nearest class is "cat", which is what a visitor would try first."""
+    spec = importlib.util.find_spec("gradio")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("gradio is not installed")
+    return Path(spec.origin).parent / "media_assets" / "images" / name
+
+
 def synthetic_image(kind: str = "truck", size: int = 256, seed: int = 0) -> Image.Image:
     """A drawn picture (no dataset image): 'truck', 'ship', 'plane' on simple backgrounds, with noise."""
     rng = np.random.default_rng(seed)
@@ -152,10 +128,10 @@ def write_synthetic(folder: Path, kind: str, n: int) -> list[str]:
 
 
 def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path]:
-    """Drive every tab with synthetic images and save one full-page PNG per tab."""
+    """Drive every tab with a real photo (Predict copies it to the other tabs) and fine-tune on synthetic
+    drawings; save one full-page PNG per tab."""
     out.mkdir(parents=True, exist_ok=True)
-    probe = work / "probe-truck.png"
-    synthetic_image("truck").save(probe)
+    probe = real_photo()
     shots = []
     with browser_page() as page:
         page.goto(url)

@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +10,7 @@ import pytest
 from PIL import Image
 
 from resnext_demo import data, finetune
+from resnext_demo.launch import free_port, start, stop
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -24,68 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 120
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> None:
-    """Poll until the server answers (or the process died, or the timeout passed)."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"app.py did not answer on {url} within {timeout} s")
-
-
 def launch(args: list[str], log: Path):
-    """Start app.py; returns (process, url). The caller must stop it."""
+    """Start app.py (1 thread, analytics off) on a free port; (process, url). The caller must `stop` it."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     return start([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--host", "127.0.0.1", *args],
-                 ROOT, env, port, log)
-
-
-def start(cmd: list[str], cwd: Path, env: dict, port: int, log: Path):
-    """Run `cmd` (the app, listening on `port`) with its output in `log`: (process, url) once it answers."""
-    out = open(log, "w+")
-    # its own process group, so `stop` also ends what it forks (ZeroGPU workers outlive a terminated parent)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    proc.stdout = out
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, proc)
-    except Exception:
-        stop(proc)
-        out.seek(0)
-        raise RuntimeError(out.read())
-    return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the app and every process in its group (`start` made one for it)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # the group is gone
-            pass
-        try:
-            proc.wait(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the app (forked workers)
-    except ProcessLookupError:
-        pass
+                 port, log, ROOT, env, STARTUP_TIMEOUT)
 
 
 def _png(path: Path, colour, size=(40, 52)) -> str:

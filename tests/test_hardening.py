@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, loadtest, weights
+from resnext_demo import data, launch, loadtest, weights
 from tests import badfiles
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -56,7 +56,7 @@ def server(tmp_path_factory):
     src = data.default_source()
     has_data = bool(src and Path(src).exists())
     args = ["--weights", str(ckpt)] + (["--data", src] if has_data else [])
-    with loadtest.app_server(args, tmp / "app.log", env={"OMP_NUM_THREADS": "1"}) as (url, proc):
+    with launch.app_server(args, tmp / "app.log", env={"OMP_NUM_THREADS": "1"}) as (url, proc):
         yield url, tmp, has_data
         assert proc.poll() is None, "the server died during the tests:\n" + (tmp / "app.log").read_text()[-3000:]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from resnext_demo import data, finetune, ui
-from tests.test_e2e import ROOT, _png, free_port, start, stop
+from resnext_demo.launch import free_port, start, stop
+from tests.test_e2e import ROOT, _png
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -44,7 +45,7 @@ def _serve(space: Path, log: Path, extra_env: dict | None = None, python_args: l
     env.update({"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
                 "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
                 "RESNEXT_DEMO_CACHE": str(log.parent / "cache"), **(extra_env or {})})
-    return start([sys.executable, *(python_args or ["app.py"])], space, env, port, log)
+    return start([sys.executable, *(python_args or ["app.py"])], port, log, space, env)
 
 
 def _zones(tmp: Path) -> tuple[list, list, list]:
