@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import data, weights
-from .predict import predict_batch
+from .predict import _device_of, predict_batch
 from .train import TrainConfig, fit, subset
 
 # Server-side caps (shown in the UI): a fine-tune must stay usable on a 2-core CPU.
@@ -352,7 +352,7 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
     train_ds, hold_ds = holdout_split(dataset, seed=opts.seed)
     if len(train_ds) == 0:
         raise ValueError("Every class needs at least two images: one is held out for the before/after score.")
-    device = next(model.parameters()).device
+    device = _device_of(model)
     base = model
     new = prepare_model(model, model_classes, dataset.classes)
     cifar = None

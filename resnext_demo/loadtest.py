@@ -10,7 +10,7 @@ synthetic uploads for two classes; 1 epoch), then N users each send R requests b
 synthetic images made here (never CIFAR-10 images). Reports p50/p95 latency, count and errors per
 endpoint and the throughput.
 Phase 2 (overload): two long fine-tunes occupy the fine-tune pool, then more jobs than the queue holds
-(ui.QUEUE_MAX) are submitted at once: data-less fine-tunes by default (they wait behind the holders,
+(serving.QUEUE_MAX) are submitted at once: data-less fine-tunes by default (they wait behind the holders,
 then the app refuses each in milliseconds), or predictions with --flood predict (those only wait when
 they share a pool with fine-tunes; with a pool of their own the refusals depend on how fast the queue
 drains). Reports how many the queue refused and the exact message the clients got, stops the
@@ -43,7 +43,7 @@ from .launch import app_server, wait_ready
 
 ROOT = data.PROJECT_ROOT
 STARTUP_TIMEOUT = 180.0
-QUEUE_MAX = 32  # mirrors ui.QUEUE_MAX; read from the ui module when gradio is importable (see _queue_max)
+QUEUE_MAX = 32  # mirrors serving.QUEUE_MAX; read from there when gradio is importable (see _queue_max)
 HEAVY_LIMIT = 2
 
 
@@ -94,9 +94,9 @@ def synthetic_image(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> 
 
 def _queue_max() -> int:
     try:
-        from . import ui
-        return int(ui.QUEUE_MAX)
-    except Exception:  # gradio missing or ui broken: the documented default
+        from . import serving
+        return int(serving.QUEUE_MAX)
+    except Exception:  # gradio missing or serving broken: the documented default
         return QUEUE_MAX
 
 

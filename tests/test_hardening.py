@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, launch, loadtest, weights
+from resnext_demo import data, finetune, launch, loadtest, weights
 from tests import badfiles
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
-
-from resnext_demo import ui  # noqa: E402  (imports gradio: after the importorskip)
 
 # Gradio's own gr.Image preprocessing would open uploads with PIL before any handler runs; ui.ImageInput
 # hands the file to data.open_image untouched, so the tests below hold for every upload.
@@ -167,7 +165,7 @@ def test_bad_image_in_a_finetune_zone_is_named(client, files):
     """Fine-tune uploads go through the same decoder; the message names the file and its class."""
     zones = [None] * len(data.CLASSES)
     zones[data.CLASSES.index("cat")] = [handle_file(str(files["truncated JPEG"]))]
-    n = len(ui.finetune.TRAIN_LAYERS) and ui.finetune.MAX_NEW_CLASSES
+    n = len(finetune.TRAIN_LAYERS) and finetune.MAX_NEW_CLASSES
     with pytest.raises(AppError) as e:
         client.predict(0, "head", 1, 0.01, 8, *zones, *([""] * n), *([None] * n), api_name="/finetune")
     assert "truncated.jpg (cat)" in str(e.value) and "damaged or truncated" in str(e.value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_demo import data, sweep, ui, visualize, weights
+from resnext_demo import data, handlers, sweep, visualize, weights
 from resnext_demo.model import config_macs, config_params, get_config
 
 MODELS = ["resnext29_8x4d_micro"]  # the cheapest named model: the command is tested, not the result
@@ -49,7 +49,7 @@ def test_train_collect_plot(folder, tmp_path, monkeypatch):
     assert (out / row["files"][0]).stat().st_mtime == mtime  # finished runs are not redone
     sweep.main(["plot", "--out-dir", str(out)])
     assert Image.open(out / sweep.PLOT).size[0] > 100
-    table, md, plot = ui.Handlers.sweep(out / sweep.RESULTS)  # the About tab shows table and plot
+    table, md, plot = handlers.Handlers.sweep(out / sweep.RESULTS)  # the About tab shows table and plot
     assert table["visible"] and plot["visible"] and list(table["value"]["C"]) == [cfg.cardinality]
     assert [r["seed"] for r in results["runs"]] == [0, 1] and "Too few cardinalities" in md
     assert "| 8 | 4 | `resnext29_8x4d_micro` |" in sweep.markdown(results)

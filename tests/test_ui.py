@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_demo import data, explain, finetune, ui, weights
+from resnext_demo import data, explain, finetune, report, serving, ui, weights
+from resnext_demo.handlers import DISPLAY, MISCLASSIFIED_SHOW, N_SAMPLES, Handlers, layer_dropdown_choices
 from resnext_demo.model import config_params
 from resnext_demo.predict import predict_batch
 
@@ -46,9 +47,9 @@ def image_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def handlers(tiny_model) -> ui.Handlers:
+def handlers(tiny_model) -> Handlers:
     """Handlers over the tiny model, no data source."""
-    return ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, "tiny.safetensors")
+    return Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, "tiny.safetensors")
 
 
 def _synthetic_files(tmp_path: Path, name: str, n: int, colour: tuple[int, int, int]) -> list[str]:
@@ -70,7 +71,7 @@ def _uploads(files: dict[str, list[str]], new: dict[str, list[str]] | None = Non
     return [files.get(c) for c in data.CLASSES] + names + zones
 
 
-def _run_finetune(h: ui.Handlers, session, flag, files, new=None, epochs=1, layers="head", on_step=None):
+def _run_finetune(h: Handlers, session, flag, files, new=None, epochs=1, layers="head", on_step=None):
     outs = []
     for out in h.finetune(session, flag, 0, layers, epochs, 0.05, 8, *_uploads(files, new)):
         outs.append(out)
@@ -115,7 +116,7 @@ def test_predict_label_top_k(handlers, image_path):
 def test_predict_full_shows_input_time_and_truth(handlers, image_path):
     top, seen, info = handlers.predict_full(image_path, 2, None, None)
     assert len(top) == 2
-    assert seen.size == (ui.DISPLAY, ui.DISPLAY)
+    assert seen.size == (DISPLAY, DISPLAY)
     assert "ms" in info and "cpu" in info
     pred = next(iter(top))
     _, _, ok = handlers.predict_full(image_path, 2, None, {"index": 7, "label": pred})
@@ -140,11 +141,11 @@ def test_predict_bad_input_is_a_gradio_error(handlers, tmp_path):
 
 
 def test_share_image_skips_unreadable_files(image_path, tmp_path):
-    assert ui.Handlers.share_image(image_path) == (image_path,) * 3
-    assert ui.Handlers.share_image(None) == (None,) * 3
+    assert Handlers.share_image(image_path) == (image_path,) * 3
+    assert Handlers.share_image(None) == (None,) * 3
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    assert all(isinstance(u, dict) and "value" not in u for u in ui.Handlers.share_image(str(bad)))
+    assert all(isinstance(u, dict) and "value" not in u for u in Handlers.share_image(str(bad)))
 
 
 def _visitor_message(md: str) -> bool:
@@ -166,37 +167,37 @@ def test_without_data_the_samples_say_so_in_visitor_words(handlers):
 def test_the_sample_pack_gives_every_data_view(tiny_model, tmp_path, image_path):
     """No full source: gallery, random and misclassified test images, About, specialization and a fine-tune
     with a CIFAR-10 subset and the forgetting check all come from the shipped sample pack."""
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), "tiny.safetensors")
+    h = Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), "tiny.safetensors")
     x, y = h.test_split()
     gallery, md = h.sample_gallery()
-    assert len(gallery.value) == ui.N_SAMPLES and "sample pack" in md and "400" in md
+    assert len(gallery.value) == N_SAMPLES and "sample pack" in md and "400" in md
     im, truth = h.random_sample()
     assert im.size == (32, 32) and truth["label"] in data.CLASSES and 0 <= truth["index"] < len(y)
     items, idx, md = h.misclassified(None, progress=lambda *a, **k: None)
-    assert 0 < len(items) == len(idx) <= ui.MISCLASSIFIED_SHOW and "of 400 test images" in md
+    assert 0 < len(items) == len(idx) <= MISCLASSIFIED_SHOW and "of 400 test images" in md
     for (_, caption), i in zip(items, idx):  # "true→predicted 62%", short enough not to be cut
         true, rest = caption.split("→")
         assert true == data.CLASSES[int(y[i])] and rest.split()[0] in data.CLASSES and true != rest.split()[0]
         assert caption.endswith("%") and len(caption) <= 24
     assert "sample pack" in h.about(None, 0)[3]
     assert h.cifar_subset_max() == 10
-    status, _, result_md, path, pending = list(h.finetune(None, ui.StopFlag(), 10, "head", 1, 0.05, 32,
+    status, _, result_md, path, pending = list(h.finetune(None, serving.StopFlag(), 10, "head", 1, 0.05, 32,
                                                           *_uploads({})))[-1]
     assert "80 training / 20 held-out" in result_md and "test slice (400 images, forgetting)" in result_md
     assert next(pending.model.parameters()).device.type == "cpu"
 
 
 def test_samples_from_cifar(tiny_model, cifar_source):
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, cifar_source)
+    h = Handlers(tiny_model, {"classes": list(data.CLASSES)}, cifar_source)
     gallery, md = h.sample_gallery()
-    assert len(gallery.value) == ui.N_SAMPLES
+    assert len(gallery.value) == N_SAMPLES
     im, truth = h.random_sample()
     assert im.size == (32, 32) and truth["label"] in data.CLASSES
     im5, t5 = h.load_sample(5)
     x, y = h.test_split()
     assert np.array_equal(np.asarray(im5), x[5].permute(1, 2, 0).numpy()) and t5["label"] == data.CLASSES[int(y[5])]
     items, idx, md = h.misclassified(None, progress=lambda *a, **k: None)
-    assert len(items) == len(idx) <= ui.MISCLASSIFIED_SHOW
+    assert len(items) == len(idx) <= MISCLASSIFIED_SHOW
     probs = predict_batch(tiny_model, x[idx])
     assert all(int(probs[j].argmax()) != int(y[i]) for j, i in enumerate(idx))
     assert "misclassified" in md
@@ -206,7 +207,7 @@ def test_samples_from_cifar(tiny_model, cifar_source):
 
 
 def test_feature_maps_every_layer(handlers, tiny_model, image_path):
-    for _, layer in ui.layer_dropdown_choices(tiny_model):
+    for _, layer in layer_dropdown_choices(tiny_model):
         grid, md, stats = handlers.feature_maps(image_path, layer, "channels", "group", None)
         assert isinstance(grid, Image.Image) and isinstance(stats, Image.Image)
         assert f"{explain.groups_of(tiny_model, layer)} group" in md
@@ -245,14 +246,14 @@ def test_attribute_target_and_params(handlers, image_path):
 
 
 def Handlers_params(method):
-    return set(ui.Handlers.method_params(method, 8, "black", 4, 0.1, None, 8, 4))
+    return set(Handlers.method_params(method, 8, "black", 4, 0.1, None, 8, 4))
 
 
 def test_param_visibility_follows_method():
-    vis = ui.Handlers.param_visibility("SmoothGrad")
+    vis = Handlers.param_visibility("SmoothGrad")
     shown = [u["visible"] for u in vis]
     assert shown == [False, False, True, True, False, False, False]
-    assert [u["visible"] for u in ui.Handlers.param_visibility("Grad-CAM")][4] is True
+    assert [u["visible"] for u in Handlers.param_visibility("Grad-CAM")][4] is True
 
 
 def test_compare_two_methods(handlers, image_path):
@@ -269,7 +270,7 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
     files = {"cat": _synthetic_files(tmp_path, "cat", 4, (200, 120, 40)),
              "ship": _synthetic_files(tmp_path, "ship", 4, (30, 60, 200))}
     new = {"zebra": _synthetic_files(tmp_path, "zebra", 4, (250, 250, 250))}
-    outs = _run_finetune(handlers, None, ui.StopFlag(), files, new, epochs=2, layers="all")
+    outs = _run_finetune(handlers, None, serving.StopFlag(), files, new, epochs=2, layers="all")
     status, df, result_md, path, pending = outs[-1]
     assert isinstance(df, pd.DataFrame) and {"epoch", "series", "value"} <= set(df.columns)
     assert "before" in result_md and "after" in result_md
@@ -298,7 +299,7 @@ def test_finetune_new_class_use_and_download(handlers, tiny_model, tmp_path, ima
 
 
 def test_finetune_stop_button(handlers, tmp_path):
-    flag = ui.StopFlag()
+    flag = serving.StopFlag()
     files = {c: _synthetic_files(tmp_path, c, 5, (i * 25, 100, 200 - i * 20)) for i, c in enumerate(data.CLASSES[:4])}
     seen = []
 
@@ -313,14 +314,14 @@ def test_finetune_stop_button(handlers, tmp_path):
 
 
 def test_finetune_wall_time_cap(tiny_model, tmp_path):
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, max_seconds=0.0)
+    h = Handlers(tiny_model, {"classes": list(data.CLASSES)}, None, max_seconds=0.0)
     files = {"cat": _synthetic_files(tmp_path, "cat", 4, (200, 120, 40))}
-    _, _, result_md, path, pending = _run_finetune(h, None, ui.StopFlag(), files, epochs=5)[-1]
+    _, _, result_md, path, pending = _run_finetune(h, None, serving.StopFlag(), files, epochs=5)[-1]
     assert "Stopped" in result_md and len(pending.meta["history"]) == 1
 
 
 def test_finetune_rejects_bad_input(handlers, tmp_path):
-    flag = ui.StopFlag()
+    flag = serving.StopFlag()
     with pytest.raises(gr.Error, match="No training images"):
         _run_finetune(handlers, None, flag, {})
     with pytest.raises(gr.Error, match="No CIFAR-10 images are available"):
@@ -341,7 +342,7 @@ def test_finetune_rejects_bad_input(handlers, tmp_path):
 def test_two_sessions_finetunes_are_isolated(handlers, tiny_model, tmp_path, image_path):
     """Two users fine-tune at the same time: each gets its own model; nobody else's changes."""
     base = _state_dict_copy(tiny_model)
-    flag_a, flag_b = copy.deepcopy(ui.StopFlag()), copy.deepcopy(ui.StopFlag())  # what gr.State does per session
+    flag_a, flag_b = copy.deepcopy(serving.StopFlag()), copy.deepcopy(serving.StopFlag())  # what gr.State does per session
     assert flag_a.event is not flag_b.event
     files_a = {"cat": _synthetic_files(tmp_path, "a-cat", 4, (250, 0, 0)), "dog": _synthetic_files(tmp_path, "a-dog", 4, (0, 250, 0))}
     files_b = {"ship": _synthetic_files(tmp_path, "b-ship", 4, (0, 0, 250))}
@@ -374,7 +375,7 @@ def test_two_sessions_finetunes_are_isolated(handlers, tiny_model, tmp_path, ima
 
 def test_load_checkpoint_refuses_pickles(handlers, tiny_checkpoint, tmp_path):
     session, banner = handlers.load_checkpoint(str(tiny_checkpoint))
-    assert isinstance(session, ui.SessionModel) and "tiny.safetensors" in banner
+    assert isinstance(session, serving.SessionModel) and "tiny.safetensors" in banner
     pt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, pt)
     with pytest.raises(gr.Error, match="pickle"):
@@ -384,7 +385,7 @@ def test_load_checkpoint_refuses_pickles(handlers, tiny_checkpoint, tmp_path):
 
 
 def test_stop_flag_is_per_session():
-    a = ui.StopFlag()
+    a = serving.StopFlag()
     b = copy.deepcopy(a)
     a.event.set()
     assert not b.event.is_set()
@@ -396,45 +397,36 @@ def test_stop_flag_is_per_session():
 def test_about_is_computed_from_the_model(handlers, tiny_model):
     diagram, table, curve, md = handlers.about(None, 1)
     assert isinstance(diagram, Image.Image)
-    assert list(table["C (groups)"]) == list(ui.CARDINALITIES)
+    assert list(table["C (groups)"]) == list(report.CARDINALITIES)
     loaded = table[table["loaded"] != ""]
     assert len(loaded) == 1 and loaded["params (M)"].iloc[0] == round(config_params(tiny_model.config) / 1e6, 3)
     assert curve is None and "no training history" in md
     hist = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_acc": 0.3, "seconds": 1.0, "complete": True},
             {"epoch": 2, "train_loss": 1.5, "train_acc": 0.4, "test_acc": 0.45, "seconds": 2.0, "complete": True}]
-    h2 = ui.Handlers(tiny_model, {"classes": list(data.CLASSES), "history": hist, "accuracy": 0.45}, None)
+    h2 = Handlers(tiny_model, {"classes": list(data.CLASSES), "history": hist, "accuracy": 0.45}, None)
     _, _, curve2, md2 = h2.about(None, 0)
     assert isinstance(curve2, Image.Image) and "45.00 %" in md2
     cmd = "python -m resnext_demo.train --model m --out /elsewhere/proj/runs/gpu/x.safetensors --resume"
-    h3 = ui.Handlers(tiny_model, {"classes": list(data.CLASSES), "command": cmd}, None)
+    h3 = Handlers(tiny_model, {"classes": list(data.CLASSES), "command": cmd}, None)
     assert "`python -m resnext_demo.train --model m --out runs/gpu/x.safetensors --resume`" in h3.about(None, 0)[3]
 
 
-def test_equal_budget_table_named_recipe():
-    from resnext_demo.model import get_config
-    t = ui.equal_budget_table(get_config("resnext29_8x8d_tiny"), "resnext29_8x8d_tiny")
-    assert len(t) == len(ui.CARDINALITIES)
-    ref = t[t["C (groups)"] == 8]["params (M)"].iloc[0]
-    # equal complexity within 10 % up to C=16 (at C=32 the integer d=3 of a tiny model overshoots)
-    assert all(abs(p - ref) / ref < 0.1 for p in t[t["C (groups)"] <= 16]["params (M)"])
-
-
 def test_sweep_table_when_shipped(tmp_path):
-    assert ui.sweep_table(tmp_path / "missing.json") is None
-    assert ui.Handlers.sweep(tmp_path / "missing.json")[0]["visible"] is False
+    assert report.read_sweep(tmp_path / "missing.json") is None
+    assert Handlers.sweep(tmp_path / "missing.json")[0]["visible"] is False
     p = tmp_path / "results.json"
     p.write_text('{"results": [{"cardinality": 1, "top1": 0.81}]}')  # not what `sweep collect` writes: hidden
-    assert ui.sweep_table(p) is None and ui.Handlers.sweep(p)[0]["visible"] is False
+    assert report.read_sweep(p) is None and Handlers.sweep(p)[0]["visible"] is False
     rows = [{"C": c, "d": d, "model": f"m{c}", "params_M": 1.0, "MFLOPs": 100.0, "top1_mean": acc, "top1_spread": 0.001,
              "seeds": [0, 1], "epochs": 3, "device": "cpu"} for c, d, acc in ((1, 20, 0.81), (8, 4, 0.84))]
     p.write_text(json.dumps({"rows": rows, "runs": []}))
-    t = ui.sweep_table(p)
+    t = report.sweep_table(report.read_sweep(p))
     assert list(t["C"]) == [1, 8] and list(t["top-1 % (mean ± half-range)"]) == ["81.00 ± 0.10", "84.00 ± 0.10"]
-    upd, md, plot = ui.Handlers.sweep(p)
+    upd, md, plot = Handlers.sweep(p)
     assert upd["visible"] is True and plot["visible"] is True and "3 epochs each on cpu" in md
     assert "cardinality matters" in md  # 3 points apart, seeds 0.2 apart
     p.write_text("not json")
-    assert ui.sweep_table(p) is None
+    assert report.read_sweep(p) is None
 
 
 # ---------------------------------------------------------------- Groups (cardinality)
@@ -489,7 +481,7 @@ def test_specialization_needs_data_then_uses_the_cache(handlers, tiny_model, tmp
     monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake")
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, "fake-source", "tiny.safetensors")
+    h = Handlers(tiny_model, {"classes": list(data.CLASSES)}, "fake-source", "tiny.safetensors")
     fig, montage, md = h.specialization("layer2.0.conv2")
     assert isinstance(fig, Image.Image) and montage.size[1] == 4 * (2 * 32 + 2)  # one row per group
     assert "selectivity" in md and "Colour" in md
@@ -529,13 +521,6 @@ def test_compare_with_every_shipped_checkpoint(handlers, tiny_model, image_path,
         handlers.compare_models(image_path, "../default.safetensors")
 
 
-def test_architecture_text_names_the_layout():
-    from resnext_demo.model import get_config
-    fast = ui.architecture_text("f", get_config("resnext20_8x8d_fast"))
-    assert "C=8" in fast and "d=8" in fast and "max-pool" in fast and "1/2/2" in fast
-    assert "ResNeXt-29" in ui.architecture_text("m", get_config("resnext29_8x4d_micro"))
-
-
 def test_attribution_markdown_reports_faithfulness(handlers, image_path):
     _, md = handlers.attribute(image_path, "Saliency")
     assert "Faithfulness (deletion)" in md and "random orders" in md
@@ -544,7 +529,7 @@ def test_attribution_markdown_reports_faithfulness(handlers, image_path):
 def test_about_names_the_checkpoint_a_run_started_from(tiny_model):
     meta = {"classes": list(data.CLASSES), "history": [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}],
             "init_from": {"sha256": "ab" * 32, "epochs": 4, "accuracy": 0.6873}}
-    h = ui.Handlers(tiny_model, meta, None, "x.safetensors")
+    h = Handlers(tiny_model, meta, None, "x.safetensors")
     md = h.about(None, 0)[3]
     assert "abababababab" in md and "68.73 %" in md and "second run" in md
 
@@ -568,7 +553,7 @@ def test_heat_maps_and_conductance_say_how_far_to_trust_them(handlers, image_pat
 
 def test_finetune_curve_is_drawn_from_the_endpoint_table():
     rows = [{"epoch": 0.5, "series": "train loss", "value": 1.0}, {"epoch": 1.0, "series": "held-out accuracy", "value": 0.5}]
-    assert isinstance(ui.Handlers.curve_image(pd.DataFrame(rows)), Image.Image)
-    assert ui.Handlers.curve_image(None) is None and ui.Handlers.curve_image(pd.DataFrame()) is None
+    assert isinstance(Handlers.curve_image(pd.DataFrame(rows)), Image.Image)
+    assert Handlers.curve_image(None) is None and Handlers.curve_image(pd.DataFrame()) is None
     as_text = pd.DataFrame(rows).astype(str)  # what a browser's table sends back
-    assert np.array_equal(np.asarray(ui.Handlers.curve_image(as_text)), np.asarray(ui.Handlers.curve_image(pd.DataFrame(rows))))
+    assert np.array_equal(np.asarray(Handlers.curve_image(as_text)), np.asarray(Handlers.curve_image(pd.DataFrame(rows))))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, finetune, ui
+from resnext_demo import data, finetune, handlers, serving, ui
 
 
 # Free ZeroGPU quotas (issue 12): about 2 min of GPU a day for an anonymous visitor, 5 min with a free account;
@@ -54,7 +54,7 @@ def zero_gpu(monkeypatch) -> list:
     """The app as on ZeroGPU, with the stand-in `spaces`; returns the list of bookings made."""
     bookings: list = []
     monkeypatch.setitem(sys.modules, "spaces", _fake_spaces(bookings))
-    monkeypatch.setattr(ui, "spaces", ui._import_spaces())
+    monkeypatch.setattr(serving, "spaces", serving.import_spaces())
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     return bookings
 
@@ -70,19 +70,19 @@ def test_gpu_wrapper_books_only_on_zero_gpu_and_only_what_needs_a_model(zero_gpu
         yield x
         yield x + 1
 
-    wrapped = ui._gpu(fn, lambda x: 0 if x is None else 7 * x, before=lambda: ran.append("before"))
+    wrapped = serving.gpu(fn, lambda x: 0 if x is None else 7 * x, before=lambda: ran.append("before"))
     assert wrapped(2) == 3 and zero_gpu == [14] and ran == ["before", 2]  # booked, `before` ran in the worker
     with pytest.raises(TypeError):
         wrapped(None)  # duration 0: runs here, unbooked (and fn's own error comes through)
     assert zero_gpu == [14] and ran == ["before", 2, None]
-    assert list(ui._gpu(gen, 5)(1)) == [1, 2] and zero_gpu == [14, 5]
-    assert list(ui._gpu(gen, lambda x: 0)(1)) == [1, 2] and zero_gpu == [14, 5]
+    assert list(serving.gpu(gen, 5)(1)) == [1, 2] and zero_gpu == [14, 5]
+    assert list(serving.gpu(gen, lambda x: 0)(1)) == [1, 2] and zero_gpu == [14, 5]
     monkeypatch.setenv("SPACES_ZERO_GPU", "false")  # `spaces` installed, but not on ZeroGPU: nothing changes
-    assert ui._gpu(fn, 42) is fn
+    assert serving.gpu(fn, 42) is fn
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` raises ImportError
-    monkeypatch.setattr(ui, "spaces", ui._import_spaces())
-    assert ui.spaces is None and not ui.on_zero_gpu() and ui._gpu(fn, 42) is fn
+    monkeypatch.setattr(serving, "spaces", serving.import_spaces())
+    assert serving.spaces is None and not serving.on_zero_gpu() and serving.gpu(fn, 42) is fn
 
 
 def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu, tiny_model, class_files, tmp_path,
@@ -95,17 +95,17 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
     no_progress = {"progress": lambda *a, **k: None}
     layer = "layer2.0.conv2"
     calls = {  # event: (arguments, seconds it books)
-        "classify": ((img, 3, None, None), {}, ui.GPU_SECONDS_QUICK),
-        "predict": ((img, 3, None), {}, ui.GPU_SECONDS_QUICK),
-        "auto_predict": ((img, 3, None, None), {}, ui.GPU_SECONDS_QUICK),
-        "knockout": ((img, layer, [0]), {}, ui.GPU_SECONDS_QUICK),
-        "feature_maps": ((img, layer), {}, ui.GPU_SECONDS),
-        "attribute": ((img, "Saliency"), {}, ui.GPU_SECONDS),
-        "compare": ((img, "Saliency", "Grad-CAM"), {}, ui.GPU_SECONDS),
-        "groups": ((img, layer), {}, ui.GPU_SECONDS),
-        "compare_models": ((img, "shared model"), {}, ui.GPU_SECONDS),
-        "misclassified": ((None,), no_progress, ui.GPU_SECONDS),
-        "specialization": ((layer, None), no_progress, ui.SPECIALIZATION_GPU_SECONDS),  # not cached yet
+        "classify": ((img, 3, None, None), {}, serving.GPU_SECONDS_QUICK),
+        "predict": ((img, 3, None), {}, serving.GPU_SECONDS_QUICK),
+        "auto_predict": ((img, 3, None, None), {}, serving.GPU_SECONDS_QUICK),
+        "knockout": ((img, layer, [0]), {}, serving.GPU_SECONDS_QUICK),
+        "feature_maps": ((img, layer), {}, serving.GPU_SECONDS),
+        "attribute": ((img, "Saliency"), {}, serving.GPU_SECONDS),
+        "compare": ((img, "Saliency", "Grad-CAM"), {}, serving.GPU_SECONDS),
+        "groups": ((img, layer), {}, serving.GPU_SECONDS),
+        "compare_models": ((img, "shared model"), {}, serving.GPU_SECONDS),
+        "misclassified": ((None,), no_progress, serving.GPU_SECONDS),
+        "specialization": ((layer, None), no_progress, serving.SPECIALIZATION_GPU_SECONDS),  # not cached yet
     }
     for name, (args, kwargs, seconds) in calls.items():
         zero_gpu.clear()
@@ -113,12 +113,12 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
         assert zero_gpu == [seconds], name
     zero_gpu.clear()
     by_name["specialization"](layer, None, **no_progress)  # now cached: a file read
-    assert zero_gpu == [ui.GPU_SECONDS]
+    assert zero_gpu == [serving.GPU_SECONDS]
     # a fine-tune books its estimate: 2 epochs x 4 images, at least FINETUNE_MIN_SECONDS, plus the margin
     zero_gpu.clear()
-    *_, (status, _, result_md, path, pending) = by_name["finetune"](None, ui.StopFlag(), 0, "head", 2, 0.05, 8,
+    *_, (status, _, result_md, path, pending) = by_name["finetune"](None, serving.StopFlag(), 0, "head", 2, 0.05, 8,
                                                                     *class_files)
-    assert zero_gpu == [ui.FINETUNE_MIN_SECONDS + ui.FINETUNE_GPU_MARGIN] and "Finished" in result_md
+    assert zero_gpu == [serving.FINETUNE_MIN_SECONDS + serving.FINETUNE_GPU_MARGIN] and "Finished" in result_md
     assert next(pending.model.parameters()).device.type == "cpu"  # what leaves a GPU worker is on the CPU
     # requests that need no model book nothing: no image, a fine-tune with nothing to train or stopped in the queue
     zero_gpu.clear()
@@ -128,15 +128,15 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
     assert by_name["auto_predict"](None, 3, None, None) == (None, None, "")
     nothing = [None] * len(data.CLASSES) + [""] * finetune.MAX_NEW_CLASSES + [None] * finetune.MAX_NEW_CLASSES
     with pytest.raises(gr.Error, match="No training images"):
-        list(by_name["finetune"](None, ui.StopFlag(), 0, "head", 1, 0.05, 8, *nothing))
-    flag = ui.StopFlag()
+        list(by_name["finetune"](None, serving.StopFlag(), 0, "head", 1, 0.05, 8, *nothing))
+    flag = serving.StopFlag()
     h.arm(flag)
     h.stop(flag)
     assert "Stopped before training" in list(by_name["finetune"](None, flag, 0, "head", 1, 0.05, 8, *class_files))[0][0]
     # events that run no model never book one
     by_name["random_sample"]()
     by_name["about"](None, 0)
-    by_name["stop"](ui.StopFlag())
+    by_name["stop"](serving.StopFlag())
     by_name["use_model"](pending)
     by_name["reset_model"]()
     assert zero_gpu == []
@@ -156,34 +156,34 @@ def test_bookings_fit_an_anonymous_visitors_daily_quota(zero_gpu, tiny_model):
     """Every booking, the largest fine-tune included, fits 2 min of quota even at 1.5x on the newest cards."""
     demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source())
     h = demo.handlers
-    assert h.max_seconds == ui.ZERO_GPU_TRAIN_SECONDS  # the fine-tune's cap is lowered on ZeroGPU
+    assert h.max_seconds == serving.ZERO_GPU_TRAIN_SECONDS  # the fine-tune's cap is lowered on ZeroGPU
     biggest = [["x.png"] * finetune.MAX_IMAGES] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
         + [None] * finetune.MAX_NEW_CLASSES
-    most = h.finetune_seconds(None, ui.StopFlag(), finetune.MAX_CIFAR_PER_CLASS, "all", finetune.MAX_EPOCHS, 0.01, 8,
+    most = h.finetune_seconds(None, serving.StopFlag(), finetune.MAX_CIFAR_PER_CLASS, "all", finetune.MAX_EPOCHS, 0.01, 8,
                               *biggest)
-    bookings = [ui.GPU_SECONDS_QUICK, ui.GPU_SECONDS, ui.SPECIALIZATION_GPU_SECONDS, most]
-    assert most == ui.ZERO_GPU_TRAIN_SECONDS + ui.FINETUNE_GPU_MARGIN
+    bookings = [serving.GPU_SECONDS_QUICK, serving.GPU_SECONDS, serving.SPECIALIZATION_GPU_SECONDS, most]
+    assert most == serving.ZERO_GPU_TRAIN_SECONDS + serving.FINETUNE_GPU_MARGIN
     assert all(NEWEST_CARD_FACTOR * b <= ANONYMOUS_QUOTA_S for b in bookings), bookings
 
 
 def test_fine_tune_booking_grows_with_epochs_and_images(tiny_model):
     """The estimate (hence the booking and, on ZeroGPU, the training cap) follows epochs x images x rate."""
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=300)
+    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=300)
 
     def uploads(n):
         return [["x.png"] * n] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
             + [None] * finetune.MAX_NEW_CLASSES
 
-    rate = ui.TRAIN_SECONDS_PER_IMAGE
+    rate = serving.TRAIN_SECONDS_PER_IMAGE
     assert h.train_seconds(0, "head", 3, uploads(0)) == 0
     assert h.train_seconds(0, "all", 20, uploads(400)) == pytest.approx(20 * 400 * rate["all"])
     assert h.train_seconds(0, "all", 10, uploads(400)) == pytest.approx(10 * 400 * rate["all"])
     assert h.train_seconds(0, "head", 20, uploads(400)) < h.train_seconds(0, "all", 20, uploads(400))
     # CIFAR-10 images count too, as many as the sample pack has (10 per class)
     assert h.train_seconds(50, "all", 20, uploads(0)) == pytest.approx(20 * 100 * rate["all"])
-    assert h.train_seconds(0, "head", 1, uploads(2)) == ui.FINETUNE_MIN_SECONDS
+    assert h.train_seconds(0, "head", 1, uploads(2)) == serving.FINETUNE_MIN_SECONDS
     assert h.train_seconds(0, "all", 20, uploads(500)) == 200.0 < h.max_seconds
-    assert ui.Handlers(tiny_model, None, None, max_seconds=30).train_seconds(5, "all", 20, uploads(500)) == 30
+    assert handlers.Handlers(tiny_model, None, None, max_seconds=30).train_seconds(5, "all", 20, uploads(500)) == 30
 
 
 def test_train_click_arms_the_stop_flag_unqueued_before_the_queued_finetune(tiny_model):
@@ -208,8 +208,8 @@ def class_files(tmp_path) -> list:
 
 
 def test_stop_pressed_while_queued_is_kept(tiny_model, class_files):
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
-    flag = ui.StopFlag()
+    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
+    flag = serving.StopFlag()
     h.arm(flag)  # the Train click
     h.stop(flag)  # Stop while the job still waits in the queue
     outs = list(h.finetune(None, flag, 0, "head", 1, 0.05, 8, *class_files))
@@ -223,8 +223,8 @@ def test_stop_pressed_while_queued_is_kept(tiny_model, class_files):
 
 def test_finetune_without_arm_clears_an_old_stop(tiny_model, class_files):
     """gradio_client's /finetune has no arm step: a Stop from an earlier run must not stop the new one."""
-    h = ui.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
-    flag = ui.StopFlag()
+    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
+    flag = serving.StopFlag()
     h.stop(flag)
     *_, (status, _, result_md, path, pending) = h.finetune(None, flag, 0, "head", 1, 0.05, 8, *class_files)
     assert pending is not None and "Finished" in result_md
@@ -232,9 +232,9 @@ def test_finetune_without_arm_clears_an_old_stop(tiny_model, class_files):
 
 def test_stop_flag_pickles_with_its_state():
     """ZeroGPU pickles a GPU function's arguments into its worker: a threading.Event alone cannot be."""
-    flag = ui.StopFlag()
+    flag = serving.StopFlag()
     flag.armed = True
     flag.event.set()
     copy = pickle.loads(pickle.dumps(flag))
     assert copy.armed and copy.event.is_set() and copy.event is not flag.event
-    assert not pickle.loads(pickle.dumps(ui.StopFlag())).event.is_set()
+    assert not pickle.loads(pickle.dumps(serving.StopFlag())).event.is_set()

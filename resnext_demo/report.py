@@ -1,0 +1,342 @@
+"""The words and tables the app shows: plain values in, Markdown strings and pandas tables out.
+
+No gradio and no model here, so tests read every view's text without a server. `verdicts` says what a
+measurement means against its control; this module lays the numbers and those verdicts out for a tab.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from . import data, finetune, verdicts, weights
+from .model import ResNeXtConfig, config_macs, config_params, equal_budget_configs, list_models, matched_base_width
+
+if TYPE_CHECKING:  # explain's dataclasses, for type checkers only (this module computes nothing)
+    from .explain import Attribution, Faithfulness, GroupAblation, GroupImportance, Specialization
+    from .predict import Prediction
+
+CARDINALITIES = (1, 2, 4, 8, 16, 32)  # the About tab's equal-budget table
+
+INTRO = ("# ResNeXt on CIFAR-10\nClassify an image, look inside the grouped convolutions, "
+         "see which pixels mattered, and fine-tune your own copy of the model.")
+
+# Seen by visitors, who cannot configure the server: no flags or variables here (the README tells operators).
+NO_DATA_HELP = ("No CIFAR-10 test images are available on this server, so there are no samples here. "
+                "Everything else works with your own images.")
+
+GROUPS_TEXT = """
+**What no other explainer shows: the C parallel paths of every ResNeXt block.** A block's grouped 3×3
+conv splits into C groups; each computes its own transformation and the 1×1 conv after it sums them.
+Here you see, for one image, which groups carry the evidence (and which argue against), what happens when
+you remove them, where each one looks, and — over the test set — what each group responds to.
+"""
+
+FEATURES_TEXT = ("A grouped 3×3 conv with C groups: output channels `[g·w, (g+1)·w)` come only from "
+                 "group g's inputs. Each panel is one group. Stage outputs are shown ungrouped for comparison.")
+
+ABOUT_TEXT = """
+### What a ResNeXt block is
+A ResNet bottleneck block maps its input through 1×1 → 3×3 → 1×1 convolutions. ResNeXt (Xie et al.,
+2017, *Aggregated Residual Transformations*) splits the middle into **C parallel paths** of **d**
+channels each — the *cardinality* C — whose outputs are summed. Implemented as one **grouped 3×3
+convolution** (`groups=C`): output channels `[g·d, (g+1)·d)` are computed only from input channels of
+group g. The paper's finding: at equal parameters and FLOPs, more groups (larger C, smaller d) beat
+a wider single path. The diagram is drawn from the loaded model's config; the table recomputes
+parameters and FLOPs for other C×d with the same budget.
+"""
+
+FINETUNE_STOPPED_IN_QUEUE = "Stopped before training started (Stop was pressed while the fine-tune waited in the queue)."
+FINETUNE_STOPPING = "Stopping after the current step…"
+FINETUNE_DONE = "Done. Press **Use this model** to use it in every tab (this session only), or download it."
+
+# ------------------------------------------------------------ the page and its model
+
+
+def no_weights_help(path: str | Path | None, reason: str | None) -> str:
+    """What to tell users when no checkpoint could be loaded."""
+    return (f"**No model loaded** ({reason or 'no checkpoint'}). Train one with "
+            f"`python -m resnext_demo.train --model resnext29_8x4d_micro --epochs 10 --out {path or weights.DEFAULT_WEIGHTS}` "
+            "(about an hour on a 2-core CPU; `--subset 2000 --epochs 1` for a quick smoke model), or start "
+            "the app with `--weights PATH` / `RESNEXT_DEMO_WEIGHTS=PATH`. You can also load an exported "
+            "`.safetensors` checkpoint in the Fine-tune tab (this session only).")
+
+
+def data_help(error: str | None) -> str:
+    """Why there are no samples (the reading error first, when there was one)."""
+    return f"{error}. {NO_DATA_HELP}" if error else NO_DATA_HELP
+
+
+def model_banner(name: str, cardinality: int, n_classes: int, meta: dict, own: bool) -> str:
+    """One line: which model this session uses (`own`: the session's, not the shared one)."""
+    acc = meta.get("accuracy")
+    n = meta["data"].get("test_images") if isinstance(meta.get("data"), dict) else None
+    on = f" on {n:,} test images" if isinstance(n, int) else ""  # a fine-tune's slice is not the whole split
+    acc_s = f", CIFAR-10 test accuracy {100 * acc:.2f} %{on}" if isinstance(acc, (int, float)) else ""
+    who = "**your session's model** (only you see it)" if own else "the shared model"
+    return f"Using {who}: `{name}` — ResNeXt C={cardinality}, {n_classes} classes{acc_s}."
+
+
+def source_label(source: str, n_test: int, set_aside: int | None = None) -> str:
+    """Which CIFAR-10 images the app shows; `set_aside` (images kept for fine-tuning) marks the sample pack."""
+    if set_aside is not None:
+        return (f"the sample pack shipped with the app ({n_test:,} CIFAR-10 test images, and "
+                f"{set_aside} more set aside for fine-tuning)")
+    return f"`{Path(source).name}` ({n_test:,} test images)"
+
+
+def layer_label(name: str, groups: int | None) -> str:
+    """A layer list entry: a grouped conv with its C (`groups`), or a stem / stage output (None)."""
+    if groups is not None:
+        return f"{name} — grouped 3x3 conv, C={groups} groups"
+    return f"{name} — {'stem' if name.endswith('conv1') else 'stage'} output (ungrouped)"
+
+
+# ------------------------------------------------------------ Predict
+
+
+def prediction_md(p: Prediction, truth: dict | None = None) -> str:
+    """Under the prediction: top class, time and device, and the true label of a test image."""
+    info = (f"**{p.top_class}** ({100 * p.probs[p.top_class]:.1f} %) · inference {1000 * p.seconds:.1f} ms "
+            f"on `{p.device}` · the model sees only the 32×32 picture on the right")
+    if truth and truth.get("label") is not None:
+        ok = truth["label"] == p.top_class
+        info += (f"\n\nTrue label (CIFAR-10 test image #{truth['index']}): **{truth['label']}** — "
+                 + ("**correct**" if ok else f"**incorrect** (predicted {p.top_class})"))
+    return info
+
+
+def gallery_md(n: int, source: str) -> str:
+    """Above the sample gallery (`source`: source_label's words)."""
+    return f"{n} CIFAR-10 test images from {source}; click one to classify it."
+
+
+def misclassified_caption(true: str, predicted: str, p: float) -> str:
+    """A misclassified image's caption: true → predicted, confidence."""
+    return f"{true}→{predicted} {100 * p:.0f}%"
+
+
+def misclassified_md(n_wrong: int, n: int, n_shown: int) -> str:
+    """Above the misclassified gallery."""
+    return (f"{n_wrong} of {n} test images misclassified ({100 * (1 - n_wrong / n):.1f} % correct); "
+            f"showing {n_shown}. Click one to load it.")
+
+
+# ------------------------------------------------------------ Feature maps
+
+
+def feature_maps_title(node: str, groups: int, shape: tuple[int, ...]) -> str:
+    """`node`'s maps (B x C x H x W `shape`) in `groups` groups, in words."""
+    return (f"{node}: {groups} group{'s' if groups != 1 else ''} × {shape[1] // groups} channels, "
+            f"{shape[2]}×{shape[3]}")
+
+
+def feature_maps_md(title: str, node: str, layer: str, groups: int, scale: str, ranges: str) -> str:
+    """What the grid shows, with every panel's raw value range."""
+    return (f"**{title}** — {verdicts.shown_maps_label(node, layer, groups)}; colour scale per {scale}.\n\n"
+            f"```\n{ranges}\n```")
+
+
+# ------------------------------------------------------------ Attributions
+
+
+def attribution_md(a: Attribution, classes: list[str], signed: bool, faith: Faithfulness | None) -> str:
+    """One method's map: class, raw and shown range, parameters, any note, IG's delta, the faithfulness line
+    (`faith` None: an empty map)."""
+    params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
+    shown = (f"map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]" if signed else
+             f"shown: |value|, 0 to {float(np.abs(a.values).max()):.4g}")
+    md = (f"**{a.method}** for class **{classes[a.target]}** · raw range [{a.raw_min:.4g}, {a.raw_max:.4g}]"
+          f" · {shown}" + (f" · {params}" if params else ""))
+    if a.note:
+        md += f"\n\n**Note:** {a.note}"
+    delta = verdicts.attribution_delta_md(a)
+    if delta:
+        md += "\n\n" + delta
+    return md + "\n\n" + verdicts.faithfulness_md(faith, classes[a.target])
+
+
+# ------------------------------------------------------------ Groups
+
+
+def groups_table(gi: GroupImportance, ab: GroupAblation, cams: np.ndarray, dels: list[Faithfulness | None],
+                 classes: list[str], target: int) -> pd.DataFrame:
+    """One row per group: importance, knock-out effect, Grad-CAM peak, deletion faithfulness."""
+    top_after = ab.probs.argmax(1)
+    return pd.DataFrame({
+        "group": [f"g{i}" for i in range(len(gi.values))],
+        "importance": np.round(gi.values.astype(np.float64), 4),
+        # float64 before rounding: a rounded float32 shows as 0.5486000180244446 in the browser
+        f"p({classes[target]}) after knock-out": np.round(ab.probs[:, target].astype(np.float64), 4),
+        "drop": np.round(ab.drop.astype(np.float64), 4),
+        "top-1 after knock-out": [f"{classes[j]} ({ab.probs[i, j]:.2f})" for i, j in enumerate(top_after)],
+        "Grad-CAM max": [float(f"{cam.max():.3g}") for cam in cams],
+        "deletion drop (random · best model-blind)": [
+            f"{d.score:.3f} ({d.random_score:.3f} · {d.best_reference[1]:.3f})" if d else "empty map" for d in dels],
+        "faithful?": [verdicts.faithfulness_short(d) for d in dels],
+    })
+
+
+def groups_md(layer: str, pred: Prediction, gi: GroupImportance, ab: GroupAblation, dels: list[Faithfulness | None],
+              classes: list[str], target: int, contrast: int | None, method: str, mode: str,
+              conductance_tol: float) -> str:
+    """The Groups analysis in four paragraphs: what is explained, importance, knock-out, group Grad-CAM."""
+    order = ab.ranking()
+    top_after = ab.probs.argmax(1)
+    what = f"**{classes[target]}**" + (f" rather than **{classes[contrast]}**" if contrast is not None else "")
+    g_for, g_against = int(np.argmax(gi.values)), int(np.argmin(gi.values))
+    flips = [i for i in range(len(top_after)) if top_after[i] != target]
+    md = [f"**{layer}** · {len(gi.values)} groups · explaining {what} · prediction: {pred.top_class} "
+          f"({pred.probs[pred.top_class]:.2f})",
+          f"**Importance** ({method}): strongest evidence for it **g{g_for}** ({gi.values[g_for]:+.3g}), "
+          f"strongest against **g{g_against}** ({gi.values[g_against]:+.3g}); all groups: {gi.total:+.3g}."
+          + (f" Here positive means *favours {classes[target]} over {classes[gi.contrast]}*. The groups' total "
+             "is only this block's share of the margin (the shortcut and the other blocks carry the rest), so "
+             "it can be negative while the model prefers the class." if gi.contrast is not None else "")
+          + (" " + verdicts.conductance_md(gi, conductance_tol) if gi.shortcut is not None else ""),
+          f"**Knock-out** ({mode}, one group at a time): most harmful **g{order[0]}** "
+          f"(p {ab.base[target]:.3f} → {ab.probs[order[0], target]:.3f})"
+          + (f"; knocking out {', '.join(f'g{i}' for i in flips)} alone changes the top-1 class." if flips
+             else "; no single group changes the top-1 class: the block's paths are redundant for this image."),
+          "**Group Grad-CAM**: where each group's evidence lies, on one shared colour scale (faint = weak group). "
+          + verdicts.group_cams_md(dels)]
+    return "\n\n".join(md)
+
+
+def knockout_md(layer: str, groups: list[int], mode: str, base: np.ndarray, probs: np.ndarray,
+                classes: list[str]) -> str:
+    """What knocking out `groups` did: the model's class before (`base` probabilities) and after (`probs`)."""
+    b = int(base.argmax())
+    if not groups:
+        return f"No group knocked out: the model's own prediction ({classes[b]} {base[b]:.3f})."
+    a = int(probs.argmax())
+    return (f"Knocked out {', '.join(f'g{g}' for g in groups)} of {layer} ({mode}): "
+            f"p({classes[b]}) {base[b]:.3f} → {probs[b]:.3f}; top-1 "
+            + (f"stays **{classes[a]}**." if a == b else f"becomes **{classes[a]}** ({probs[a]:.3f})."))
+
+
+def specialization_md(layer: str, s: Specialization, n_images: int, source: str) -> str:
+    """A block's specialization over `n_images` test images of `source`, each number against untrained copies."""
+    return (f"**{layer}** over the first {n_images:,} CIFAR-10 test images "
+            f"(class-balanced) of {source}, each number next to the same number for "
+            f"{len(s.control_gap)} untrained copies of the architecture (random weights, BN statistics from "
+            f"training images): what the grouping gives before any training.\n\n"
+            + verdicts.specialization_md(s, list(data.CLASSES)))
+
+
+def compare_md(tag: str, name: str, cardinality: int, n_params: int, pred: Prediction, explained: str,
+               layer: str, faith: Faithfulness | None) -> str:
+    """One model's line in a checkpoint comparison (`explained`: the class its maps explain)."""
+    return (f"**{tag}: {name}** — C={cardinality}, {n_params / 1e6:.2f} M "
+            f"params; top-1 **{pred.top_class}** ({pred.probs[pred.top_class]:.2f}); explaining "
+            f"{explained} at {layer}. " + verdicts.faithfulness_md(faith, explained))
+
+
+# ------------------------------------------------------------ Fine-tune
+
+
+def finetune_intro(max_seconds: float) -> str:
+    """The Fine-tune tab's opening paragraph with the server's limits."""
+    return (f"Train **your own copy** of the model on your images (nobody else sees it). Drop a few images "
+            f"per class; {int(100 * finetune.HOLDOUT_FRACTION)} % of each class is held out to score it "
+            f"before and after. **Limits:** {finetune.MAX_IMAGES} images, {finetune.MAX_EPOCHS} epochs, "
+            f"{int(max_seconds)} s of training, batch ≤ {finetune.MAX_BATCH_SIZE}, "
+            f"{finetune.MAX_NEW_CLASSES} new classes (a new class replaces the head; old classes keep their weights).")
+
+
+def preparing_md(counts: dict[str, int]) -> str:
+    """The fine-tune's first status line: its images per class."""
+    listed = ", ".join(f"{c}: {n}" for c, n in counts.items() if n)
+    return f"Preparing {sum(counts.values())} images ({listed})…"
+
+
+# ------------------------------------------------------------ About
+
+
+def architecture_text(name: str, cfg: ResNeXtConfig) -> str:
+    """One paragraph naming the loaded network's layout and its computed size."""
+    size = (f"{config_params(cfg) / 1e6:.2f} M parameters, {config_macs(cfg) / 1e6:.0f} MFLOPs (multiply-adds) per "
+            f"32×32 image" if cfg.family in ("cifar", "fast") else f"cardinality {cfg.cardinality}")
+    per_group = f"C={cfg.cardinality} groups, d={cfg.base_width} channels per group in stage 1 (doubling each stage)"
+    if cfg.family == "cifar":
+        return (f"**{name}**: ResNeXt-{2 + 3 * sum(cfg.depths)} with {per_group}, stage widths "
+                f"{', '.join(map(str, cfg.widths))}, {size}.")
+    if cfg.family == "fast":
+        return (f"**{name}**: a fast ResNeXt — 3×3 stem, then each stage opens with a dense 3×3 conv + 2×2 max-pool "
+                f"(32 → 16 → 8 → 4 px) followed by {'/'.join(map(str, cfg.depths))} ResNeXt bottlenecks "
+                f"(identity shortcuts) with {per_group}; stage widths {', '.join(map(str, cfg.widths))}; {size}.")
+    return f"**{name}**: {cfg.family} family, {size}."
+
+
+def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -> pd.DataFrame:
+    """Parameters and MFLOPs of the loaded network at other C x d with the same budget (computed)."""
+    if config.family not in ("cifar", "fast"):
+        return pd.DataFrame({"note": ["table available for the ResNeXt-29 and fast families only"]})
+    if recipe_model in list_models() and config.num_classes == 10:
+        cfgs = list(equal_budget_configs(recipe_model, CARDINALITIES).values())
+    else:
+        cfgs = [replace(config, cardinality=c, base_width=matched_base_width(config, c)) for c in CARDINALITIES]
+    rows = []
+    for c in cfgs:
+        rows.append({"C (groups)": c.cardinality, "d (stage 1)": c.base_width,
+                     "params (M)": round(config_params(c) / 1e6, 3), "MFLOPs": round(config_macs(c) / 1e6, 1),
+                     "loaded": "◀" if (c.cardinality, c.base_width) == (config.cardinality, config.base_width) else ""})
+    return pd.DataFrame(rows)
+
+
+def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = None) -> str:
+    """The About tab's text for a checkpoint: its layout, recorded accuracy, how it was trained, and which
+    CIFAR-10 images the app shows (`source` None: none)."""
+    acc = meta.get("accuracy")
+    md = [architecture_text(name, cfg)]
+    if isinstance(acc, (int, float)):
+        md.append(f"CIFAR-10 test accuracy recorded in the checkpoint: **{100 * acc:.2f} %**"
+                  + (f" ({meta['data']['test_images']} images)" if isinstance(meta.get("data"), dict)
+                     and meta["data"].get("test_images") else "") + ".")
+    if meta.get("command"):
+        # paths inside the project as the README writes them (relative), wherever the run happened
+        command = re.sub(r"(?<=\s)/\S*?/(runs|weights)/", r"\1/", str(meta["command"]))
+        md.append(f"Trained with `{command}`" + (f" on {meta['device']}" if meta.get("device") else "") + ".")
+    init = meta.get("init_from")
+    if isinstance(init, dict):  # a warm restart: its curve covers this run only
+        prev = init.get("accuracy")
+        md.append(f"That run started from another checkpoint (sha256 `{str(init.get('sha256'))[:12]}…`"
+                  + (f", {init.get('epochs')} epochs, {100 * prev:.2f} %" if isinstance(prev, (int, float)) else "")
+                  + "); the curve shows the second run only.")
+    if not meta.get("history"):
+        md.append("This checkpoint has no training history.")
+    if source is not None:
+        md.append(f"CIFAR-10 images in this app: {source}.")
+    return "\n\n".join(md)
+
+
+def read_sweep(path: str | Path = weights.SWEEP_RESULTS) -> dict | None:
+    """The shipped cardinality sweep's results (`python -m resnext_demo.sweep collect`), or None when there is
+    none, it is unreadable, or it has no rows."""
+    try:
+        results = json.loads(Path(path).read_text())
+        table = sweep_table(results)  # every row holds what the views read
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return results if len(table) else None
+
+
+def sweep_table(results: dict) -> pd.DataFrame:
+    """One row per C of a sweep's results (read_sweep's dict)."""
+    return pd.DataFrame([{"C": r["C"], "d": r["d"], "model": r["model"], "params (M)": r["params_M"],
+                          "MFLOPs": r["MFLOPs"], "top-1 % (mean ± half-range)":
+                          f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_spread']:.2f}",
+                          "seeds": len(r["seeds"]), "epochs": r["epochs"]} for r in results["rows"]])
+
+
+def sweep_md(results: dict) -> str:
+    """The words above the sweep table: what was trained, how, and what it shows against its noise."""
+    rows = results["rows"]
+    how = f", {rows[0]['epochs']} epochs each on {rows[0].get('device') or 'an unrecorded device'}"
+    return ("**Cardinality sweep** (`weights/sweep/results.json`): models of one parameter and FLOP budget at "
+            f"different C, trained with the same recipe{how}. " + verdicts.sweep_md(results))

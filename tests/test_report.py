@@ -1,0 +1,145 @@
+"""The words and tables the views show, read straight from `report` (no server, no model)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from resnext_demo import data, report
+from resnext_demo.explain import Attribution, Deletion, Faithfulness, GroupAblation, GroupImportance
+from resnext_demo.model import config_params, get_config, list_models
+from resnext_demo.predict import Prediction
+
+CLASSES = list(data.CLASSES)
+
+
+def test_report_runs_without_gradio():
+    """Tests and tools read the views' text without the UI stack: importing report must not import gradio."""
+    code = "import sys, resnext_demo.report; sys.exit('gradio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("name,recipe", [("resnext29_2x20d_tiny", "resnext29_2x20d_tiny"), ("resnext29_8x4d_micro", None),
+                                         ("resnext20_16x8d_fast_wide", "resnext20_16x8d_fast_wide")])
+def test_equal_budget_table_marks_the_loaded_network_once(name, recipe):
+    cfg = get_config(name)
+    t = report.equal_budget_table(cfg, recipe)
+    assert list(t["C (groups)"]) == list(report.CARDINALITIES)
+    loaded = t[t["loaded"] != ""]
+    assert len(loaded) == 1 and loaded["C (groups)"].iloc[0] == cfg.cardinality
+    assert loaded["params (M)"].iloc[0] == round(config_params(cfg) / 1e6, 3)
+
+
+def test_equal_budget_table_named_recipe():
+    t = report.equal_budget_table(get_config("resnext29_8x8d_tiny"), "resnext29_8x8d_tiny")
+    ref = t[t["C (groups)"] == 8]["params (M)"].iloc[0]
+    # equal complexity within 10 % up to C=16 (at C=32 the integer d=3 of a tiny model overshoots)
+    assert all(abs(p - ref) / ref < 0.1 for p in t[t["C (groups)"] <= 16]["params (M)"])
+
+
+def test_architecture_text_names_the_layout():
+    fast = report.architecture_text("f", get_config("resnext20_8x8d_fast"))
+    assert "C=8" in fast and "d=8" in fast and "max-pool" in fast and "1/2/2" in fast
+    for name in list_models():
+        cfg = get_config(name)
+        if cfg.family == "cifar":  # the depth is computed: 3 convs per block + stem + classifier
+            text = report.architecture_text(name, cfg)
+            assert f"ResNeXt-{2 + 3 * sum(cfg.depths)} " in text and f"C={cfg.cardinality} " in text, text
+
+
+def test_model_banner_says_whose_model_and_its_accuracy():
+    meta = {"accuracy": 0.9123, "data": {"test_images": 10000}}
+    shared = report.model_banner("default.safetensors", 16, 10, meta, own=False)
+    assert "the shared model" in shared and "91.23 %" in shared and "10,000 test images" in shared
+    own = report.model_banner("mine", 8, 11, {}, own=True)
+    assert "your session's model" in own and "11 classes" in own and "accuracy" not in own
+
+
+def _prediction(probs: dict[str, float]) -> Prediction:
+    order = sorted(probs, key=probs.get, reverse=True)
+    return Prediction({c: probs[c] for c in order}, CLASSES.index(order[0]), order[0], None, 0.0123, "cpu")
+
+
+def test_prediction_md_judges_the_true_label():
+    p = _prediction({"cat": 0.7, "dog": 0.3})
+    assert "**cat** (70.0 %)" in report.prediction_md(p) and "True label" not in report.prediction_md(p)
+    assert "**correct**" in report.prediction_md(p, {"index": 4, "label": "cat"})
+    wrong = report.prediction_md(p, {"index": 4, "label": "dog"})
+    assert "#4" in wrong and "**incorrect** (predicted cat)" in wrong
+
+
+def test_knockout_md_says_whether_the_class_changes():
+    base = np.array([0.6, 0.4])
+    assert report.knockout_md("l", [], "zero", base, base, ["a", "b"]).startswith("No group knocked out")
+    stays = report.knockout_md("l", [1], "zero", base, np.array([0.55, 0.45]), ["a", "b"])
+    assert "g1 of l" in stays and "stays **a**" in stays
+    flips = report.knockout_md("l", [0, 2], "mean", base, np.array([0.3, 0.7]), ["a", "b"])
+    assert "g0, g2" in flips and "becomes **b** (0.700)" in flips and "0.600 → 0.300" in flips
+
+
+def _faith(score: float, random_score: float, reference: float) -> Faithfulness:
+    fr = np.array([0.1, 0.2])
+    d = Deletion(fr, np.full(2, 1.0 - score), np.full(2, 1.0 - random_score), 1.0)
+    return Faithfulness(d, {"centre": reference})
+
+
+def test_groups_table_and_text_follow_the_numbers():
+    rng = np.random.default_rng(0)
+    g, target = 4, 3
+    values = rng.normal(size=g)
+    gi = GroupImportance(values, float(values.sum()), "Integrated Gradients", "layer3.0.conv2", target, None)
+    probs = np.full((g, 10), 0.05)
+    probs[:, target] = [0.6, 0.1, 0.55, 0.58]
+    probs[1, 5] = 0.5  # knocking out g1 makes class 5 the top-1
+    base = np.full(10, 0.04)
+    base[target] = 0.64
+    ab = GroupAblation(base, probs, target, "zero")
+    cams = rng.random((g, 32, 32))
+    dels = [_faith(0.3, 0.1, 0.2), None, _faith(0.05, 0.1, 0.2), _faith(0.3, 0.1, 0.5)]
+    t = report.groups_table(gi, ab, cams, dels, CLASSES, target)
+    assert list(t["group"]) == [f"g{i}" for i in range(g)]
+    assert np.allclose(t["drop"], np.round(ab.drop, 4)) and t["drop"].idxmax() == 1
+    assert list(t["deletion drop (random · best model-blind)"])[1] == "empty map"
+    assert list(t["faithful?"]) == ["✓ beats model-blind maps", "", "✗ not even random",
+                                    "random only, not model-blind maps"]
+    md = report.groups_md("layer3.0.conv2", _prediction({"cat": 0.64, "dog": 0.36}), gi, ab, dels, CLASSES, target,
+                          None, "Integrated Gradients", "zero", 0.05)
+    assert f"strongest evidence for it **g{int(np.argmax(values))}**" in md
+    assert f"strongest against **g{int(np.argmin(values))}**" in md
+    assert "most harmful **g1**" in md and "knocking out g1 alone changes the top-1 class" in md
+    assert "3 non-empty group maps: 2 beat random orders, 1 also" in md
+
+
+def test_attribution_md_shows_the_range_it_draws():
+    values = np.array([[-2.0, 0.5], [1.0, 3.0]], dtype=np.float32)
+    a = Attribution(values, -5.0, 7.0, "Saliency", 3, {"abs": None, "steps": 8}, note="repaired")
+    signed = report.attribution_md(a, CLASSES, True, None)
+    assert "for class **cat**" in signed and "map range [-2, 3]" in signed and "steps=8" in signed
+    assert "abs=" not in signed and "**Note:** repaired" in signed and "not measurable" in signed
+    assert "shown: |value|, 0 to 3" in report.attribution_md(a, CLASSES, False, None)
+
+
+def test_sweep_reads_only_what_sweep_collect_writes(tmp_path):
+    p = tmp_path / "results.json"
+    row = {"C": 1, "d": 20, "model": "m1", "params_M": 1.0, "MFLOPs": 100.0, "top1_mean": 0.81, "top1_spread": 0.001,
+           "seeds": [0, 1], "epochs": 3, "device": "cpu"}
+    for bad in ({"rows": []}, {"rows": [{k: v for k, v in row.items() if k != "seeds"}]}, [row]):
+        p.write_text(json.dumps(bad))
+        assert report.read_sweep(p) is None, bad
+    p.write_text(json.dumps({"rows": [row, {**row, "C": 8, "d": 4, "top1_mean": 0.84}]}))
+    results = report.read_sweep(p)
+    assert list(report.sweep_table(results)["C"]) == [1, 8]
+    assert "3 epochs each on cpu" in report.sweep_md(results)
+
+
+def test_about_md_lists_what_the_checkpoint_records():
+    cfg = get_config("resnext29_8x4d_micro")
+    bare = report.about_md("m", cfg, {})
+    assert "no training history" in bare and "CIFAR-10 images" not in bare and "accuracy" not in bare
+    full = report.about_md("m", cfg, {"accuracy": 0.5, "history": [{}], "device": "a CPU",
+                                      "command": "python -m x --out /a/b/weights/m.safetensors"}, "the pack")
+    assert "**50.00 %**" in full and "`python -m x --out weights/m.safetensors` on a CPU" in full
+    assert "no training history" not in full and full.endswith("CIFAR-10 images in this app: the pack.")
