@@ -119,6 +119,11 @@ def merge(a: Dataset | None, b: Dataset | None) -> Dataset:
     return Dataset(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), classes)
 
 
+def holdout_count(n: int, fraction: float = HOLDOUT_FRACTION) -> int:
+    """How many of a class's n images are held out: round(fraction * n), at least 1 when n >= 2."""
+    return 0 if n < 2 else max(1, round(fraction * n))
+
+
 def holdout_split(ds: Dataset, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, held-out): per class, round(fraction * n) images (at least 1 when n >= 2) are held out."""
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +131,7 @@ def holdout_split(ds: Dataset, fraction: float = HOLDOUT_FRACTION, seed: int = 0
     for c in range(len(ds.classes)):
         idx = torch.nonzero(ds.y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        k = 0 if len(idx) < 2 else max(1, round(fraction * len(idx)))
+        k = holdout_count(len(idx), fraction)
         ho.append(idx[:k])
         tr.append(idx[k:])
     tr_i, ho_i = torch.cat(tr), torch.cat(ho)

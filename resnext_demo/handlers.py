@@ -415,9 +415,10 @@ class Handlers:
 
     @friendly
     def groups(self, image, layer: str, target: str = "predicted", contrast: str = "none",
-               method: str = explain.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None):
+               method: str = explain.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None,
+               progress=gr.Progress()):
         """Everything about one block's groups for one image: (importance figure, knock-out figure,
-        per-group table, group Grad-CAM grid, markdown)."""
+        per-group table, group Grad-CAM grid, markdown). Five analyses: the page names each as it runs."""
         require_image(image)
         if method not in explain.GROUP_METHODS:
             raise gr.Error(f"Choose a method among {', '.join(explain.GROUP_METHODS)}.")
@@ -429,12 +430,18 @@ class Handlers:
         pred = predict(sm.model, im32, sm.classes)
         t = pred.top_index if not target or target == "predicted" else self._target(sm, target, im32)
         c = self._contrast(sm, contrast, t, pred.probs)
+        n = explain.groups_of(sm.model, layer)
+        progress(0.05, desc=f"{method}: each of the {n} groups' share of the logit")
         gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
+        progress(0.35, desc=f"knocking out each of the {n} groups in turn")
         ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
+        progress(0.55, desc="Grad-CAM restricted to each group")
         cams = explain.group_gradcam(sm.model, x, layer, t)
+        progress(0.7, desc="deletion test of each group's map against random orders")
         live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
         scored = dict(zip(live, explain.faithfulness(sm.model, x, cams[live], t))) if live else {}
         dels = [scored.get(i) for i in range(len(cams))]
+        progress(0.9, desc="drawing")
         md = report.groups_md(layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, explain.CONDUCTANCE_TOL)
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes),
                 report.groups_table(gi, ab, cams, dels, sm.classes, t), visualize.group_cam_grid(cams, im32), md)
@@ -614,6 +621,16 @@ class Handlers:
         model = result.model.cpu() if on_zero_gpu() else result.model
         pending = SessionModel(model, meta, list(result.classes), f"fine-tuned from {sm.name}", str(path))
         yield report.FINETUNE_DONE, pd.DataFrame(u.curve) if u.curve else None, result.summary(), str(path), pending
+
+    @staticmethod
+    def upload_counts(*values) -> str:
+        """The drop zones' files (10 CIFAR classes, then the new classes' names and files) counted per class."""
+        n_new = finetune.MAX_NEW_CLASSES
+        zones, names, new = values[:-2 * n_new], values[-2 * n_new:-n_new], values[-n_new:]
+        counts = {c: len(f or []) for c, f in zip(data.CLASSES, zones)}
+        for i, (name, files) in enumerate(zip(names, new)):
+            counts[(name or "").strip() or f"new class {i + 1}"] = len(files or [])
+        return report.upload_counts_md(counts)
 
     @staticmethod
     def curve_image(curve: pd.DataFrame | None) -> Image.Image | None:

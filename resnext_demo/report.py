@@ -249,6 +249,19 @@ def finetune_intro(max_seconds: float) -> str:
             f"{finetune.MAX_NEW_CLASSES} new classes (a new class replaces the head; old classes keep their weights).")
 
 
+def upload_counts_md(counts: dict[str, int]) -> str:
+    """What the drop zones hold, per class, and how many of each will be held out to score the model."""
+    given = {c: n for c, n in counts.items() if n}
+    if not given:
+        return "No images dropped yet: drop a few per class above (or add CIFAR-10 images below)."
+    parts = []
+    for c, n in given.items():
+        k = finetune.holdout_count(n)
+        parts.append(f"**{c}** {n}" + (f" ({k} held out)" if k else " (none held out: drop 2 or more)"))
+    total, held = sum(given.values()), sum(finetune.holdout_count(n) for n in given.values())
+    return f"Your images: {' · '.join(parts)}. {total} in all; {held} held out to score before and after."
+
+
 def preparing_md(counts: dict[str, int]) -> str:
     """The fine-tune's first status line: its images per class."""
     listed = ", ".join(f"{c}: {n}" for c, n in counts.items() if n)

@@ -148,6 +148,9 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         wait_image(page, "gr-ablation")
         page.locator("#gr-knock label").nth(1).click()
         wait_text(page, "gr-knock-md", "Knocked out")
+        page.get_by_text("Compare checkpoints on this image").click()
+        page.locator("#cmp-btn").click()
+        wait_image(page, "cmp-gi-b")
         shots.append(out / "groups.png")
         page.screenshot(path=shots[-1], full_page=True)
 

@@ -31,6 +31,9 @@ CSS = """
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
 #ft-curve { display: none; }  /* the fine-tune endpoint's table: drawn as #ft-plot instead */
+/* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn". */
+.ft-zone .download { display: none !important; }
+.ft-zone .file-preview td { padding-top: 2px !important; padding-bottom: 2px !important; }
 /* Table headers break between words only ("importance", not "importanc e"). */
 #gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
 """
@@ -85,6 +88,11 @@ class Page:
         return serving.gpu(fn, duration, before=self.h.use_gpu)
 
 
+def _unselect(n: int):
+    """An event function returning `n` gallery updates that clear the highlighted pick."""
+    return (lambda: gr.Gallery(selected_index=None)) if n == 1 else (lambda: [gr.Gallery(selected_index=None)] * n)
+
+
 def predict_tab(p: Page) -> SimpleNamespace:
     """Predict: an upload, paste, webcam shot or test image -> top-k classes and the 32x32 the model sees."""
     h, test = p.h, p.h.test_split()
@@ -135,6 +143,10 @@ def predict_tab(p: Page) -> SimpleNamespace:
     mis_btn.click(p.gpu(h.misclassified, h.misclassified_seconds), p.session, [mis_gallery, p.mis_indices, mis_md],
                   api_name="misclassified", **HEAVY_EVENT)
     then_classify(mis_gallery.select(h.select_misclassified, p.mis_indices, [image, truth], **PRIVATE))
+    # A gallery's highlight says "this is the image shown": an image from anywhere else clears it.
+    for event, galleries in ((image.input, [gallery, mis_gallery]), (random_btn.click, [gallery, mis_gallery]),
+                             (gallery.select, [mis_gallery]), (mis_gallery.select, [gallery])):
+        event(_unselect(len(galleries)), None, galleries, **PRIVATE, queue=False)
     if h.data_source is not None:
         p.demo.load(h.sample_gallery, None, [gallery, gallery_md], **PRIVATE)
     p.demo.load(lambda: gr.update(maximum=len(p.classes)), None, k, **PRIVATE, queue=False)
@@ -209,18 +221,23 @@ def compare_panel(p: Page, image: gr.Image, target: gr.Dropdown) -> None:
         other = gr.Dropdown(p.h.compare_choices(), value="shared model",
                             label="Model B (model A = the one this session uses)", elem_id="cmp-other")
         file = gr.File(label="Checkpoint B (.safetensors), for 'uploaded checkpoint'",
-                       file_count="single", file_types=[".safetensors"], height=100)
+                       file_count="single", file_types=[".safetensors"], height=150)
         btn = gr.Button("Compare", elem_id="cmp-btn")
     md = gr.Markdown(elem_id="cmp-md")
+    # Column headings instead of image labels: a label badge covered the charts' titles.
+    outputs = {}
     with gr.Row():
-        label_a = gr.Label(label="A: prediction", num_top_classes=5)
-        label_b = gr.Label(label="B: prediction", num_top_classes=5)
-    with gr.Row():
-        cam_a = gr.Image(label="A: Grad-CAM (last stage)", interactive=False)
-        cam_b = gr.Image(label="B: Grad-CAM (last stage)", interactive=False)
-    with gr.Row():
-        gi_a = gr.Image(label="A: group importance (last block)", interactive=False)
-        gi_b = gr.Image(label="B: group importance (last block)", interactive=False)
+        for side, heading in (("a", "**A**: the model this session uses"), ("b", "**B**: the model chosen above")):
+            heading += " — its top 5, Grad-CAM at the last stage, each group's importance in the last block"
+            with gr.Column():
+                gr.Markdown(heading)
+                outputs[side] = (
+                    gr.Label(label=f"{side.upper()}: prediction", num_top_classes=5, elem_id=f"cmp-label-{side}"),
+                    gr.Image(label=f"{side.upper()}: Grad-CAM (last stage)", interactive=False, show_label=False,
+                             elem_id=f"cmp-cam-{side}"),
+                    gr.Image(label=f"{side.upper()}: group importance (last block)", interactive=False,
+                             show_label=False, elem_id=f"cmp-gi-{side}"))
+    (label_a, cam_a, gi_a), (label_b, cam_b, gi_b) = outputs["a"], outputs["b"]
     btn.click(p.gpu(p.h.compare_models, SLOW), [image, other, file, target, p.session],
               [label_a, label_b, cam_a, cam_b, gi_a, gi_b, md], api_name="compare_models", **HEAVY_EVENT)
 
@@ -295,16 +312,18 @@ def finetune_tab(p: Page) -> SimpleNamespace:
     for row in (data.CLASSES[:5], data.CLASSES[5:]):
         with gr.Row():
             for c in row:
-                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=120,
-                                     elem_id=f"zone-{c}"))
+                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=150,
+                                     elem_id=f"zone-{c}", elem_classes=["ft-zone"]))
     new_names, new_zones = [], []
     with gr.Accordion("New classes (optional)", open=False):
         with gr.Row():
             for i in range(finetune.MAX_NEW_CLASSES):
                 with gr.Column():
                     new_names.append(gr.Textbox(label=f"New class {i + 1} name", elem_id=f"new-name-{i}"))
-                    new_zones.append(gr.File(file_count="multiple", file_types=["image"], height=120,
-                                             label=f"New class {i + 1} images", elem_id=f"new-zone-{i}"))
+                    new_zones.append(gr.File(file_count="multiple", file_types=["image"], height=150,
+                                             label=f"New class {i + 1} images", elem_id=f"new-zone-{i}",
+                                             elem_classes=["ft-zone"]))
+    counts = gr.Markdown(report.upload_counts_md({}), elem_id="ft-counts")
     with gr.Row():
         cifar = gr.Slider(0, max(1, h.cifar_subset_max()), value=0, step=1,
                           label="…and/or CIFAR-10 images (per class, 0 = none)" + (
@@ -339,6 +358,8 @@ def finetune_tab(p: Page) -> SimpleNamespace:
               api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
     stop.click(h.stop, p.stop_flag, status, api_name="stop", queue=False)
     curve.change(h.curve_image, curve, plot, **PRIVATE, queue=False)
+    gr.on([z.change for z in zones + new_zones] + [n.change for n in new_names], h.upload_counts,
+          [*zones, *new_names, *new_zones], counts, **PRIVATE, queue=False)
     # the three ways this session changes model; build_demo re-fits the other tabs after each
     switches = [use.click(h.use_model, p.pending, [p.session, p.banner], api_name="use_model"),
                 reset.click(h.reset_model, None, [p.session, p.banner], api_name="reset_model"),

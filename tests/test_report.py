@@ -143,3 +143,22 @@ def test_about_md_lists_what_the_checkpoint_records():
                                       "command": "python -m x --out /a/b/weights/m.safetensors"}, "the pack")
     assert "**50.00 %**" in full and "`python -m x --out weights/m.safetensors` on a CPU" in full
     assert "no training history" not in full and full.endswith("CIFAR-10 images in this app: the pack.")
+
+
+def test_upload_counts_match_the_fine_tunes_holdout_split():
+    """The Fine-tune tab's count line says per class what `finetune.holdout_split` will really hold out."""
+    import torch
+
+    from resnext_demo import finetune
+
+    counts = {"airplane": 5, "ship": 1, "truck": 0, "robot": 2}
+    md = report.upload_counts_md(counts)
+    y = torch.tensor([0] * 5 + [1] * 1 + [3] * 2)
+    ds = finetune.Dataset(torch.zeros(len(y), 3, 32, 32, dtype=torch.uint8), y, list(counts))
+    _, held = finetune.holdout_split(ds)
+    per_class = {c: int((held.y == i).sum()) for i, c in enumerate(counts)}
+    assert "**airplane** 5 (%d held out)" % per_class["airplane"] in md
+    assert "**ship** 1 (none held out" in md and per_class["ship"] == 0
+    assert "truck" not in md  # an empty zone is not listed
+    assert f"8 in all; {len(held.y)} held out" in md
+    assert "No images dropped yet" in report.upload_counts_md({c: 0 for c in counts})

@@ -557,3 +557,13 @@ def test_finetune_curve_is_drawn_from_the_endpoint_table():
     assert Handlers.curve_image(None) is None and Handlers.curve_image(pd.DataFrame()) is None
     as_text = pd.DataFrame(rows).astype(str)  # what a browser's table sends back
     assert np.array_equal(np.asarray(Handlers.curve_image(as_text)), np.asarray(Handlers.curve_image(pd.DataFrame(rows))))
+
+
+def test_upload_counts_read_the_zones_in_the_fine_tunes_order():
+    """The count line under the drop zones takes the same inputs, in the same order, as /finetune's uploads."""
+    n_new = finetune.MAX_NEW_CLASSES
+    zones = [["a.png", "b.png"]] + [None] * (len(data.CLASSES) - 2) + [["t.png"]]
+    names, new = ["robot"] + [""] * (n_new - 1), [["r1.png", "r2.png", "r3.png"]] + [None] * (n_new - 1)
+    md = Handlers.upload_counts(*zones, *names, *new)
+    assert "**airplane** 2" in md and "**truck** 1" in md and "**robot** 3" in md
+    assert "6 in all" in md and "ship" not in md
