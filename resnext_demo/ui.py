@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, finetune, verdicts, visualize, weights
+from . import data, explain, faithfulness, finetune, specialization, verdicts, visualize, weights
+from . import groups as cardinality  # not 'groups': knockout()'s argument of that name would shadow the module
 from .model import ResNeXtConfig, config_macs, config_params, equal_budget_configs, \
     list_models, matched_base_width
 from .predict import predict, predict_batch
@@ -409,7 +410,7 @@ class Handlers:
         sm = session or self.base
         if sm is None or self.test_split() is None:
             return 0
-        return GPU_SECONDS if explain.specialization_ready(sm.model, self.data_source) else SPECIALIZATION_GPU_SECONDS
+        return GPU_SECONDS if specialization.specialization_ready(sm.model, self.data_source) else SPECIALIZATION_GPU_SECONDS
 
     def train_seconds(self, cifar_per_class: int, train_layers: str, epochs: int, uploads: tuple) -> float:
         """A fine-tune's training estimate: epochs x images x TRAIN_SECONDS_PER_IMAGE, within
@@ -597,7 +598,7 @@ class Handlers:
     @staticmethod
     def _faithfulness_md(sm: SessionModel, x: torch.Tensor, values: np.ndarray, target: int) -> str:
         """One line: the map's deletion score against random orders and model-blind maps."""
-        f = explain.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
+        f = faithfulness.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
         return verdicts.faithfulness_md(f, sm.classes[target])
 
     def _attr_md(self, a: explain.Attribution, sm: SessionModel, x: torch.Tensor | None = None,
@@ -694,26 +695,26 @@ class Handlers:
 
     @_friendly
     def groups(self, image, layer: str, target: str = "predicted", contrast: str = "none",
-               method: str = explain.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None):
+               method: str = cardinality.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None):
         """Everything about one block's groups for one image: (importance figure, knock-out figure,
         per-group table, group Grad-CAM grid, markdown)."""
         if image is None:
             raise gr.Error("Upload an image first (or classify one in the Predict tab).")
-        if method not in explain.GROUP_METHODS:
-            raise gr.Error(f"Choose a method among {', '.join(explain.GROUP_METHODS)}.")
-        if mode not in explain.ABLATIONS:
-            raise gr.Error(f"Choose a knock-out among {', '.join(explain.ABLATIONS)}.")
+        if method not in cardinality.GROUP_METHODS:
+            raise gr.Error(f"Choose a method among {', '.join(cardinality.GROUP_METHODS)}.")
+        if mode not in cardinality.ABLATIONS:
+            raise gr.Error(f"Choose a knock-out among {', '.join(cardinality.ABLATIONS)}.")
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
         im32, x = self._decode(image)
         pred = predict(sm.model, im32, sm.classes)
         t = pred.top_index if not target or target == "predicted" else self._target(sm, target, im32)
         c = self._contrast(sm, contrast, t, pred.probs)
-        gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
-        ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
-        cams = explain.group_gradcam(sm.model, x, layer, t)
+        gi = cardinality.group_importance(sm.model, x, layer, t, method=method, contrast=c)
+        ab = cardinality.ablation_ranking(sm.model, x, layer, t, mode)
+        cams = cardinality.group_gradcam(sm.model, x, layer, t)
         live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
-        scored = dict(zip(live, explain.faithfulness(sm.model, x, cams[live], t))) if live else {}
+        scored = dict(zip(live, faithfulness.faithfulness(sm.model, x, cams[live], t))) if live else {}
         dels = [scored.get(i) for i in range(len(cams))]
         top_after = ab.probs.argmax(1)
         table = pd.DataFrame({
@@ -739,7 +740,7 @@ class Handlers:
               + (f" Here positive means *favours {sm.classes[t]} over {sm.classes[gi.contrast]}*. The groups' total "
                  "is only this block's share of the margin (the shortcut and the other blocks carry the rest), so "
                  "it can be negative while the model prefers the class." if gi.contrast is not None else "")
-              + (" " + verdicts.conductance_md(gi, explain.CONDUCTANCE_TOL) if gi.shortcut is not None else ""),
+              + (" " + verdicts.conductance_md(gi, cardinality.CONDUCTANCE_TOL) if gi.shortcut is not None else ""),
               f"**Knock-out** ({mode}, one group at a time): most harmful **g{order[0]}** "
               f"(p {ab.base[t]:.3f} → {ab.probs[order[0], t]:.3f})"
               + (f"; knocking out {', '.join(f'g{i}' for i in flips)} alone changes the top-1 class." if flips
@@ -759,8 +760,8 @@ class Handlers:
         layer = self._grouped_layer(sm, layer)
         groups = sorted(int(g) for g in (groups or []))
         _, x = self._decode(image)
-        base = explain.ablate_groups(sm.model, x, layer, [], mode)
-        probs = explain.ablate_groups(sm.model, x, layer, groups, mode)
+        base = cardinality.ablate_groups(sm.model, x, layer, [], mode)
+        probs = cardinality.ablate_groups(sm.model, x, layer, groups, mode)
         top = np.argsort(-probs)[:max(1, int(k))]
         label = {sm.classes[i]: float(probs[i]) for i in top}
         b = int(base.argmax())
@@ -781,10 +782,10 @@ class Handlers:
         layer = self._grouped_layer(sm, layer)
         if tuple(sm.classes[:10]) != data.CLASSES:
             raise gr.Error("Specialization is measured on CIFAR-10: this session's model uses other classes.")
-        progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images, for this model and "
-                         f"{len(explain.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
+        progress(0, desc=f"group statistics over {specialization.SPECIALIZATION_IMAGES} test images, for this model and "
+                         f"{len(specialization.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
         with self._spec_lock:  # two sessions asking at once compute it once
-            spec = explain.specialization_cached(
+            spec = specialization.specialization_cached(
                 sm.model, self.data_source, on_step=lambda i, n, what: progress(i / n, desc=f"step {i + 1}/{n}: {what}"))
         s = spec[layer]
         split = self.test_split()
@@ -792,7 +793,7 @@ class Handlers:
             raise gr.Error(self.data_help())
         montage = visualize.image_montage(split[0][torch.as_tensor(s.top_images)],
                                           [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
-        md = (f"**{layer}** over the first {min(explain.SPECIALIZATION_IMAGES, len(split[1])):,} CIFAR-10 test images "
+        md = (f"**{layer}** over the first {min(specialization.SPECIALIZATION_IMAGES, len(split[1])):,} CIFAR-10 test images "
               f"(class-balanced) of {self.source_label()}, each number next to the same number for "
               f"{len(s.control_gap)} untrained copies of the architecture (random weights, BN statistics from "
               f"training images): what the grouping gives before any training.\n\n"
@@ -845,7 +846,7 @@ class Handlers:
                 raise gr.Error(f"Model {tag} ({sm.name}) has no class {target!r}.")
             layer = list(sm.model.grouped_convs())[-1]
             cam = explain.attribute(sm.model, x, "Grad-CAM", t)
-            gi = explain.group_importance(sm.model, x, layer, t)
+            gi = cardinality.group_importance(sm.model, x, layer, t)
             top = dict(list(pred.probs.items())[:5])
             outs.append((top, visualize.attribution_image(cam, im32, signed=False, opacity=0.6),
                          visualize.group_importance_figure(gi, sm.classes)))
@@ -1136,11 +1137,11 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                         gr_contrast = gr.Dropdown(["none", "runner-up"] + list(classes), value="none",
                                                   label="…rather than (counterfactual)",
                                                   info="explain the margin over another class: which groups argue for it?")
-                        gr_method = gr.Radio(list(explain.GROUP_METHODS), value=explain.GROUP_METHODS[0],
+                        gr_method = gr.Radio(list(cardinality.GROUP_METHODS), value=cardinality.GROUP_METHODS[0],
                                              label="Importance method",
                                              info="Conductance also measures what flows through the shortcut, with "
                                                   "its convergence error (slower: up to 512 steps)")
-                        gr_mode = gr.Radio(list(explain.ABLATIONS), value="zero", label="Knock-out",
+                        gr_mode = gr.Radio(list(cardinality.ABLATIONS), value="zero", label="Knock-out",
                                            info="zero = remove the path; mean = keep its average, erase where it fired")
                         gr_btn = gr.Button("Analyse the groups", variant="primary", elem_id="gr-btn")
                     with gr.Column(scale=2):
