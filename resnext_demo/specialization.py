@@ -4,7 +4,6 @@ cached per checkpoint and data source (safetensors under the data cache, or ship
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import gaussian_blur
 
-from . import data
+from . import data, weights
 from .explain import groups_of
 from .groups import group_output
 from .predict import eval_view
@@ -159,12 +158,8 @@ def group_specialization(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 def model_digest(model: nn.Module) -> str:
-    """16 hex chars of the sha256 of the model's parameters and buffers: a cache key for its analyses."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """16 hex chars of weights.state_digest (parameters and buffers): the cache key of a model's analyses."""
+    return weights.state_digest(model)[:16]
 
 
 def _from_tensor(t: torch.Tensor) -> np.ndarray | float:
