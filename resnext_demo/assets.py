@@ -71,14 +71,14 @@ def build_pack(source: str | Path, out: str | Path = data.SAMPLE_PACK, per_class
 
 def build_specialization(weights_path: str | Path | None = None, source: str | Path = data.SAMPLE_PACK) -> Path:
     """Compute the checkpoint's group specialization on the sample pack into `assets/` (replacing any other)."""
-    from . import explain, weights
+    from . import specialization, weights
 
     model, _ = weights.load_checkpoint(weights_path or weights.DEFAULT_WEIGHTS)
-    name = explain.specialization_file(model, str(source))
+    name = specialization.specialization_file(model, str(source))
     for old in data.ASSETS_DIR.glob("groups-*.safetensors"):  # one checkpoint's cache ships at a time
         if old.name != name:
             old.unlink()
-    explain.specialization_cached(model, str(source), cache=str(data.ASSETS_DIR), rebuild=True)
+    specialization.specialization_cached(model, str(source), cache=str(data.ASSETS_DIR), rebuild=True)
     return data.ASSETS_DIR / name
 
 

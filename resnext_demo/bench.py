@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, launch, train, visualize, weights
+from . import data, explain, faithfulness, groups, launch, train, visualize, weights
 from .model import build_model, count_macs, get_config, list_models
 from .predict import predict
 
@@ -116,18 +116,18 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
                                                        / results["throughput resnet18 batch 1 (images/s)"])
 
     layer = explain.layer_choices(model)["grouped"][-1]
-    groups = explain.groups_of(model, layer)
+    n_groups = explain.groups_of(model, layer)
 
     def fmaps() -> None:
         f = explain.feature_maps(model, x, [layer])[layer]
-        visualize.group_grid(explain.split_groups(f, groups), scale="group", view="channels")
+        visualize.group_grid(explain.split_groups(f, n_groups), scale="group", view="channels")
     results["feature maps (block, all groups rendered)"] = timeit(fmaps, sync=sync)
 
     def fmaps_tab() -> None:  # the whole Feature maps click: + true sparsity after the ReLU + the stats chart
         act = explain.activation_node(model, layer)
         maps = explain.feature_maps(model, x, [layer, act])
-        visualize.group_grid(explain.split_groups(maps[layer], groups), scale="group", view="channels")
-        visualize.group_stats_figure(explain.group_stats(maps[layer], groups, maps[act]), title=layer)
+        visualize.group_grid(explain.split_groups(maps[layer], n_groups), scale="group", view="channels")
+        visualize.group_stats_figure(explain.group_stats(maps[layer], n_groups, maps[act]), title=layer)
     results["Feature maps tab (grid + per-group stats chart)"] = timeit(fmaps_tab, sync=sync)
 
     target = int(model(x).argmax()) if not model.training else 0
@@ -138,17 +138,17 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
     im32 = data.prepare_image(photo)
 
     def groups_tab() -> None:  # what one click on "Analyse the groups" computes and draws
-        gi = explain.group_importance(model, x, layer, target)
-        ab = explain.ablation_ranking(model, x, layer, target)
-        cams = explain.group_gradcam(model, x, layer, target)
-        explain.deletion_scores(model, x, cams[cams.reshape(len(cams), -1).any(1)], target)
+        gi = groups.group_importance(model, x, layer, target)
+        ab = groups.ablation_ranking(model, x, layer, target)
+        cams = groups.group_gradcam(model, x, layer, target)
+        faithfulness.deletion_scores(model, x, cams[cams.reshape(len(cams), -1).any(1)], target)
         visualize.group_importance_figure(gi, classes), visualize.ablation_figure(ab, classes)
         visualize.group_cam_grid(cams, im32)
     results["Groups tab analysis (importance, knock-outs, group Grad-CAMs, rendered)"] = timeit(
         groups_tab, warmup=1, repeats=5, budget_s=15, sync=sync)
-    results["live knock-out of one group"] = timeit(lambda: explain.ablate_groups(model, x, layer, [0]), sync=sync)
+    results["live knock-out of one group"] = timeit(lambda: groups.ablate_groups(model, x, layer, [0]), sync=sync)
     cam = explain.attribute(model, x, "Grad-CAM", target).values
-    results["faithfulness (deletion score)"] = timeit(lambda: explain.deletion_score(model, x, cam, target), sync=sync)
+    results["faithfulness (deletion score)"] = timeit(lambda: faithfulness.deletion_score(model, x, cam, target), sync=sync)
 
     x100 = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     y100 = torch.arange(100) % len(classes)

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, finetune, report, visualize, weights
+from . import data, explain, faithfulness, finetune, report, specialization, visualize, weights
+from . import groups as cardinality  # not 'groups': knockout()'s argument of that name would shadow the module
 from .model import count_params
 from .predict import _device_of, predict, predict_batch
 from .serving import (FINETUNE_GPU_MARGIN, FINETUNE_MIN_SECONDS, GPU_SECONDS, SPECIALIZATION_GPU_SECONDS,
@@ -183,7 +184,7 @@ class Handlers:
         sm = session or self.base
         if sm is None or self.test_split() is None:
             return 0
-        return GPU_SECONDS if explain.specialization_ready(sm.model, self.data_source) else SPECIALIZATION_GPU_SECONDS
+        return GPU_SECONDS if specialization.specialization_ready(sm.model, self.data_source) else SPECIALIZATION_GPU_SECONDS
 
     def train_seconds(self, cifar_per_class: int, train_layers: str, epochs: int, uploads: tuple) -> float:
         """A fine-tune's training estimate: epochs x images x TRAIN_SECONDS_PER_IMAGE, within
@@ -334,7 +335,7 @@ class Handlers:
     @staticmethod
     def _faithfulness(sm: SessionModel, x: torch.Tensor, values: np.ndarray, target: int):
         """The map's deletion score against random orders and model-blind maps (None for an empty map)."""
-        return explain.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
+        return faithfulness.faithfulness(sm.model, x, [values], target)[0] if np.any(values) else None
 
     def _attributions(self, sm: SessionModel, image, methods: tuple[str, ...], target: str | None, params: tuple):
         """(32x32 picture, input tensor, one explain.Attribution per method) for one image and target."""
@@ -415,15 +416,15 @@ class Handlers:
 
     @friendly
     def groups(self, image, layer: str, target: str = "predicted", contrast: str = "none",
-               method: str = explain.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None,
+               method: str = cardinality.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None,
                progress=gr.Progress()):
         """Everything about one block's groups for one image: (importance figure, knock-out figure,
         per-group table, group Grad-CAM grid, markdown). Five analyses: the page names each as it runs."""
         require_image(image)
-        if method not in explain.GROUP_METHODS:
-            raise gr.Error(f"Choose a method among {', '.join(explain.GROUP_METHODS)}.")
-        if mode not in explain.ABLATIONS:
-            raise gr.Error(f"Choose a knock-out among {', '.join(explain.ABLATIONS)}.")
+        if method not in cardinality.GROUP_METHODS:
+            raise gr.Error(f"Choose a method among {', '.join(cardinality.GROUP_METHODS)}.")
+        if mode not in cardinality.ABLATIONS:
+            raise gr.Error(f"Choose a knock-out among {', '.join(cardinality.ABLATIONS)}.")
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
         im32, x = self._decode(image)
@@ -432,17 +433,17 @@ class Handlers:
         c = self._contrast(sm, contrast, t, pred.probs)
         n = explain.groups_of(sm.model, layer)
         progress(0.05, desc=f"{method}: each of the {n} groups' share of the logit")
-        gi = explain.group_importance(sm.model, x, layer, t, method=method, contrast=c)
+        gi = cardinality.group_importance(sm.model, x, layer, t, method=method, contrast=c)
         progress(0.35, desc=f"knocking out each of the {n} groups in turn")
-        ab = explain.ablation_ranking(sm.model, x, layer, t, mode)
+        ab = cardinality.ablation_ranking(sm.model, x, layer, t, mode)
         progress(0.55, desc="Grad-CAM restricted to each group")
-        cams = explain.group_gradcam(sm.model, x, layer, t)
+        cams = cardinality.group_gradcam(sm.model, x, layer, t)
         progress(0.7, desc="deletion test of each group's map against random orders")
         live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
-        scored = dict(zip(live, explain.faithfulness(sm.model, x, cams[live], t))) if live else {}
+        scored = dict(zip(live, faithfulness.faithfulness(sm.model, x, cams[live], t))) if live else {}
         dels = [scored.get(i) for i in range(len(cams))]
         progress(0.9, desc="drawing")
-        md = report.groups_md(layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, explain.CONDUCTANCE_TOL)
+        md = report.groups_md(layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, cardinality.CONDUCTANCE_TOL)
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes),
                 report.groups_table(gi, ab, cams, dels, sm.classes, t), visualize.group_cam_grid(cams, im32), md)
 
@@ -455,8 +456,8 @@ class Handlers:
         layer = self._grouped_layer(sm, layer)
         groups = sorted(int(g) for g in (groups or []))
         _, x = self._decode(image)
-        base = explain.ablate_groups(sm.model, x, layer, [], mode)
-        probs = explain.ablate_groups(sm.model, x, layer, groups, mode)
+        base = cardinality.ablate_groups(sm.model, x, layer, [], mode)
+        probs = cardinality.ablate_groups(sm.model, x, layer, groups, mode)
         label = {sm.classes[i]: float(probs[i]) for i in np.argsort(-probs)[:max(1, int(k))]}
         return label, report.knockout_md(layer, groups, mode, base, probs, sm.classes)
 
@@ -469,10 +470,10 @@ class Handlers:
         sm = self.active(session)
         layer = self._grouped_layer(sm, layer)
         self._cifar_model(sm, "Specialization is measured on CIFAR-10: this session's model uses other classes.")
-        progress(0, desc=f"group statistics over {explain.SPECIALIZATION_IMAGES} test images, for this model and "
-                         f"{len(explain.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
+        progress(0, desc=f"group statistics over {specialization.SPECIALIZATION_IMAGES} test images, for this model and "
+                         f"{len(specialization.CONTROL_SEEDS)} untrained copies (once per checkpoint)")
         with self._spec_lock:  # two sessions asking at once compute it once
-            spec = explain.specialization_cached(
+            spec = specialization.specialization_cached(
                 sm.model, self.data_source, on_step=lambda i, n, what: progress(i / n, desc=f"step {i + 1}/{n}: {what}"))
         s = spec[layer]
         split = self.test_split()
@@ -480,7 +481,7 @@ class Handlers:
             raise gr.Error(self.data_help())
         montage = visualize.image_montage(split[0][torch.as_tensor(s.top_images)],
                                           [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
-        md = report.specialization_md(layer, s, min(explain.SPECIALIZATION_IMAGES, len(split[1])), self.source_label())
+        md = report.specialization_md(layer, s, min(specialization.SPECIALIZATION_IMAGES, len(split[1])), self.source_label())
         return visualize.specialization_figure(s, data.CLASSES), montage, md
 
     def compare_choices(self) -> list[str]:
@@ -520,7 +521,7 @@ class Handlers:
             raise gr.Error(f"Model {tag} ({sm.name}) has no class {target!r}.")
         layer = list(sm.model.grouped_convs())[-1]
         cam = explain.attribute(sm.model, x, "Grad-CAM", t)
-        gi = explain.group_importance(sm.model, x, layer, t)
+        gi = cardinality.group_importance(sm.model, x, layer, t)
         md = report.compare_md(tag, sm.name, sm.model.config.cardinality, count_params(sm.model), pred,
                                sm.classes[t], layer, self._faithfulness(sm, x, cam.values, t))
         return (dict(list(pred.probs.items())[:5]), visualize.attribution_image(cam, im32, signed=False, opacity=0.6),

@@ -18,7 +18,10 @@ from . import data, finetune, verdicts, weights
 from .model import ResNeXtConfig, config_macs, config_params, equal_budget_configs, list_models, matched_base_width
 
 if TYPE_CHECKING:  # explain's dataclasses, for type checkers only (this module computes nothing)
-    from .explain import Attribution, Faithfulness, GroupAblation, GroupImportance, Specialization
+    from .explain import Attribution
+    from .faithfulness import Faithfulness
+    from .groups import GroupAblation, GroupImportance
+    from .specialization import Specialization
     from .predict import Prediction
 
 CARDINALITIES = (1, 2, 4, 8, 16, 32)  # the About tab's equal-budget table

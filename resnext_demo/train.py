@@ -9,7 +9,6 @@ resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -299,15 +298,6 @@ def compact_resume(path: str | Path) -> Path:
                                    extra_tensors={k: (v.half() if v.is_floating_point() else v) for k, v in ema.items()})
 
 
-def params_digest(model: nn.Module) -> str:
-    """sha256 of all parameters and buffers in order (to check that DDP ranks agree)."""
-    h = hashlib.sha256()
-    for k, v in weights._unwrap(model).state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced random subset of n examples (all of them if n is None)."""
     if n is None or n >= len(y):
@@ -446,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         out.with_suffix(".curve.json").write_text(json.dumps(history, indent=1))
         resume_path.unlink(missing_ok=True)
         print(f"saved {out} (test top-1 {final['accuracy']:.4f})")
-    print(f"rank {rank} final-params-sha256 {params_digest(model)}", flush=True)
+    print(f"rank {rank} final-params-sha256 {weights.state_digest(model, float32=True)}", flush=True)
     if world > 1:
         dist.destroy_process_group()
 

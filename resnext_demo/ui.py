@@ -16,6 +16,7 @@ import pandas as pd
 import torch.nn as nn
 
 from . import data, explain, finetune, report, serving
+from . import groups as cardinality  # the name handlers.py uses (a 'groups' argument would shadow it there)
 from .handlers import MISCLASSIFIED_SLICE, Handlers, grouped_dropdown_choices, layer_dropdown_choices
 from .serving import (GPU_SECONDS, GPU_SECONDS_QUICK, HEAVY, HEAVY_LIMIT, QUEUE_MAX, SESSION_TTL, TRAIN_LIMIT,
                       TRAIN_POOL, ZERO_GPU_TRAIN_SECONDS, StopFlag, delete_pending, if_image, on_zero_gpu)
@@ -167,10 +168,10 @@ def groups_tab(p: Page, k: gr.Slider) -> SimpleNamespace:
             contrast = gr.Dropdown(["none", "runner-up"] + list(p.classes), value="none",
                                    label="…rather than (counterfactual)",
                                    info="explain the margin over another class: which groups argue for it?")
-            method = gr.Radio(list(explain.GROUP_METHODS), value=explain.GROUP_METHODS[0], label="Importance method",
+            method = gr.Radio(list(cardinality.GROUP_METHODS), value=cardinality.GROUP_METHODS[0], label="Importance method",
                               info="Conductance also measures what flows through the shortcut, with "
                                    "its convergence error (slower: up to 512 steps)")
-            mode = gr.Radio(list(explain.ABLATIONS), value="zero", label="Knock-out",
+            mode = gr.Radio(list(cardinality.ABLATIONS), value="zero", label="Knock-out",
                             info="zero = remove the path; mean = keep its average, erase where it fired")
             btn = gr.Button("Analyse the groups", variant="primary", elem_id="gr-btn")
         with gr.Column(scale=2):

@@ -1,9 +1,10 @@
 """Numbers -> sentences: what the explanation views say about their own reliability.
 
-Plain functions over explain.py's dataclasses, no model and no gradio, so tests read them without a
-server. Every verdict is generated from the numbers it is given and is stated against a reference that
-knows less (random orders and model-blind maps for a heat map, untrained copies of the architecture for
-group specialization, half the integration steps for Conductance) — never typed in per checkpoint.
+Plain functions over the dataclasses of explain, groups, faithfulness and specialization, no model and no
+gradio, so tests read them without a server. Every verdict is generated from the numbers it is given and is
+stated against a reference that knows less (random orders and model-blind maps for a heat map, untrained
+copies of the architecture for group specialization, half the integration steps for Conductance) — never typed
+in per checkpoint.
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
-    from .explain import Attribution, Faithfulness, GroupImportance, Specialization
+if TYPE_CHECKING:  # type hints only: importing these would pull in captum
+    from .explain import Attribution
+    from .faithfulness import Faithfulness
+    from .groups import GroupImportance
+    from .specialization import Specialization
 
 UNIT_GAP = 0.02  # a within/between channel-correlation gap under this is within run-to-run noise
 

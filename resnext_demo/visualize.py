@@ -19,8 +19,11 @@ from PIL import Image
 
 from .model import ResNeXtConfig
 
-if TYPE_CHECKING:  # type hints only: importing explain would pull in captum
-    from .explain import Attribution, Deletion, GroupAblation, GroupImportance, GroupStats, Specialization
+if TYPE_CHECKING:  # type hints only: importing these would pull in captum
+    from .explain import Attribution, GroupStats
+    from .faithfulness import Deletion
+    from .groups import GroupAblation, GroupImportance
+    from .specialization import Specialization
 
 
 def figure_to_image(fig: Figure, dpi: int = 100) -> Image.Image:

@@ -6,6 +6,7 @@ rebuilds its model, and the data facts (classes, mean/std) that loading checks a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -48,6 +49,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
         while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
             model = getattr(model, attr)
     return model
+
+
+def state_digest(model: nn.Module, float32: bool = False) -> str:
+    """sha256 (64 hex chars) of a model's parameters and buffers in order, names included: equal weights, equal
+    digest. With `float32`, every tensor is cast to float32 first (integer buffers too), the form train.py prints
+    so that DDP ranks can be compared; without, the raw bytes (specialization.model_digest, a cache key)."""
+    h = hashlib.sha256()
+    for name, t in _unwrap(model).state_dict().items():
+        t = t.detach().cpu()
+        h.update(name.encode())
+        h.update((t.float() if float32 else t).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None, half: bool = False,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnext_demo import assets, data, explain, weights
+from resnext_demo import assets, data, specialization, weights
 
 REBUILD = "a new default checkpoint needs its shipped cache: python -m resnext_demo.assets specialization"
 
@@ -29,13 +29,13 @@ def fake_source(monkeypatch, tmp_path):
 
 
 def test_a_shipped_cache_is_read_and_never_written(tiny_model, fake_source, tmp_path):
-    shipped = explain.specialization_cached(tiny_model, "src", n=40, cache=str(tmp_path / "assets"))
+    shipped = specialization.specialization_cached(tiny_model, "src", n=40, cache=str(tmp_path / "assets"))
     assert fake_source == ["test", "train"]  # test images, and training images for the untrained control's BN
-    again = explain.specialization_cached(tiny_model, "src", n=40)  # no cache given: the data cache, then assets/
+    again = specialization.specialization_cached(tiny_model, "src", n=40)  # no cache given: the data cache, then assets/
     assert fake_source == ["test", "train"] and not (tmp_path / "cache").exists()
     assert list(again) == list(shipped)
     assert all(np.array_equal(again[k].class_means, shipped[k].class_means) for k in shipped)
-    explain.specialization_cached(tiny_model, "src", n=40, rebuild=True)  # a rebuild goes to the data cache
+    specialization.specialization_cached(tiny_model, "src", n=40, rebuild=True)  # a rebuild goes to the data cache
     assert fake_source == ["test", "train"] * 2 and len(list((tmp_path / "cache" / "analysis").iterdir())) == 1
     assert len(list((tmp_path / "assets").iterdir())) == 1
 
@@ -46,7 +46,7 @@ def test_build_specialization_replaces_another_checkpoints_cache(tiny_checkpoint
     stale.write_bytes(b"an older checkpoint's")
     out = assets.build_specialization(tiny_checkpoint, "src")
     model, _ = weights.load_checkpoint(tiny_checkpoint)
-    assert out.name == explain.specialization_file(model, "src") and out.is_file() and not stale.exists()
+    assert out.name == specialization.specialization_file(model, "src") and out.is_file() and not stale.exists()
     assert [p.name for p in (tmp_path / "assets").iterdir()] == [out.name]
 
 
@@ -55,15 +55,15 @@ def test_shipped_specialization_is_the_default_checkpoints(shipped_checkpoint, t
     the app reads for it (no data read, nothing computed) and matches a recomputation on the sample pack."""
     model, _ = weights.load_checkpoint(shipped_checkpoint)
     pack = str(data.SAMPLE_PACK)
-    name = explain.specialization_file(model, pack)
+    name = specialization.specialization_file(model, pack)
     assert [p.name for p in data.ASSETS_DIR.glob("groups-*.safetensors")] == [name], REBUILD
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
     real_load = data.load_split
     monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("the shipped cache was not used"))
-    spec = explain.specialization_cached(model, pack)
+    spec = specialization.specialization_cached(model, pack)
     assert list(spec) == list(model.grouped_convs()) and not any(tmp_path.iterdir())
     x, y = real_load(pack, "test")
-    fresh = explain.group_specialization(model, x[:explain.SPECIALIZATION_IMAGES], y[:explain.SPECIALIZATION_IMAGES])
+    fresh = specialization.group_specialization(model, x[:specialization.SPECIALIZATION_IMAGES], y[:specialization.SPECIALIZATION_IMAGES])
     for layer, s in fresh.items():
         for f in ("class_means", "selectivity", "mean", "colour", "blur"):
             assert np.allclose(getattr(spec[layer], f), getattr(s, f), rtol=1e-3, atol=1e-5), (layer, f, REBUILD)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
-from resnext_demo import data, explain
+from resnext_demo import data, explain, groups
 from resnext_demo.model import Bottleneck, Downsample, FastResNeXt, ResNeXtConfig, build_model, get_config, whiten_init
 
 TINY_FAST = ResNeXtConfig(depths=(1, 2, 1), stem_width=8, widths=(16, 32, 64), cardinality=4, base_width=2,
@@ -107,11 +107,11 @@ def test_integrated_gradients_completeness(fast_model, x) -> None:
 
 @pytest.mark.parametrize("layer", ["layer1.1.conv2", "layer2.2.conv2"])
 def test_group_views_match_plain_captum_and_a_hand_edited_model(fast_model, x, layer) -> None:
-    act_name = explain.group_output(fast_model, layer)
+    act_name = groups.group_output(fast_model, layer)
     assert act_name == layer.replace("conv2", "act2")
     act = fast_model.get_submodule(act_name)
     c = fast_model.config.cardinality
-    gi = explain.group_importance(fast_model, x, layer, target=2)
+    gi = groups.group_importance(fast_model, x, layer, target=2)
     ref = LayerGradientXActivation(fast_model, act).attribute(x.clone().requires_grad_(), target=2)
     np.testing.assert_allclose(gi.values, ref.detach().double().reshape(c, -1).sum(1).numpy(), rtol=1e-5, atol=1e-7)
     # knocking out every group = the block with bn2 zeroed by hand
@@ -121,9 +121,9 @@ def test_group_views_match_plain_captum_and_a_hand_edited_model(fast_model, x, l
         bn.weight.zero_()
         bn.bias.zero_()
         want = torch.softmax(edited(x), 1)[0].numpy()
-    np.testing.assert_allclose(explain.ablate_groups(fast_model, x, layer, list(range(c))), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(groups.ablate_groups(fast_model, x, layer, list(range(c))), want, rtol=1e-5, atol=1e-7)
     # group Grad-CAMs add up to plain LayerGradCam on the block's activation
-    cams = explain.group_gradcam(fast_model, x, layer, target=3, relu=False)
+    cams = groups.group_gradcam(fast_model, x, layer, target=3, relu=False)
     lg = LayerGradCam(fast_model, act).attribute(x, target=3)
     full = F.interpolate(lg.detach(), size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy()
     np.testing.assert_allclose(cams.sum(0), full, rtol=1e-4, atol=1e-6)

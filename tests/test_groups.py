@@ -1,4 +1,5 @@
-"""Cardinality views (explain.py): group importance, knock-outs, group Grad-CAM, deletion, specialization.
+"""Cardinality views (groups.py, faithfulness.py, specialization.py): group importance, knock-outs, group
+Grad-CAM, deletion, specialization.
 
 Each property is checked against an independent computation (plain Captum, a hand-edited model, plain
 hooks), so a bug in the group bookkeeping cannot pass by agreeing with itself."""
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerConductance, LayerFeatureAblation, LayerGradCam, LayerGradientXActivation
 
-from resnext_demo import data, explain, verdicts, weights
+from resnext_demo import data, explain, faithfulness, groups, specialization, verdicts, weights
 from resnext_demo.model import ResNeXt
 
 LAYER = "layer2.0.conv2"  # tiny model: C=4 groups of 4 channels at 16 x 16
@@ -38,15 +39,15 @@ def _assert_untouched(model, snap):
 
 
 def test_group_output_names(tiny_model):
-    assert explain.group_output(tiny_model, LAYER) == "layer2.0.act2"
+    assert groups.group_output(tiny_model, LAYER) == "layer2.0.act2"
     with pytest.raises(ValueError, match="not a grouped conv"):
-        explain.group_output(tiny_model, "layer2")
+        groups.group_output(tiny_model, "layer2")
 
 
-@pytest.mark.parametrize("method", explain.GROUP_METHODS)
+@pytest.mark.parametrize("method", groups.GROUP_METHODS)
 def test_group_importance_sums_to_layer_attribution(tiny_model, x, method):
     snap = _snapshot(tiny_model)
-    gi = explain.group_importance(tiny_model, x, LAYER, target=2, method=method, steps=16, tol=1e-3)
+    gi = groups.group_importance(tiny_model, x, LAYER, target=2, method=method, steps=16, tol=1e-3)
     assert gi.values.shape == (4,) and np.isfinite(gi.values).all()
     assert gi.values.sum() == pytest.approx(gi.total, rel=1e-9, abs=1e-12)
     if method == "Gradient x Activation":  # the total is plain Captum on the block's activation
@@ -67,22 +68,22 @@ def test_group_importance_sums_to_layer_attribution(tiny_model, x, method):
 
 def test_contrast_is_the_difference_of_two_explanations(tiny_model, x):
     """Gradient x Activation is linear in the explained output: (t vs c) = (t) - (c)."""
-    a = explain.group_importance(tiny_model, x, LAYER, 1)
-    b = explain.group_importance(tiny_model, x, LAYER, 7)
-    ab = explain.group_importance(tiny_model, x, LAYER, 1, contrast=7)
+    a = groups.group_importance(tiny_model, x, LAYER, 1)
+    b = groups.group_importance(tiny_model, x, LAYER, 7)
+    ab = groups.group_importance(tiny_model, x, LAYER, 1, contrast=7)
     np.testing.assert_allclose(ab.values, a.values - b.values, rtol=1e-5, atol=1e-7)
 
 
 def test_ablating_no_group_is_bit_identical(tiny_model, x):
     with torch.no_grad():
         plain = torch.softmax(tiny_model(x), 1)[0].numpy()
-    assert np.array_equal(explain.ablate_groups(tiny_model, x, LAYER, []), plain)
+    assert np.array_equal(groups.ablate_groups(tiny_model, x, LAYER, []), plain)
 
 
 def test_ablating_all_groups_equals_a_block_without_its_paths(tiny_model, x):
     """Zeroing every group = a model whose bn2 outputs 0 (scale and shift zeroed) by hand."""
     snap = _snapshot(tiny_model)
-    got = explain.ablate_groups(tiny_model, x, LAYER, [0, 1, 2, 3])
+    got = groups.ablate_groups(tiny_model, x, LAYER, [0, 1, 2, 3])
     edited = copy.deepcopy(tiny_model)
     bn = edited.get_submodule("layer2.0.bn2")
     with torch.no_grad():
@@ -95,12 +96,12 @@ def test_ablating_all_groups_equals_a_block_without_its_paths(tiny_model, x):
     _assert_untouched(tiny_model, snap)
 
 
-@pytest.mark.parametrize("mode", explain.ABLATIONS)
+@pytest.mark.parametrize("mode", groups.ABLATIONS)
 def test_ablation_ranking_matches_single_knockouts_and_captum(tiny_model, x, mode):
-    r = explain.ablation_ranking(tiny_model, x, LAYER, target=5, mode=mode)
+    r = groups.ablation_ranking(tiny_model, x, LAYER, target=5, mode=mode)
     assert r.probs.shape == (4, 10) and np.allclose(r.probs.sum(1), 1, atol=1e-5)
     for g in range(4):  # the batched table equals each knock-out run on its own
-        np.testing.assert_allclose(r.probs[g], explain.ablate_groups(tiny_model, x, LAYER, [g], mode), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r.probs[g], groups.ablate_groups(tiny_model, x, LAYER, [g], mode), rtol=1e-4, atol=1e-6)
     assert sorted(r.ranking()) == [0, 1, 2, 3] and r.drop[r.ranking()[0]] == r.drop.max()
     # Captum's LayerFeatureAblation with one mask id per group reproduces the drops (zero ablation, or
     # each channel's own spatial mean as the layer baseline).
@@ -119,20 +120,20 @@ def test_ablation_ranking_matches_single_knockouts_and_captum(tiny_model, x, mod
 
 def test_ablation_rejects_bad_groups_and_modes(tiny_model, x):
     with pytest.raises(ValueError, match="groups 0..3"):
-        explain.ablate_groups(tiny_model, x, LAYER, [4])
+        groups.ablate_groups(tiny_model, x, LAYER, [4])
     with pytest.raises(ValueError, match="unknown ablation"):
-        explain.ablate_groups(tiny_model, x, LAYER, [0], mode="noise")
+        groups.ablate_groups(tiny_model, x, LAYER, [0], mode="noise")
     with pytest.raises(ValueError, match="target"):
-        explain.ablation_ranking(tiny_model, x, LAYER, target=10)
+        groups.ablation_ranking(tiny_model, x, LAYER, target=10)
 
 
 def test_group_gradcams_sum_to_the_layer_gradcam(tiny_model, x):
-    cams = explain.group_gradcam(tiny_model, x, LAYER, target=3, relu=False)
+    cams = groups.group_gradcam(tiny_model, x, LAYER, target=3, relu=False)
     assert cams.shape == (4, 32, 32)
     layer = LayerGradCam(tiny_model, tiny_model.get_submodule("layer2.0.act2")).attribute(x, target=3)
     ref = F.interpolate(layer.detach(), size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy()
     np.testing.assert_allclose(cams.sum(0), ref, rtol=1e-4, atol=1e-6)
-    relu = explain.group_gradcam(tiny_model, x, LAYER, target=3)
+    relu = groups.group_gradcam(tiny_model, x, LAYER, target=3)
     assert (relu >= 0).all() and relu.max() > 0
     # Each ReLU'd group map is 0 exactly where its coarse map was <= 0 everywhere around (bilinear keeps signs).
     assert np.all(relu[cams.max(axis=(1, 2)) <= 0] == 0)
@@ -140,25 +141,25 @@ def test_group_gradcams_sum_to_the_layer_gradcam(tiny_model, x):
 
 def test_deletion_score_properties(tiny_model, x):
     values = np.random.default_rng(0).normal(size=(32, 32))
-    d = explain.deletion_score(tiny_model, x, values, target=4)
-    assert d.fractions.shape == d.probs.shape == d.random_probs.shape == (len(explain.DELETION_FRACTIONS),)
+    d = faithfulness.deletion_score(tiny_model, x, values, target=4)
+    assert d.fractions.shape == d.probs.shape == d.random_probs.shape == (len(faithfulness.DELETION_FRACTIONS),)
     assert ((0 <= d.probs) & (d.probs <= 1)).all() and 0 <= d.base <= 1
-    again = explain.deletion_score(tiny_model, x, values, target=4)
+    again = faithfulness.deletion_score(tiny_model, x, values, target=4)
     assert np.array_equal(d.probs, again.probs) and np.array_equal(d.random_probs, again.random_probs)
     # Deleting nothing keeps the probability; deleting everything gives the blurred image's probability.
-    full = explain.deletion_score(tiny_model, x, values, target=4, fractions=(0.0, 1.0))
+    full = faithfulness.deletion_score(tiny_model, x, values, target=4, fractions=(0.0, 1.0))
     blurred = explain._baseline("blur", x)
     with torch.no_grad():
         p_blur = float(torch.softmax(tiny_model(blurred), 1)[0, 4])
     assert full.probs[0] == pytest.approx(d.base, abs=1e-6) and full.probs[1] == pytest.approx(p_blur, abs=1e-5)
     with pytest.raises(ValueError, match="finite"):
-        explain.deletion_score(tiny_model, x, np.full((32, 32), np.nan), target=4)
-    grey = explain.deletion_score(tiny_model, x, values, target=4, fractions=(1.0,), fill="mean", patch=1)
+        faithfulness.deletion_score(tiny_model, x, np.full((32, 32), np.nan), target=4)
+    grey = faithfulness.deletion_score(tiny_model, x, values, target=4, fractions=(1.0,), fill="mean", patch=1)
     with torch.no_grad():
         p_grey = float(torch.softmax(tiny_model(torch.zeros_like(x)), 1)[0, 4])
     assert grey.probs[0] == pytest.approx(p_grey, abs=1e-5)
     with pytest.raises(ValueError, match="fill"):
-        explain.deletion_score(tiny_model, x, values, target=4, fill="noise")
+        faithfulness.deletion_score(tiny_model, x, values, target=4, fill="noise")
 
 
 def test_deletion_of_true_maps_beats_random_on_the_shipped_checkpoint(shipped_checkpoint, cifar_test):
@@ -175,7 +176,7 @@ def test_deletion_of_true_maps_beats_random_on_the_shipped_checkpoint(shipped_ch
         cam = explain.attribute(model, xi, "Grad-CAM", t).values
         for name, v in (("Integrated Gradients", ig), ("Grad-CAM", cam), ("reversed Integrated Gradients", -ig),
                         ("reversed Grad-CAM", -cam)):
-            d = explain.deletion_score(model, xi, v, t)
+            d = faithfulness.deletion_score(model, xi, v, t)
             wins[name] += d.score > d.random_score
     assert wins["Integrated Gradients"] > 20 and wins["Grad-CAM"] >= 24, wins  # a majority; Grad-CAM clearly
     assert wins["reversed Grad-CAM"] < 20, wins
@@ -194,7 +195,7 @@ def labelled() -> tuple[torch.Tensor, torch.Tensor]:
 def test_specialization_invariants(tiny_model, labelled):
     images, labels = labelled
     snap = _snapshot(tiny_model)
-    spec = explain.group_specialization(tiny_model, images, labels, batch_size=16)
+    spec = specialization.group_specialization(tiny_model, images, labels, batch_size=16)
     assert list(spec) == list(tiny_model.grouped_convs())
     s = spec[LAYER]
     assert s.class_means.shape == (4, 10) and s.top_images.shape == (4, 9) and s.correlation.shape == (4, 4)
@@ -214,10 +215,10 @@ def test_specialization_invariants(tiny_model, labelled):
 
 def test_colour_sensitivity_is_zero_for_grey_images(tiny_model, labelled):
     images, labels = labelled
-    grey = explain._grey(images).contiguous()
-    s = explain.group_specialization(tiny_model, grey, labels)[LAYER]
+    grey = specialization._grey(images).contiguous()
+    s = specialization.group_specialization(tiny_model, grey, labels)[LAYER]
     assert np.allclose(s.colour, 0) and (s.blur > 0).any()
-    c = explain.group_specialization(tiny_model, images, labels)[LAYER]
+    c = specialization.group_specialization(tiny_model, images, labels)[LAYER]
     assert (c.colour > 0).any()
 
 
@@ -227,11 +228,11 @@ def test_specialization_cache_round_trip(tiny_model, tmp_path, monkeypatch, labe
     monkeypatch.setattr(data, "load_split", lambda source, split: calls.append(split) or (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
     steps = []
-    first = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
+    first = specialization.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
                                           on_step=lambda i, n, what: steps.append((i, n)))
-    n = 1 + len(explain.CONTROL_SEEDS)  # the model, then each untrained copy, reported before it runs
+    n = 1 + len(specialization.CONTROL_SEEDS)  # the model, then each untrained copy, reported before it runs
     assert steps == [(i, n) for i in range(n)]
-    again = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
+    again = specialization.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path),
                                           on_step=lambda *a: steps.append(a))
     assert calls == ["test", "train"]  # the second call read the cache (train: the control's BN calibration)
     assert len(steps) == n  # and reported no work
@@ -243,8 +244,8 @@ def test_specialization_cache_round_trip(tiny_model, tmp_path, monkeypatch, labe
     changed = copy.deepcopy(tiny_model)
     with torch.no_grad():
         changed.fc.weight.add_(1)
-    assert explain.model_digest(changed) != explain.model_digest(tiny_model)  # another checkpoint, another entry
-    explain.specialization_cached(changed, "src", n=60, cache=str(tmp_path))
+    assert specialization.model_digest(changed) != specialization.model_digest(tiny_model)  # another checkpoint, another entry
+    specialization.specialization_cached(changed, "src", n=60, cache=str(tmp_path))
     assert calls == ["test", "train", "test", "train"] and len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
@@ -253,20 +254,20 @@ def test_within_between_and_partition_statistics():
     base = torch.rand(200, 2, generator=gen)
     # 2 groups of 3 channels; each group's channels are noisy copies of one signal -> within >> between.
     ch = base.repeat_interleave(3, 1) + 0.01 * torch.rand(200, 6, generator=gen)
-    within, between = explain._within_between(ch, 2)
+    within, between = specialization._within_between(ch, 2)
     assert within > 0.99 and abs(between) < 0.3
     # A property that separates the groups perfectly is (almost) never matched by random partitions ...
-    assert explain._partition_p(torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]), 2, trials=200) < 0.15
+    assert specialization._partition_p(torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]), 2, trials=200) < 0.15
     # ... and one that does not separate them is matched by every partition.
-    assert explain._partition_p(torch.ones(6), 2, trials=50) == 1.0
+    assert specialization._partition_p(torch.ones(6), 2, trials=50) == 1.0
 
 
 def test_specialization_scalars_survive_the_cache(tiny_model, tmp_path, monkeypatch, labelled):
     images, labels = labelled
     monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
-    first = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
-    again = explain.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
+    first = specialization.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
+    again = specialization.specialization_cached(tiny_model, "src", n=60, cache=str(tmp_path))[LAYER]
     for f in ("within_corr", "between_corr", "colour_p"):
         assert isinstance(getattr(again, f), float) and getattr(again, f) == pytest.approx(getattr(first, f), nan_ok=True)
     assert 0 < first.colour_p <= 1
@@ -277,7 +278,7 @@ def test_cli_prints_a_row_per_block_and_method(tiny_checkpoint, tmp_path, monkey
     monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
-    explain.main(["--weights", str(tiny_checkpoint), "--data", "src", "--n", "60", "--faithfulness", "2"])
+    faithfulness.main(["--weights", str(tiny_checkpoint), "--data", "src", "--n", "60", "--faithfulness", "2"])
     out = capsys.readouterr().out
     assert all(f"| {layer} | 4 |" in out for layer in ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"))
     assert all(f"| {m} | " in out and "/2 |" in out for m in explain.METHODS)
@@ -289,9 +290,9 @@ def test_cli_prints_a_row_per_block_and_method(tiny_checkpoint, tmp_path, monkey
 def test_batched_deletion_scores_equal_one_at_a_time(tiny_model, x):
     rng = np.random.default_rng(1)
     maps = rng.normal(size=(3, 32, 32))
-    batched = explain.deletion_scores(tiny_model, x, maps, target=6)
+    batched = faithfulness.deletion_scores(tiny_model, x, maps, target=6)
     for m, d in zip(maps, batched):
-        one = explain.deletion_score(tiny_model, x, m, target=6)
+        one = faithfulness.deletion_score(tiny_model, x, m, target=6)
         np.testing.assert_allclose(d.probs, one.probs, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(d.random_probs, one.random_probs, rtol=1e-4, atol=1e-6)
 
@@ -318,29 +319,29 @@ def test_conductance_matches_a_many_step_captum_reference(tiny_config, x, layer,
     m = _two_block_model(tiny_config)
     block = m.get_submodule(layer.rpartition(".")[0])
     assert (block.downsample is None) == (kind == "identity")
-    gi = explain.group_importance(m, x, layer, 3, "Conductance", tol=1e-3)
+    gi = groups.group_importance(m, x, layer, 3, "Conductance", tol=1e-3)
     ref = dict(baselines=data.normalize(torch.zeros_like(x)), target=3, n_steps=512, method="riemann_trapezoid",
                internal_batch_size=513)
-    groups = LayerConductance(m, block.act2).attribute(x, **ref).detach().reshape(4, -1).sum(1).double().numpy()
+    want = LayerConductance(m, block.act2).attribute(x, **ref).detach().reshape(4, -1).sum(1).double().numpy()
     if kind == "identity":
         total = LayerConductance(m, block.act3).attribute(x, attribute_to_layer_input=True, **ref).sum()
         shortcut = float(total - LayerConductance(m, block.bn3).attribute(x, **ref).sum())
     else:
         shortcut = float(LayerConductance(m, block.downsample).attribute(x, **ref).sum())
     assert gi.shortcut_kind == kind and gi.steps >= 32
-    np.testing.assert_allclose(gi.values, groups, atol=3e-3)
+    np.testing.assert_allclose(gi.values, want, atol=3e-3)
     assert gi.shortcut == pytest.approx(shortcut, abs=3e-3)
     assert abs(gi.shortcut) > 0.01  # the shortcut carries something here, so the check has teeth
 
 
 def test_conductance_step_error_is_the_change_from_half_the_steps(tiny_model, x):
     """The error estimate from every other point equals a separate run at half the steps; tol drives the doubling."""
-    at64 = explain.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=64, max_steps=64)
-    at32 = explain.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=32, max_steps=32)
+    at64 = groups.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=64, max_steps=64)
+    at32 = groups.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=32, max_steps=32)
     moved = max(np.abs(at64.values - at32.values).max(), abs(at64.shortcut - at32.shortcut))
     assert at64.steps == 64 and at64.step_error == pytest.approx(moved, rel=1e-6, abs=1e-9)
-    loose = explain.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=8, tol=1.0)
-    tight = explain.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=8, tol=1e-4, max_steps=128)
+    loose = groups.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=8, tol=1.0)
+    tight = groups.group_importance(tiny_model, x, LAYER, 1, "Conductance", steps=8, tol=1e-4, max_steps=128)
     assert loose.steps == 8 and tight.steps == 128  # stops at once when loose; doubles up to the cap when tight
     md = verdicts.conductance_md(tight, 1e-4)
     assert "not converged" in md and "projection shortcut" in md and "128 steps" in md
@@ -350,8 +351,8 @@ def test_conductance_step_error_is_the_change_from_half_the_steps(tiny_model, x)
 
 
 def test_reference_maps_are_a_centre_gaussian_and_sobel_edges(x):
-    refs = explain.reference_maps(x)
-    assert list(refs) == list(explain.REFERENCES)
+    refs = faithfulness.reference_maps(x)
+    assert list(refs) == list(faithfulness.REFERENCES)
     r = np.hypot(*np.meshgrid(np.arange(32) - 15.5, np.arange(32) - 15.5))
     np.testing.assert_allclose(refs["centre prior"], np.exp(-r ** 2 / (2 * 8.0 ** 2)), rtol=1e-6)
     # Sobel by hand on the grey image (edge-replicated border)
@@ -364,13 +365,13 @@ def test_reference_maps_are_a_centre_gaussian_and_sobel_edges(x):
 
 def test_faithfulness_scores_the_references_like_any_map(tiny_model, x):
     maps = np.random.default_rng(2).normal(size=(2, 32, 32))
-    got = explain.faithfulness(tiny_model, x, maps, target=4)
-    refs = explain.reference_maps(x)
+    got = faithfulness.faithfulness(tiny_model, x, maps, target=4)
+    refs = faithfulness.reference_maps(x)
     for f, m in zip(got, maps):  # the map itself: the plain deletion test
-        one = explain.deletion_score(tiny_model, x, m, target=4)
+        one = faithfulness.deletion_score(tiny_model, x, m, target=4)
         assert f.score == pytest.approx(one.score, abs=1e-5) and f.random_score == pytest.approx(one.random_score, abs=1e-5)
     for name, ref in refs.items():  # each reference: its own deletion score, the same for every map
-        assert got[0].references[name] == pytest.approx(explain.deletion_score(tiny_model, x, ref, 4).score, abs=1e-5)
+        assert got[0].references[name] == pytest.approx(faithfulness.deletion_score(tiny_model, x, ref, 4).score, abs=1e-5)
         assert got[1].references[name] == got[0].references[name]
     best = max(got[0].references.values())
     want = ("no better than random" if got[0].score <= got[0].random_score
@@ -379,14 +380,14 @@ def test_faithfulness_scores_the_references_like_any_map(tiny_model, x):
 
 
 def test_faithfulness_verdict_in_words():
-    d = explain.Deletion(np.array([0.1]), np.array([0.5]), np.array([0.8]), 0.9)  # drop 0.4, random drop 0.1
-    blind = explain.Faithfulness(d, {"centre prior": 0.45, "image edges": 0.2})
+    d = faithfulness.Deletion(np.array([0.1]), np.array([0.5]), np.array([0.8]), 0.9)  # drop 0.4, random drop 0.1
+    blind = faithfulness.Faithfulness(d, {"centre prior": 0.45, "image edges": 0.2})
     assert blind.verdict == "beats random only" and blind.best_reference == ("centre prior", 0.45)
     md = verdicts.faithfulness_md(blind, "cat")
     assert "not the centre prior" in md and "✓" not in md and "0.450" in md
-    good = explain.Faithfulness(d, {"centre prior": 0.3, "image edges": 0.2})
+    good = faithfulness.Faithfulness(d, {"centre prior": 0.3, "image edges": 0.2})
     assert good.verdict == "beats references" and "✓" in verdicts.faithfulness_md(good, "cat")
-    bad = explain.Faithfulness(explain.Deletion(np.array([0.1]), np.array([0.85]), np.array([0.8]), 0.9), {"centre prior": 0.3})
+    bad = faithfulness.Faithfulness(faithfulness.Deletion(np.array([0.1]), np.array([0.85]), np.array([0.8]), 0.9), {"centre prior": 0.3})
     assert bad.verdict == "no better than random" and "✗" in verdicts.faithfulness_md(bad, "cat")
     assert "1 beat random orders, 0 also" in verdicts.group_cams_md([blind, None, bad])
 
@@ -401,7 +402,7 @@ def test_model_blind_references_on_the_shipped_checkpoint(shipped_checkpoint, ci
     for i in range(40):
         xi, t = data.normalize(images[i:i + 1]), int(labels[i])
         maps = [explain.attribute(model, xi, m, t).values for m in beats_all]
-        scored = explain.faithfulness(model, xi, maps, t)
+        scored = faithfulness.faithfulness(model, xi, maps, t)
         centre_wins += scored[0].references["centre prior"] > scored[0].random_score
         for m, f in zip(beats_all, scored):
             beats_all[m] += f.verdict == "beats references"
@@ -415,10 +416,10 @@ def test_model_blind_references_on_the_shipped_checkpoint(shipped_checkpoint, ci
 def test_untrained_copy_is_a_fresh_seeded_init_with_recalibrated_bn(tiny_model, labelled):
     images, _ = labelled
     state = torch.random.get_rng_state()
-    a = explain.untrained_copy(tiny_model, 3, images)
+    a = specialization.untrained_copy(tiny_model, 3, images)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
-    b = explain.untrained_copy(tiny_model, 3, images)
-    c = explain.untrained_copy(tiny_model, 4, images)
+    b = specialization.untrained_copy(tiny_model, 3, images)
+    c = specialization.untrained_copy(tiny_model, 4, images)
     assert not a.training and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert not torch.equal(a.conv1.weight, c.conv1.weight) and not torch.equal(a.conv1.weight, tiny_model.conv1.weight)
     torch.manual_seed(3)  # the same init by hand: the architecture's own constructor under that seed
@@ -432,8 +433,8 @@ def test_untrained_copy_is_a_fresh_seeded_init_with_recalibrated_bn(tiny_model, 
 
 def test_specialization_control_is_the_statistics_of_untrained_copies(tiny_model, labelled):
     images, labels = labelled
-    result = explain.group_specialization(tiny_model, images, labels)
-    explain.specialization_control(tiny_model, images, labels, images, result, seeds=(0, 1))
+    result = specialization.group_specialization(tiny_model, images, labels)
+    specialization.specialization_control(tiny_model, images, labels, images, result, seeds=(0, 1))
     for k, seed in enumerate((0, 1)):  # recompute each control by hand: seeded init, BN from one batch, statistics
         torch.manual_seed(seed)
         m = ResNeXt(tiny_model.config)
@@ -442,7 +443,7 @@ def test_specialization_control_is_the_statistics_of_untrained_copies(tiny_model
             bn.momentum = None
         with torch.no_grad():
             m.train()(data.normalize(images))
-        ref = explain.group_specialization(m.eval(), images, labels)
+        ref = specialization.group_specialization(m.eval(), images, labels)
         for layer, s in result.items():
             assert s.control_gap[k] == pytest.approx(ref[layer].within_corr - ref[layer].between_corr, abs=1e-9)
             assert s.control_colour_p[k] == pytest.approx(ref[layer].colour_p)
@@ -451,7 +452,7 @@ def test_specialization_control_is_the_statistics_of_untrained_copies(tiny_model
 
 def test_specialization_verdicts_are_relative_to_the_control(tiny_model, labelled):
     images, labels = labelled
-    s = explain.group_specialization(tiny_model, images, labels)[LAYER]
+    s = specialization.group_specialization(tiny_model, images, labels)[LAYER]
     s.within_corr, s.between_corr, s.colour_p = 0.20, 0.08, 0.004
     s.control_gap, s.control_colour_p = np.array([0.01, 0.03]), np.array([0.3, 0.2])
     s.control_selectivity = np.full(2, 10.0)

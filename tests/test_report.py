@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from resnext_demo import data, report
-from resnext_demo.explain import Attribution, Deletion, Faithfulness, GroupAblation, GroupImportance
+from resnext_demo.explain import Attribution
+from resnext_demo.faithfulness import Deletion, Faithfulness
+from resnext_demo.groups import GroupAblation, GroupImportance
 from resnext_demo.model import config_params, get_config, list_models
 from resnext_demo.predict import Prediction
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_demo import data, explain, finetune, report, serving, ui, weights
+from resnext_demo import data, explain, finetune, groups, report, serving, ui, weights
 from resnext_demo.handlers import DISPLAY, MISCLASSIFIED_SHOW, N_SAMPLES, Handlers, layer_dropdown_choices
 from resnext_demo.model import config_params
 from resnext_demo.predict import predict_batch
@@ -440,9 +440,9 @@ def test_groups_analysis(handlers, tiny_model, image_path):
     assert list(table["group"]) == ["g0", "g1", "g2", "g3"]
     # the table is the explain functions' numbers, not a re-derivation
     x = data.preprocess(image_path)
-    pred = int(np.argmax(explain.ablate_groups(tiny_model, x, "layer2.0.conv2", [])))
-    runner = int(np.argsort(-explain.ablate_groups(tiny_model, x, "layer2.0.conv2", []))[1])
-    gi = explain.group_importance(tiny_model, x, "layer2.0.conv2", pred, contrast=runner)
+    pred = int(np.argmax(groups.ablate_groups(tiny_model, x, "layer2.0.conv2", [])))
+    runner = int(np.argsort(-groups.ablate_groups(tiny_model, x, "layer2.0.conv2", []))[1])
+    gi = groups.group_importance(tiny_model, x, "layer2.0.conv2", pred, contrast=runner)
     np.testing.assert_allclose(table["importance"], np.round(gi.values, 4))
     assert "rather than" in md and "layer2.0.conv2" in md
     assert _same(before, _state_dict_copy(tiny_model))
@@ -465,7 +465,7 @@ def test_live_knockout(handlers, tiny_model, image_path):
     label, md = handlers.knockout(image_path, "layer2.0.conv2", [], "zero", 3)
     assert "No group" in md and len(label) == 3
     label, md = handlers.knockout(image_path, "layer2.0.conv2", [0, 1, 2, 3], "zero", 10)
-    want = explain.ablate_groups(tiny_model, data.preprocess(image_path), "layer2.0.conv2", [0, 1, 2, 3])
+    want = groups.ablate_groups(tiny_model, data.preprocess(image_path), "layer2.0.conv2", [0, 1, 2, 3])
     assert label == pytest.approx({data.CLASSES[i]: float(p) for i, p in enumerate(want)})
     assert "g0, g1, g2, g3" in md
     assert handlers.group_choices("layer1.0.conv2")["choices"] == [(f"g{i}", i) for i in range(4)]

@@ -12,8 +12,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from resnext_demo import visualize
-from resnext_demo.explain import (Attribution, Deletion, GroupAblation, GroupImportance, GroupStats, Specialization,
-                                  split_groups)
+from resnext_demo.explain import Attribution, GroupStats, split_groups
+from resnext_demo.faithfulness import Deletion
+from resnext_demo.groups import GroupAblation, GroupImportance
+from resnext_demo.specialization import Specialization
 from resnext_demo.data import CLASSES
 from resnext_demo.model import get_config
 
