@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 
 from . import data
-from .predict import _device_of
+from .model import device_of
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str | torch.device | None = None,
                    tta: bool = False, bf16: bool = False) -> torch.Tensor:
     """Logits (float32, CPU) of uint8 images N x 3 x 32 x 32; `tta` averages with the mirrored image."""
-    device = torch.device(device or _device_of(model))
+    device = torch.device(device or device_of(model))
     model.eval()
     outs = []
     for i in range(0, len(x), batch_size):

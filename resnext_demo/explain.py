@@ -18,6 +18,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from . import data
 from .predict import eval_view
+from .model import device_of
 
 # Concurrency (this module, groups, faithfulness and specialization): the model passed in is shared by every
 # user of the app. FX tracing flips its train/eval mode and Captum hooks its modules, so both work on
@@ -31,33 +32,31 @@ warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks",
 # ---------------------------------------------------------------- layers and feature maps
 
 
-def _prefix(model: nn.Module) -> str:
-    """Module-path prefix of the stages: '' for our CIFAR ResNeXt, 'net.' for the torchvision seed."""
-    return "net." if getattr(getattr(model, "config", None), "family", "cifar") == "torchvision" else ""
+def is_torchvision(model: nn.Module) -> bool:
+    """The torchvision seed, whose Bottleneck calls one ReLU module three times (FX nodes relu, relu_1, …)."""
+    return getattr(getattr(model, "config", None), "family", "cifar") == "torchvision"
 
 
 def _stem_node(model: nn.Module) -> str:
     """The stem's activation (what the 'conv1' stage shows): the conv output before ReLU is less readable."""
-    return _prefix(model) + ("relu" if _prefix(model) else "act1")
+    return "relu" if is_torchvision(model) else "act1"
 
 
 def layer_choices(model: nn.Module) -> dict[str, list[str]]:
     """Names for the UI: every block's grouped 3x3 conv ('grouped') and the stem + stage outputs ('stages')."""
-    p = _prefix(model)
-    return {"grouped": list(model.grouped_convs()),
-            "stages": [p + "conv1"] + [p + s for s in model.stage_names]}
+    return {"grouped": list(model.grouped_convs()), "stages": ["conv1", *model.stage_names]}
 
 
 def _node(model: nn.Module, layer: str) -> str:
     """The FX node / module path for a UI layer name.
 
     - a grouped conv ('layer1.0.conv2') is its own node: the conv output, before BN and ReLU;
-    - 'conv1' (stage list) is the stem after its activation: node 'act1' ('net.relu' for the seed);
+    - 'conv1' (stage list) is the stem after its activation: node 'act1' ('relu' for the seed);
     - a stage ('layer2') is accepted by torchvision as a parent module: it returns that module's last
       node, i.e. the last block's output after its final ReLU ('layer2.N.act3');
     - anything else is passed through, so any node of `get_graph_node_names` works (e.g. 'layer1.0.act2').
     """
-    return _stem_node(model) if layer == _prefix(model) + "conv1" else layer
+    return _stem_node(model) if layer == "conv1" else layer
 
 
 def groups_of(model: nn.Module, layer: str) -> int:
@@ -78,7 +77,7 @@ def activation_node(model: nn.Module, layer: str) -> str:
     if last != "conv2":
         return _node(model, layer)  # stage outputs are already after their activation
     # The seed's torchvision Bottleneck reuses one ReLU module; its 2nd call is FX node 'relu_1'.
-    return f"{head}.relu_1" if _prefix(model) else f"{head}.act2"
+    return f"{head}.relu_1" if is_torchvision(model) else f"{head}.act2"
 
 
 def _hooked_maps(view: nn.Module, x: torch.Tensor, nodes: dict[str, str]) -> dict[str, torch.Tensor] | None:
@@ -110,7 +109,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
     `python -m resnext_demo.loadtest`). FX stays the fallback for nodes that are not modules."""
     nodes = {_node(model, name): name for name in layers}  # FX node -> the caller's name
     view = eval_view(model)  # hooks and tracing (which calls .train()/.eval()) land on a private view
-    device = next(model.parameters()).device
+    device = device_of(model)
     hooked = _hooked_maps(view, x.to(device), nodes)
     if hooked is not None:
         return {name: hooked[name].detach().float().cpu() for name in layers}
@@ -292,7 +291,7 @@ def attribute(model: nn.Module, x: torch.Tensor, method: str, target: int, **par
         raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
     target = int(target)
     view = eval_view(model)  # Captum hooks and DeepLift's module attributes land here, not on `model`
-    device = next(model.parameters()).device
+    device = device_of(model)
     # inference_mode(False)/enable_grad: the caller may be inside no_grad (e.g. a UI handler); clone()
     # also turns an inference-mode tensor into a normal one that autograd accepts.
     with torch.inference_mode(False), torch.enable_grad():
@@ -375,6 +374,6 @@ def _finish(raw: torch.Tensor, method: str, target: int, p: dict, model: nn.Modu
     values = values.numpy().astype(np.float32)
     if not np.any(values):
         notes.append(_EMPTY_NOTES.get(method, "all zeros: the target logit's gradient vanishes at this input"))
-    if method in ("DeepLift", "GuidedBackprop", "Guided Grad-CAM") and _prefix(model):
+    if method in ("DeepLift", "GuidedBackprop", "Guided Grad-CAM") and is_torchvision(model):
         notes.append("unreliable on the torchvision seed model: its blocks reuse one in-place ReLU")
     return Attribution(values, raw_min, raw_max, method, target, p, "; ".join(notes) or None)

@@ -17,6 +17,7 @@ from .explain import _DEFAULTS, METHODS, _baseline, attribute
 from .groups import CONDUCTANCE_MAX_STEPS, CONDUCTANCE_TOL, _check_image, group_importance
 from .predict import eval_view
 from .specialization import CONTROL_CALIBRATION, SPECIALIZATION_IMAGES, specialization_cached, untrained_copy
+from .model import device_of
 
 
 DELETION_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
@@ -88,7 +89,7 @@ def deletion_scores(model: nn.Module, x: torch.Tensor, maps: list[np.ndarray] | 
             keep[order[:int(round(f * n))]] = 0
             k = keep.reshape(1, 1, h // patch, w // patch).repeat_interleave(patch, 2).repeat_interleave(patch, 3)[0]
             batch.append(x0 * k + blurred * (1 - k))
-    device = next(model.parameters()).device
+    device = device_of(model)
     view = eval_view(model) if model.training else model
     with torch.inference_mode():
         p = torch.softmax(view(torch.stack(batch).to(device)).float(), 1)[:, int(target)].cpu().numpy()

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from . import data, weights
-from .predict import _device_of, predict_batch
+from .predict import predict_batch
 from .train import TrainConfig, fit, subset
+from .model import device_of
 
 # Server-side caps (shown in the UI): a fine-tune must stay usable on a 2-core CPU.
 MAX_IMAGES = 500  # uploaded images in all (extra files are refused, not silently dropped)
@@ -142,10 +143,10 @@ def prepare_model(model: nn.Module, old_classes: Sequence[str], classes: Sequenc
     """A deep copy of `model` whose head has len(classes) outputs; existing classes keep their weights."""
     m = copy.deepcopy(model)
     if len(classes) != len(old_classes):
-        head = m.net.fc if hasattr(m, "net") else m.fc
+        head = m.fc
         w, b = head.weight.detach().clone(), head.bias.detach().clone()
         m.reset_classifier(len(classes))
-        head = m.net.fc if hasattr(m, "net") else m.fc
+        head = m.fc
         with torch.no_grad():  # new classes start from fresh rows; old ones keep what they knew
             head.weight[:len(old_classes)] = w
             head.bias[:len(old_classes)] = b
@@ -357,7 +358,7 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
     train_ds, hold_ds = holdout_split(dataset, seed=opts.seed)
     if len(train_ds) == 0:
         raise ValueError("Every class needs at least two images: one is held out for the before/after score.")
-    device = _device_of(model)
+    device = device_of(model)
     base = model
     new = prepare_model(model, model_classes, dataset.classes)
     cifar = None

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
 from . import data
-from .explain import _baseline, _prefix, groups_of, split_groups
+from .explain import _baseline, groups_of, is_torchvision, split_groups
 from .predict import eval_view
+from .model import device_of
 
 # A ResNeXt block's grouped 3x3 conv computes C independent paths; group g owns the contiguous channels
 # [g*w, (g+1)*w) of the conv's output, and the block's BN + ReLU after it are per channel, so the paths
@@ -33,7 +34,7 @@ def group_output(model: nn.Module, layer: str) -> str:
     if layer not in model.grouped_convs():
         raise ValueError(f"{layer!r} is not a grouped conv; choose one of {', '.join(model.grouped_convs())}")
     head = layer.rpartition(".")[0]
-    return f"{head}.bn2" if _prefix(model) else f"{head}.act2"
+    return f"{head}.bn2" if is_torchvision(model) else f"{head}.act2"
 
 
 def _group_channels(model: nn.Module, layer: str, groups: list[int] | tuple[int, ...]) -> torch.Tensor:
@@ -118,7 +119,7 @@ def group_importance(model: nn.Module, x: torch.Tensor, layer: str, target: int,
         z = view(inp).float()
         return z[:, t:t + 1] if c is None else z[:, t:t + 1] - z[:, c:c + 1]
 
-    device = next(model.parameters()).device
+    device = device_of(model)
     xx = x.detach().to(device, torch.float32)
     if method == "Conductance":
         block = view.get_submodule(layer.rpartition(".")[0])
@@ -199,7 +200,7 @@ def _ablated_logits(model: nn.Module, x: torch.Tensor, layer: str, masks: torch.
         raise ValueError(f"unknown ablation {mode!r}; choose one of {', '.join(ABLATIONS)}")
     view = eval_view(model)
     handle = view.get_submodule(group_output(model, layer)).register_forward_hook(_ablation_hook(masks, mode))
-    device = next(model.parameters()).device
+    device = device_of(model)
     try:
         with torch.inference_mode():
             return view(x.to(device).expand(len(masks), -1, -1, -1)).float().cpu()
@@ -255,7 +256,7 @@ def group_gradcam(model: nn.Module, x: torch.Tensor, layer: str, target: int, re
     g = groups_of(model, layer)
     view = eval_view(model)
     module = view.get_submodule(group_output(model, layer))
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.inference_mode(False), torch.enable_grad():
         xx = x.detach().to(device, torch.float32).clone().requires_grad_()
         per_channel = LayerGradCam(view, module).attribute(xx, target=int(target), attr_dim_summation=False)

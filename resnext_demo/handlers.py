@@ -21,8 +21,8 @@ from PIL import Image
 
 from . import data, explain, faithfulness, finetune, report, specialization, visualize, weights
 from . import groups as cardinality  # not 'groups': knockout()'s argument of that name would shadow the module
-from .model import count_params
-from .predict import _device_of, predict, predict_batch
+from .model import count_params, device_of
+from .predict import predict, predict_batch
 from .serving import (FINETUNE_GPU_MARGIN, FINETUNE_MIN_SECONDS, GPU_SECONDS, SPECIALIZATION_GPU_SECONDS,
                       TRAIN_SECONDS_PER_IMAGE, SessionModel, StopFlag, friendly, friendly_gen, on_zero_gpu,
                       require_image)
@@ -96,7 +96,7 @@ class Handlers:
         """The session's model (fine-tuned or uploaded) or the shared base model, on the device models run on."""
         if session is not None:
             device = self.device()
-            if _device_of(session.model) != device:  # in a ZeroGPU worker: it arrives on the CPU
+            if device_of(session.model) != device:  # in a ZeroGPU worker: it arrives on the CPU
                 session.model.to(device)  # in place: the worker holds its own pickled copy
             return session
         if self.base is None:
@@ -105,7 +105,7 @@ class Handlers:
 
     def device(self) -> torch.device:
         """Where models run: the shared model's device (in a ZeroGPU worker, after `use_gpu`)."""
-        return _device_of(self.base.model) if self.base is not None else torch.device("cpu")
+        return device_of(self.base.model) if self.base is not None else torch.device("cpu")
 
     def use_gpu(self) -> None:
         """In a ZeroGPU worker (a fork holding a GPU): move the shared model onto it. The main process keeps

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
+from torchvision.models.resnet import ResNet
 
 
 @dataclass(frozen=True)
@@ -196,45 +198,45 @@ def whiten_init(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> Non
     conv.weight[:2 * n] = filters.to(conv.weight)
 
 
-class TorchvisionResNeXt(nn.Module):
-    """The seed recipe: torchvision's resnext50_32x4d with a new head, behind the same interface.
+class TorchvisionResNeXt(ResNet):
+    """The seed recipe: torchvision's resnext50_32x4d (a torchvision `ResNet`, so its module names are
+    torchvision's own: 'conv1', 'layer1.0.conv2', 'fc') with a new head and this family's interface.
 
     Its blocks reuse one in-place ReLU (torchvision's Bottleneck), so DeepLift and GuidedBackprop are
     not reliable on it; gradient and layer methods (Saliency, IG, Grad-CAM) are fine.
     """
 
     def __init__(self, config: ResNeXtConfig, pretrained: bool = False):
-        super().__init__()
-        from torchvision.models import ResNeXt50_32X4D_Weights, resnext50_32x4d
+        from torchvision.models import ResNeXt50_32X4D_Weights
 
+        super().__init__(TorchvisionBottleneck, [3, 4, 6, 3], groups=32, width_per_group=4,
+                         num_classes=1000 if pretrained else config.num_classes)
         self.config = config
-        self.net = resnext50_32x4d(weights=None, num_classes=1000 if pretrained else config.num_classes)
         if pretrained:
-            self.net.load_state_dict(_cached_imagenet_state(ResNeXt50_32X4D_Weights.IMAGENET1K_V2))
-            self.net.fc = nn.Linear(self.net.fc.in_features, config.num_classes)
+            self.load_state_dict(_cached_imagenet_state(ResNeXt50_32X4D_Weights.IMAGENET1K_V2))
+            self.fc = nn.Linear(self.fc.in_features, config.num_classes)
         self.stage_names = ["layer1", "layer2", "layer3", "layer4"]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet stem and the four stages (a 32x32 input ends at 1x1)."""
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool and classifier."""
-        x = torch.flatten(self.net.avgpool(x), 1)
-        return x if pre_logits else self.net.fc(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh `num_classes` classifier."""
-        self.net.fc = nn.Linear(self.net.fc.in_features, num_classes).to(self.net.fc.weight.device)
+        self.fc = nn.Linear(self.fc.in_features, num_classes).to(self.fc.weight.device)
         self.config = replace(self.config, num_classes=num_classes)
 
     def grouped_convs(self) -> dict[str, nn.Conv2d]:
-        """Every block's grouped 3x3 conv, e.g. 'net.layer1.0.conv2'."""
+        """Every block's grouped 3x3 conv, e.g. 'layer1.0.conv2'."""
         return {n: m for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
 
 
@@ -422,6 +424,12 @@ def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = Fal
     return build_from_config(get_config(name, num_classes), zero_init_residual, pretrained)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a parameterless module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (BN buffers excluded, as in the paper)."""
     return sum(p.numel() for p in model.parameters())
@@ -434,7 +442,7 @@ def count_macs(model: nn.Module, size: int = 32) -> int:
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+        model(torch.zeros(1, 3, size, size, device=device_of(model)))
     model.train(was_training)
     return counter.get_total_flops() // 2  # the counter reports 2 FLOPs per multiply-add
 
@@ -469,7 +477,7 @@ if __name__ == "__main__":  # python -m resnext_demo.model [--latency]: the fami
     import sys
 
     latency = "--latency" in sys.argv
-    print(f"| name | C x d | params (M) | MFLOPs |" + (f" CPU ms/image ({torch.get_num_threads()} threads) |" if latency else ""))
+    print("| name | C x d | params (M) | MFLOPs |" + (f" CPU ms/image ({torch.get_num_threads()} threads) |" if latency else ""))
     print("|---|---|---:|---:|" + ("---:|" if latency else ""))
     for n in list_models():
         d = describe(n)

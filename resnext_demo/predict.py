@@ -12,6 +12,7 @@ import torch.nn as nn
 from PIL import Image
 
 from . import data
+from .model import device_of
 
 
 def select_device() -> torch.device:
@@ -46,18 +47,12 @@ def eval_view(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (CPU for a parameterless module)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def predict(model: nn.Module, image: Image.Image | np.ndarray | str | Path | bytes,
             classes: list[str] | tuple[str, ...]) -> Prediction:
     """Classify one image (PIL, array, path or bytes); raises data.ImageError for unusable images."""
     if model.training:  # train-mode BN would use batch statistics and update the shared buffers
         model = eval_view(model)
-    device = _device_of(model)
+    device = device_of(model)
     t0 = time.perf_counter()
     im32 = data.prepare_image(image)
     with torch.inference_mode():
@@ -73,7 +68,7 @@ def predict(model: nn.Module, image: Image.Image | np.ndarray | str | Path | byt
 
 def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory."""
-    device = _device_of(model)
+    device = device_of(model)
     if model.training:
         model = eval_view(model)
     out = []

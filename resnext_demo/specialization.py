@@ -18,6 +18,7 @@ from . import data, weights
 from .explain import groups_of
 from .groups import group_output
 from .predict import eval_view
+from .model import device_of
 
 
 SPECIALIZATION_IMAGES = 2000  # a balanced prefix of the test split: stable class means, ~1 forward/s-budget on a CPU
@@ -72,7 +73,7 @@ def _channel_means(view: nn.Module, x_uint8: torch.Tensor, paths: dict[str, str]
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in paths}
     handles = [view.get_submodule(path).register_forward_hook(
         lambda _m, _i, o, layer=layer: out[layer].append(o.float().mean((2, 3)).cpu())) for layer, path in paths.items()]
-    device = next(view.parameters()).device
+    device = device_of(view)
     try:
         with torch.inference_mode():
             for i in range(0, len(x_uint8), batch_size):
@@ -199,13 +200,13 @@ def untrained_copy(model: nn.Module, seed: int, images: torch.Tensor, batch_size
     # caller's state back afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        copy = build_from_config(model.config).to(next(model.parameters()).device)
+        copy = build_from_config(model.config).to(device_of(model))
     bns = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:  # momentum None = a plain average over the calibration batches
         bn.reset_running_stats()
         bn.momentum = None
     copy.train()
-    device = next(copy.parameters()).device
+    device = device_of(copy)
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             copy(data.normalize(images[i:i + batch_size].to(device)))

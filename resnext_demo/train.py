@@ -133,8 +133,7 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0):
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(last stage, head) of any model of the family."""
-    body = model.net if hasattr(model, "net") else model
-    return getattr(body, model.stage_names[-1]), body.fc
+    return getattr(model, model.stage_names[-1]), model.fc
 
 
 def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
@@ -311,8 +310,8 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0) -> tu
     return x[idx], y[idx]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: train a named model on CIFAR-10 and write a safetensors checkpoint (+ .curve.json)."""
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's flags: the run's own (data, output, resume, validation) and one per TrainConfig field."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = TrainConfig()
     ap.add_argument("--model", default=d.model)
@@ -340,68 +339,58 @@ def main(argv: list[str] | None = None) -> None:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=val)
         else:
             ap.add_argument(flag, type=type(val) if val is not None else float, default=val)
-    args = ap.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
-    if args.compact_resume:
-        path = compact_resume(Path(args.out).with_suffix(".resume.safetensors"))
-        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB")
-        return
+    return ap
 
+
+def _distributed(device_flag: str | None) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) under torchrun (gloo on CPU, NCCL on GPUs) or alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and device_flag != "cpu" else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = dist.get_rank() if world > 1 else 0
-    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
-    source = args.data or data.default_source()
-    if rank != 0:
-        dist.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
-    x_tr, y_tr = subset(*data.load_split(source, "train", download=args.download), args.subset, cfg.seed)
-    x_te, y_te = subset(*data.load_split(source, "test", download=args.download), args.test_subset, cfg.seed)
-    if rank == 0 and world > 1:
-        dist.barrier()
-    model = build_model(cfg.model, zero_init_residual=True)
-    val = None
-    if args.val:
-        (x_tr, y_tr), val = split_validation(x_tr, y_tr, args.val, cfg.seed)
-    if cfg.whiten and not args.resume:
-        from .model import whiten_init
-        whiten_init(model.conv1, data.normalize(x_tr[:5000]))
-    init = None
-    if args.init_from:  # a warm restart: the weights carry over, the schedule and history start again
-        init_model, init_meta = weights.load_checkpoint(args.init_from)
-        if init_meta["config"] != model.config:
-            sys.exit(f"{args.init_from} is a {init_meta['config']}, not {cfg.model}")
-        model.load_state_dict(init_model.state_dict())
-        init = {"path": str(args.init_from), "sha256": data.sha256_file(args.init_from),
-                "accuracy": init_meta.get("accuracy"), "epochs": init_meta.get("epochs"),
-                "command": init_meta.get("command")}
-    out = Path(args.out)
-    resume_path = out.with_suffix(".resume.safetensors")
-    start, state, history = 0, None, []
-    if args.resume and resume_path.is_file():
-        resumed, meta = weights.load_checkpoint(resume_path)
-        if meta["recipe"]["model"] != cfg.model:
-            sys.exit(f"{resume_path} is a {meta['recipe']['model']} run, not {cfg.model}")
-        model.load_state_dict(resumed.state_dict())
-        start, history, state = meta["epoch"], meta["history"], weights.load_extra_tensors(resume_path)
-        if rank == 0:
-            print(f"resuming {cfg.model} at epoch {start}")
-    src_p = Path(source) if source else None
-    meta = {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
-            "data": {"source": str(source), "sha256": data.sha256_file(src_p) if src_p and src_p.is_file()
-                     else (data.source_id(src_p) if src_p and src_p.exists() else None),
-                     "train_images": len(y_tr), "test_images": len(y_te), "val_images": args.val},
-            "params": count_params(model), "macs": count_macs(model), "world_size": world, "init_from": init,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+    device = torch.device(device_flag or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
+                                          else "cpu"))
+    return world, rank, device
+
+
+def _warm_start(model: nn.Module, path: str, cfg: TrainConfig) -> dict:
+    """--init-from: copy a checkpoint's weights into `model` (same architecture); what to record about it."""
+    init_model, init_meta = weights.load_checkpoint(path)
+    if init_meta["config"] != model.config:
+        sys.exit(f"{path} is a {init_meta['config']}, not {cfg.model}")
+    model.load_state_dict(init_model.state_dict())
+    return {"path": str(path), "sha256": data.sha256_file(path), "accuracy": init_meta.get("accuracy"),
+            "epochs": init_meta.get("epochs"), "command": init_meta.get("command")}
+
+
+def _resume(model: nn.Module, resume_path: Path, cfg: TrainConfig) -> tuple[int, dict | None, list[dict]]:
+    """(epoch reached, optimizer/EMA tensors, history) from a resume file, its weights loaded into `model`."""
+    resumed, meta = weights.load_checkpoint(resume_path)
+    if meta["recipe"]["model"] != cfg.model:
+        sys.exit(f"{resume_path} is a {meta['recipe']['model']} run, not {cfg.model}")
+    model.load_state_dict(resumed.state_dict())
+    return meta["epoch"], weights.load_extra_tensors(resume_path), meta["history"]
+
+
+def _data_record(source: str | None, n_train: int, n_test: int, n_val: int) -> dict:
+    """The data a run read: its source, the archive's sha256 (or a folder's id) and the split sizes."""
+    p = Path(source) if source else None
+    digest = data.sha256_file(p) if p and p.is_file() else (data.source_id(p) if p and p.exists() else None)
+    return {"source": str(source), "sha256": digest, "train_images": n_train, "test_images": n_test,
+            "val_images": n_val}
+
+
+def _report(events: Iterator[Progress], cfg: TrainConfig, model: nn.Module, resume_path: Path, meta: dict,
+            rank: int, history: list[dict]) -> list[dict]:
+    """Drive fit(): a progress bar per epoch, one line and a resume file per epoch (rank 0); the final history
+    (`history`, the resumed one, when fit() ends without a 'done' event)."""
     from tqdm import tqdm
 
     bar = None
-    t_start = time.perf_counter()
-    for ev in fit(model, (x_tr, y_tr), cfg, val or (x_te, y_te), device, start, state, history):
+    for ev in events:
         if rank != 0:
             continue
         if ev.kind == "step":
@@ -420,6 +409,49 @@ def main(argv: list[str] | None = None) -> None:
                                     extra_tensors=ev.state)
         elif ev.kind == "done":
             history = ev.history
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train a named model on CIFAR-10 and write a safetensors checkpoint (+ .curve.json)."""
+    args = _parser().parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    out = Path(args.out)
+    resume_path = out.with_suffix(".resume.safetensors")
+    if args.compact_resume:
+        path = compact_resume(resume_path)
+        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB")
+        return
+
+    world, rank, device = _distributed(args.device)
+    torch.manual_seed(cfg.seed)
+    source = args.data or data.default_source()
+    if rank != 0:
+        dist.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
+    x_tr, y_tr = subset(*data.load_split(source, "train", download=args.download), args.subset, cfg.seed)
+    x_te, y_te = subset(*data.load_split(source, "test", download=args.download), args.test_subset, cfg.seed)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    model = build_model(cfg.model, zero_init_residual=True)
+    val = None
+    if args.val:
+        (x_tr, y_tr), val = split_validation(x_tr, y_tr, args.val, cfg.seed)
+    if cfg.whiten and not args.resume:
+        from .model import whiten_init
+        whiten_init(model.conv1, data.normalize(x_tr[:5000]))
+    init = _warm_start(model, args.init_from, cfg) if args.init_from else None  # a fresh schedule and history
+    start, state, history = 0, None, []
+    if args.resume and resume_path.is_file():
+        start, state, history = _resume(model, resume_path, cfg)
+        if rank == 0:
+            print(f"resuming {cfg.model} at epoch {start}")
+    meta = {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
+            "data": _data_record(source, len(y_tr), len(y_te), args.val),
+            "params": count_params(model), "macs": count_macs(model), "world_size": world, "init_from": init,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
+    t_start = time.perf_counter()
+    history = _report(fit(model, (x_tr, y_tr), cfg, val or (x_te, y_te), device, start, state, history),
+                      cfg, model, resume_path, meta, rank, history)
     if rank == 0:
         final = {**meta, "epochs": len(history), "history": history, "accuracy": history[-1]["test_acc"],
                  "wall_seconds": round(time.perf_counter() - t_start, 1),

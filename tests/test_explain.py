@@ -213,17 +213,17 @@ def test_torchvision_seed_model(x):
     from resnext_demo.model import build_model
 
     torch.manual_seed(0)
-    seed = build_model("resnext50_32x4d").eval()  # torchvision's ResNeXt-50 behind our interface ("net." names)
+    seed = build_model("resnext50_32x4d").eval()  # torchvision's ResNeXt-50 (a ResNet subclass: torchvision's names)
     ch = explain.layer_choices(seed)
-    assert ch["stages"] == ["net.conv1", "net.layer1", "net.layer2", "net.layer3", "net.layer4"]
-    assert ch["grouped"][0] == "net.layer1.0.conv2" and explain.groups_of(seed, ch["grouped"][0]) == 32
+    assert ch["stages"] == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert ch["grouped"][0] == "layer1.0.conv2" and explain.groups_of(seed, ch["grouped"][0]) == 32
     conv, stem = ch["grouped"][0], ch["stages"][0]
     act = explain.activation_node(seed, conv)
     maps = explain.feature_maps(seed, x, [stem, conv, act])
     assert maps[stem].shape == (1, 64, 16, 16) and maps[stem].min() >= 0  # the stem after its ReLU
     assert maps[conv].shape == maps[act].shape == (1, 128, 8, 8) and maps[act].min() >= 0
     a = explain.attribute(seed, x, "Grad-CAM", target=0)
-    assert a.params["layer"] == "net.layer4" and a.values.shape == (32, 32) and np.isfinite(a.values).all()
+    assert a.params["layer"] == "layer4" and a.values.shape == (32, 32) and np.isfinite(a.values).all()
     assert "unreliable" in explain.attribute(seed, x, "GuidedBackprop", target=0).note
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from resnext_demo.model import (ResNeXt, ResNeXtConfig, build_model, config_macs, config_params, count_macs, count_params,
-                                equal_budget_configs, get_config, list_models)
+                                get_config, list_models)
 
 # Forward/backward on every named model; the paper-sized ones cost a second or two each on 2 cores.
 ALL = list_models()
