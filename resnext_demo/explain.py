@@ -71,6 +71,15 @@ def groups_of(model: nn.Module, layer: str) -> int:
     return m.groups if isinstance(m, nn.Conv2d) else 1
 
 
+def check_image(model: nn.Module, x: torch.Tensor, target: int | None = None) -> None:
+    """ValueError for a batch or a wrong target (the group views and deletion tests explain one image)."""
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
+    k = getattr(getattr(model, "config", None), "num_classes", None)
+    if target is not None and (not isinstance(target, (int, np.integer)) or target < 0 or (k and target >= k)):
+        raise ValueError(f"target must be a class index in [0, {k}), not {target!r}")
+
+
 def activation_node(model: nn.Module, layer: str) -> str:
     """The node after a grouped conv's BN + ReLU (for true sparsity): 'layer1.0.conv2' -> 'layer1.0.act2'."""
     head, _, last = layer.rpartition(".")

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
 from . import data
-from .explain import _baseline, groups_of, is_torchvision, split_groups
+from .faithfulness import Faithfulness, faithfulness
+from .explain import _baseline, check_image, groups_of, is_torchvision, split_groups
 from .predict import eval_view
 from .model import device_of
 
@@ -48,15 +49,6 @@ def _group_channels(model: nn.Module, layer: str, groups: list[int] | tuple[int,
     for i in groups:
         mask[int(i) * w:(int(i) + 1) * w] = True
     return mask
-
-
-def _check_image(model: nn.Module, x: torch.Tensor, target: int | None = None) -> None:
-    """ValueError for a batch or a wrong target (the group views explain one image)."""
-    if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
-    k = getattr(getattr(model, "config", None), "num_classes", None)
-    if target is not None and (not isinstance(target, (int, np.integer)) or target < 0 or (k and target >= k)):
-        raise ValueError(f"target must be a class index in [0, {k}), not {target!r}")
 
 
 @dataclass
@@ -105,9 +97,9 @@ def group_importance(model: nn.Module, x: torch.Tensor, layer: str, target: int,
     """
     if method not in GROUP_METHODS:
         raise ValueError(f"unknown group method {method!r}; choose one of {', '.join(GROUP_METHODS)}")
-    _check_image(model, x, target)
+    check_image(model, x, target)
     if contrast is not None:
-        _check_image(model, x, contrast)
+        check_image(model, x, contrast)
     if int(steps) < 2 or int(max_steps) < int(steps):
         raise ValueError("Conductance needs steps >= 2 and max_steps >= steps")
     groups = groups_of(model, layer)
@@ -213,7 +205,7 @@ def ablate_groups(model: nn.Module, x: torch.Tensor, layer: str, groups: list[in
 
     'zero' removes the paths entirely; 'mean' keeps each channel's average but erases where it fired.
     An empty list changes nothing (bit-identical to the plain forward)."""
-    _check_image(model, x)
+    check_image(model, x)
     mask = _group_channels(model, layer, groups)[None]
     return torch.softmax(_ablated_logits(model, x, layer, mask, mode), 1)[0].numpy()
 
@@ -239,7 +231,7 @@ class GroupAblation:
 
 def ablation_ranking(model: nn.Module, x: torch.Tensor, layer: str, target: int, mode: str = "zero") -> GroupAblation:
     """Knock out each group of `layer` in turn (one batched forward of G + 1 images) and record the probabilities."""
-    _check_image(model, x, target)
+    check_image(model, x, target)
     g = groups_of(model, layer)
     masks = torch.stack([torch.zeros_like(_group_channels(model, layer, []))]
                         + [_group_channels(model, layer, [i]) for i in range(g)])
@@ -252,7 +244,7 @@ def group_gradcam(model: nn.Module, x: torch.Tensor, layer: str, target: int, re
 
     alpha_c is the channel's spatially averaged gradient of the target logit (Grad-CAM's weights), A_c
     its activation after the block's ReLU. Without `relu` the G maps sum to the layer's Grad-CAM."""
-    _check_image(model, x, target)
+    check_image(model, x, target)
     g = groups_of(model, layer)
     view = eval_view(model)
     module = view.get_submodule(group_output(model, layer))
@@ -265,3 +257,34 @@ def group_gradcam(model: nn.Module, x: torch.Tensor, layer: str, target: int, re
         maps = maps.clamp(min=0)
     maps = F.interpolate(maps[:, None], size=(data.IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)[:, 0]
     return maps.numpy()
+
+
+@dataclass
+class GroupAnalysis:
+    """Everything the Groups tab shows about one block for one image (the class explained and its contrast)."""
+
+    layer: str
+    target: int
+    contrast: int | None
+    importance: GroupImportance
+    ablation: GroupAblation
+    cams: np.ndarray  # G x H x W group Grad-CAMs on one shared scale
+    deletions: list[Faithfulness | None]  # each group's map against random orders; None for an all-zero map
+
+
+def analyse_groups(model: nn.Module, x: torch.Tensor, layer: str, target: int, method: str = GROUP_METHODS[0],
+                   contrast: int | None = None, mode: str = "zero", on_step=None) -> GroupAnalysis:
+    """Importance, knock-outs, Grad-CAM and deletion test of every group of `layer` for one image;
+    `on_step(fraction, what)` hears about each of the four analyses before it runs (the UI's progress bar)."""
+    step = on_step or (lambda fraction, what: None)
+    n = groups_of(model, layer)
+    step(0.05, f"{method}: each of the {n} groups' share of the logit")
+    importance = group_importance(model, x, layer, target, method=method, contrast=contrast)
+    step(0.35, f"knocking out each of the {n} groups in turn")
+    ablation = ablation_ranking(model, x, layer, target, mode)
+    step(0.55, "Grad-CAM restricted to each group")
+    cams = group_gradcam(model, x, layer, target)
+    step(0.7, "deletion test of each group's map against random orders")
+    live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
+    scored = dict(zip(live, faithfulness(model, x, cams[live], target))) if live else {}
+    return GroupAnalysis(layer, target, contrast, importance, ablation, cams, [scored.get(i) for i in range(n)])

@@ -419,7 +419,7 @@ class Handlers:
                method: str = cardinality.GROUP_METHODS[0], mode: str = "zero", session: SessionModel | None = None,
                progress=gr.Progress()):
         """Everything about one block's groups for one image: (importance figure, knock-out figure,
-        per-group table, group Grad-CAM grid, markdown). Five analyses: the page names each as it runs."""
+        per-group table, group Grad-CAM grid, markdown); the page names each analysis as it runs."""
         require_image(image)
         if method not in cardinality.GROUP_METHODS:
             raise gr.Error(f"Choose a method among {', '.join(cardinality.GROUP_METHODS)}.")
@@ -431,17 +431,9 @@ class Handlers:
         pred = predict(sm.model, im32, sm.classes)
         t = pred.top_index if not target or target == "predicted" else self._target(sm, target, im32)
         c = self._contrast(sm, contrast, t, pred.probs)
-        n = explain.groups_of(sm.model, layer)
-        progress(0.05, desc=f"{method}: each of the {n} groups' share of the logit")
-        gi = cardinality.group_importance(sm.model, x, layer, t, method=method, contrast=c)
-        progress(0.35, desc=f"knocking out each of the {n} groups in turn")
-        ab = cardinality.ablation_ranking(sm.model, x, layer, t, mode)
-        progress(0.55, desc="Grad-CAM restricted to each group")
-        cams = cardinality.group_gradcam(sm.model, x, layer, t)
-        progress(0.7, desc="deletion test of each group's map against random orders")
-        live = [i for i, cam in enumerate(cams) if cam.any()]  # an empty map has no order to test
-        scored = dict(zip(live, faithfulness.faithfulness(sm.model, x, cams[live], t))) if live else {}
-        dels = [scored.get(i) for i in range(len(cams))]
+        a = cardinality.analyse_groups(sm.model, x, layer, t, method, c, mode,
+                                       on_step=lambda fraction, what: progress(fraction, desc=what))
+        gi, ab, cams, dels = a.importance, a.ablation, a.cams, a.deletions
         progress(0.9, desc="drawing")
         md = report.groups_md(layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, cardinality.CONDUCTANCE_TOL)
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes),

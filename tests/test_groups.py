@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerConductance, LayerFeatureAblation, LayerGradCam, LayerGradientXActivation
 
-from resnext_demo import data, explain, faithfulness, groups, specialization, verdicts, weights
+from resnext_demo import data, explain, faithfulness, findings, groups, specialization, verdicts, weights
 from resnext_demo.model import ResNeXt
 
 LAYER = "layer2.0.conv2"  # tiny model: C=4 groups of 4 channels at 16 x 16
@@ -278,7 +278,7 @@ def test_cli_prints_a_row_per_block_and_method(tiny_checkpoint, tmp_path, monkey
     monkeypatch.setattr(data, "load_split", lambda source, split: (images, labels))
     monkeypatch.setattr(data, "source_id", lambda source: "fake-source")
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path))
-    faithfulness.main(["--weights", str(tiny_checkpoint), "--data", "src", "--n", "60", "--faithfulness", "2"])
+    findings.main(["--weights", str(tiny_checkpoint), "--data", "src", "--n", "60", "--faithfulness", "2"])
     out = capsys.readouterr().out
     assert all(f"| {layer} | 4 |" in out for layer in ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"))
     assert all(f"| {m} | " in out and "/2 |" in out for m in explain.METHODS)
@@ -462,3 +462,22 @@ def test_specialization_verdicts_are_relative_to_the_control(tiny_model, labelle
     s.control_gap, s.control_colour_p = np.array([0.01, 0.15]), np.array([0.002, 0.5])
     md = verdicts.specialization_md(s, data.CLASSES)
     assert "comes from the architecture" in md and "appears without training" in md and "below 0.05 in 1 of 2" in md
+
+
+def test_analyse_groups_is_the_four_analyses_it_names(tiny_model, x):
+    """One call for the Groups tab: the same numbers as the four analyses called one by one, a deletion test
+    for every group with a map (None only for all-zero maps), and each step announced before it runs."""
+    steps = []
+    a = groups.analyse_groups(tiny_model, x, LAYER, 3, contrast=5, mode="mean",
+                              on_step=lambda fraction, what: steps.append((fraction, what)))
+    assert np.allclose(a.importance.values, groups.group_importance(tiny_model, x, LAYER, 3, contrast=5).values)
+    assert np.allclose(a.ablation.probs, groups.ablation_ranking(tiny_model, x, LAYER, 3, "mean").probs)
+    assert np.allclose(a.cams, groups.group_gradcam(tiny_model, x, LAYER, 3))
+    assert len(a.deletions) == len(a.cams) == explain.groups_of(tiny_model, LAYER)
+    assert all((d is None) == (not cam.any()) for d, cam in zip(a.deletions, a.cams))
+    live = [i for i, cam in enumerate(a.cams) if cam.any()]
+    if live:
+        again = faithfulness.faithfulness(tiny_model, x, a.cams[live], 3)
+        assert [a.deletions[i].score for i in live] == pytest.approx([f.score for f in again])
+    assert [f for f, _ in steps] == sorted(f for f, _ in steps) and len(steps) == 4
+    assert "Grad-CAM" in steps[2][1] and "deletion" in steps[3][1]
