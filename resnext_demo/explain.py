@@ -115,7 +115,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
     Forward hooks on a private view whenever the layers are modules (always for our CIFAR ResNeXt):
     FX tracing patches `nn.Module.__call__` process-wide while it runs, so a prediction or fine-tune in
     another server thread fails during a trace ("module is not installed as a submodule"; found by
-    `python -m resnext_demo.loadtest`). FX stays the fallback for nodes that are not modules."""
+    `python -m tools.loadtest`). FX stays the fallback for nodes that are not modules."""
     nodes = {_node(model, name): name for name in layers}  # FX node -> the caller's name
     view = eval_view(model)  # hooks and tracing (which calls .train()/.eval()) land on a private view
     device = device_of(model)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from resnext_demo import data, screenshots
+from resnext_demo import data
+from tools import screenshots
 
 pytest.importorskip("playwright")
 if not Path(screenshots.CHROMIUM).exists():

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, finetune, launch, loadtest, weights
+from resnext_demo import data, finetune, launch, weights
+from tools import loadtest
 from tests import badfiles
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -303,9 +304,9 @@ def test_uploads_are_bounded_by_max_file_size(server, client):
 # ---------------------------------------------------------------- load
 
 def test_loadtest_command_smoke(server):
-    """`python -m resnext_demo.loadtest` on its own server: no failed request, overload refused cleanly."""
+    """`python -m tools.loadtest` on its own server: no failed request, overload refused cleanly."""
     tmp = server[1]
-    out = subprocess.run([sys.executable, "-m", "resnext_demo.loadtest", "--users", "2", "--requests", "2",
+    out = subprocess.run([sys.executable, "-m", "tools.loadtest", "--users", "2", "--requests", "2",
                           "--weights", str(tmp / "tiny.safetensors"), "--overload-extra", "4", "--timeout", "240",
                           "--flood", "finetune", "--json"], cwd=data.PROJECT_ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,8 +1,8 @@
 """Load test of the web app: concurrent gradio_client users on loopback while a fine-tune runs.
 
-    python -m resnext_demo.loadtest                      # starts app.py on a free 127.0.0.1 port
-    python -m resnext_demo.loadtest --users 8 --requests 10 --json
-    python -m resnext_demo.loadtest --url http://127.0.0.1:7860/   # an app you started (loopback only)
+    python -m tools.loadtest                      # starts app.py on a free 127.0.0.1 port
+    python -m tools.loadtest --users 8 --requests 10 --json
+    python -m tools.loadtest --url http://127.0.0.1:7860/   # an app you started (loopback only)
 
 Phase 1 (load): one client starts a fine-tune (CIFAR-10 subset when the app has a data source, else
 synthetic uploads for two classes; 1 epoch), then N users each send R requests back to back, mixing
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import data, finetune
-from .launch import app_server, wait_ready
+from resnext_demo import data, finetune
+from resnext_demo.launch import app_server, wait_ready
 
 ROOT = data.PROJECT_ROOT
 STARTUP_TIMEOUT = 180.0
@@ -65,11 +65,11 @@ def default_checkpoint(tmp: Path) -> Path:
     """The shipped checkpoint, or (none yet) a randomly initialised one of the same size in `tmp`.
 
     Accuracy does not matter for a load test; compute per request does."""
-    from . import weights
+    from resnext_demo import weights
     if weights.DEFAULT_WEIGHTS.is_file():
         return weights.DEFAULT_WEIGHTS
     import torch
-    from .model import build_model
+    from resnext_demo.model import build_model
     torch.manual_seed(0)
     return weights.save_checkpoint(tmp / "random-micro.safetensors", build_model("resnext29_8x4d_micro").eval(),
                                    {"accuracy": None})
@@ -94,7 +94,7 @@ def synthetic_image(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> 
 
 def _queue_max() -> int:
     try:
-        from . import serving
+        from resnext_demo import serving
         return int(serving.QUEUE_MAX)
     except Exception:  # gradio missing or serving broken: the documented default
         return QUEUE_MAX

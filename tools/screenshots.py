@@ -1,4 +1,4 @@
-"""Screenshots of every tab for the README: `python -m resnext_demo.screenshots --out docs/screenshots`.
+"""Screenshots of every tab for the README: `python -m tools.screenshots --out docs/screenshots`.
 
 Launches `app.py` itself on a free port and drives it with Playwright and Debian's chromium
 (never a downloaded browser). By default the app runs without a CIFAR-10 source: the tabs show a real photo
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import data, launch, weights
+from resnext_demo import data, launch, weights
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
