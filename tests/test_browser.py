@@ -52,6 +52,9 @@ def test_browser_every_tab_and_finetune(app_url):
         page.locator("#gr-btn").click()
         screenshots.wait_image(page, "gr-importance")
         screenshots.wait_image(page, "gr-cams")
+        page.wait_for_function("() => document.querySelector('#gr-cams img').naturalWidth > 0")
+        grid_w, shown_w = page.eval_on_selector("#gr-cams img", "e => [e.naturalWidth, e.getBoundingClientRect().width]")
+        assert grid_w >= 4 * 100 and shown_w >= 400, (grid_w, shown_w)  # a 4-column grid with titles, not a strip
         assert "Knock-out" in screenshots.wait_text(page, "gr-md", "Knock-out")
         page.locator("#gr-knock label").first.click()  # live knock-out of g0
         assert "Knocked out g0" in screenshots.wait_text(page, "gr-knock-md", "Knocked out")
@@ -76,6 +79,11 @@ def test_browser_every_tab_and_finetune(app_url):
         screenshots.upload(page, "zone-ship", screenshots.write_synthetic(tmp / "ship", "ship", 3))
         screenshots.upload(page, "zone-truck", screenshots.write_synthetic(tmp / "truck", "truck", 3))
         page.wait_for_timeout(1500)
+        counts = screenshots.wait_text(page, "ft-counts", "truck 3")  # the count line follows the drop zones
+        assert "ship 3" in counts and "6 in all" in counts, counts
+        # whole file names: the name's span is not cut by an ellipsis (it was ".pn" beside the size column)
+        clipped = page.eval_on_selector_all("#zone-ship .stem", "es => es.map(e => e.scrollWidth > e.clientWidth + 1)")
+        assert clipped and not any(clipped), clipped
         epochs = page.locator("#ft-epochs input[type=number]")
         epochs.fill("1")
         epochs.press("Enter")

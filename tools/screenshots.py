@@ -92,6 +92,13 @@ def real_photo(name: str = "lion.jpg") -> Path:
     return Path(spec.origin).parent / "media_assets" / "images" / name
 
 
+def settle(page, timeout: float = 60_000) -> None:
+    """Wait until no component is dimmed as pending (Gradio's `.pending`, opacity 0.2): a screenshot taken
+    while a second event on the same outputs runs shows them washed out."""
+    page.wait_for_function("() => !document.querySelector('.pending')", timeout=timeout)
+    page.wait_for_timeout(300)  # the fade back to full opacity
+
+
 def synthetic_image(kind: str = "truck", size: int = 256, seed: int = 0) -> Image.Image:
     """A drawn picture (no dataset image): 'truck', 'ship', 'plane' on simple backgrounds, with noise."""
     rng = np.random.default_rng(seed)
@@ -139,6 +146,7 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         upload(page, "predict-image", str(probe))
         wait_text(page, "predict-info", "ms")
         shots.append(out / "predict.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
 
         open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
@@ -152,6 +160,7 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         page.locator("#cmp-btn").click()
         wait_image(page, "cmp-gi-b")
         shots.append(out / "groups.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
 
         open_tab(page, "features")
@@ -159,6 +168,7 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         wait_image(page, "fm-grid")
         wait_image(page, "fm-stats")
         shots.append(out / "feature-maps.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
 
         open_tab(page, "attributions")
@@ -167,6 +177,7 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         page.locator("#at-cmp-btn").click()
         wait_image(page, "at-cmp")
         shots.append(out / "attributions.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
 
         open_tab(page, "finetune")
@@ -183,11 +194,13 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         page.locator("#ft-train").click()
         wait_text(page, "ft-result", "after", timeout=300_000)
         shots.append(out / "fine-tune.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
 
         open_tab(page, "about")
         wait_image(page, "ab-diagram")
         shots.append(out / "about.png")
+        settle(page)
         page.screenshot(path=shots[-1], full_page=True)
     return shots
 
