@@ -222,18 +222,10 @@ class TorchvisionResNeXt(ResNet):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pool and classifier."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh `num_classes` classifier."""
-        self.fc = nn.Linear(self.fc.in_features, num_classes).to(self.fc.weight.device)
-        self.config = replace(self.config, num_classes=num_classes)
+    # the same avgpool + fc head as the CIFAR family, so the same code drives it
+    forward_head = ResNeXt.forward_head
+    forward = ResNeXt.forward
+    reset_classifier = ResNeXt.reset_classifier
 
     def grouped_convs(self) -> dict[str, nn.Conv2d]:
         """Every block's grouped 3x3 conv, e.g. 'layer1.0.conv2'."""

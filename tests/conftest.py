@@ -22,9 +22,9 @@ def tiny_config() -> ResNeXtConfig:
     return TINY
 
 
-@pytest.fixture
-def tiny_model() -> ResNeXt:
-    """A seeded random tiny model in eval mode (BN statistics randomised so BN is not the identity)."""
+def make_tiny_model() -> ResNeXt:
+    """A seeded random tiny model in eval mode (BN statistics randomised so BN is not the identity, and
+    the outputs depend on the input); a plain function for module-scoped fixtures too."""
     torch.manual_seed(0)
     m = ResNeXt(TINY)
     for mod in m.modules():
@@ -32,6 +32,12 @@ def tiny_model() -> ResNeXt:
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 1.5)
     return m.eval()
+
+
+@pytest.fixture
+def tiny_model() -> ResNeXt:
+    """make_tiny_model(), fresh for each test."""
+    return make_tiny_model()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from PIL import Image
 from resnext_demo import data, finetune, launch, weights
 from tools import loadtest
 from tests import badfiles
+from tests.conftest import make_tiny_model
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -32,26 +33,11 @@ from gradio_client.exceptions import AppError  # noqa: E402
 # hands the file to data.open_image untouched, so the tests below hold for every upload.
 
 
-def _tiny_model():
-    """The conftest TINY network with randomised BN statistics, so its outputs depend on the input."""
-    import torch
-
-    from resnext_demo.model import ResNeXt
-    from tests.conftest import TINY
-    torch.manual_seed(0)
-    m = ResNeXt(TINY)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, folder with the tiny checkpoint and the generated bad files, has CIFAR-10 source)."""
     tmp = tmp_path_factory.mktemp("hardening")
-    ckpt = weights.save_checkpoint(tmp / "tiny.safetensors", _tiny_model(), {"accuracy": None})
+    ckpt = weights.save_checkpoint(tmp / "tiny.safetensors", make_tiny_model(), {"accuracy": None})
     src = data.default_source()
     has_data = bool(src and Path(src).exists())
     args = ["--weights", str(ckpt)] + (["--data", src] if has_data else [])
@@ -197,7 +183,7 @@ def test_checkpoint_uploads_are_refused_without_unpickling(client, server):
     raw_pkl.write_bytes(pickle.dumps(_Evil(str(marker)), protocol=2))  # a bare pickle stream
     disguised = tmp / "evil.safetensors"
     disguised.write_bytes(zip_pt.read_bytes())  # a pickle with the right extension
-    good = weights.save_checkpoint(tmp / "good.safetensors", _tiny_model(), {"accuracy": None})
+    good = weights.save_checkpoint(tmp / "good.safetensors", make_tiny_model(), {"accuracy": None})
     truncated = tmp / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     foreign = tmp / "foreign.safetensors"

@@ -140,14 +140,18 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
     out.mkdir(parents=True, exist_ok=True)
     probe = real_photo()
     shots = []
+
+    def shot(page, name: str) -> None:  # once the page has settled, the whole page
+        shots.append(out / name)
+        settle(page)
+        page.screenshot(path=shots[-1], full_page=True)
+
     with browser_page() as page:
         page.goto(url)
         page.wait_for_selector("#predict-image")
         upload(page, "predict-image", str(probe))
         wait_text(page, "predict-info", "ms")
-        shots.append(out / "predict.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "predict.png")
 
         open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
         page.locator("#gr-btn").click()
@@ -159,26 +163,20 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         page.get_by_text("Compare checkpoints on this image").click()
         page.locator("#cmp-btn").click()
         wait_image(page, "cmp-gi-b")
-        shots.append(out / "groups.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "groups.png")
 
         open_tab(page, "features")
         page.locator("#fm-btn").click()
         wait_image(page, "fm-grid")
         wait_image(page, "fm-stats")
-        shots.append(out / "feature-maps.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "feature-maps.png")
 
         open_tab(page, "attributions")
         page.locator("#at-btn").click()
         wait_image(page, "at-out")
         page.locator("#at-cmp-btn").click()
         wait_image(page, "at-cmp")
-        shots.append(out / "attributions.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "attributions.png")
 
         open_tab(page, "finetune")
         upload(page, "zone-truck", write_synthetic(work / "truck", "truck", 4))
@@ -193,15 +191,11 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         lr.press("Enter")
         page.locator("#ft-train").click()
         wait_text(page, "ft-result", "after", timeout=300_000)
-        shots.append(out / "fine-tune.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "fine-tune.png")
 
         open_tab(page, "about")
         wait_image(page, "ab-diagram")
-        shots.append(out / "about.png")
-        settle(page)
-        page.screenshot(path=shots[-1], full_page=True)
+        shot(page, "about.png")
     return shots
 
 
