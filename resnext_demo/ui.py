@@ -32,7 +32,8 @@ CSS = """
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
 #ft-curve { display: none; }  /* the fine-tune endpoint's table: drawn as #ft-plot instead */
-/* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn". */
+/* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn"; 190 px tall
+   (ui.finetune_tab) shows three files before the list scrolls, and the count line below gives the totals. */
 .ft-zone .download { display: none !important; }
 .ft-zone .file-preview td { padding-top: 2px !important; padding-bottom: 2px !important; }
 /* Table headers break between words only ("importance", not "importanc e"). */
@@ -313,7 +314,7 @@ def finetune_tab(p: Page) -> SimpleNamespace:
     for row in (data.CLASSES[:5], data.CLASSES[5:]):
         with gr.Row():
             for c in row:
-                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=150,
+                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=190,
                                      elem_id=f"zone-{c}", elem_classes=["ft-zone"]))
     new_names, new_zones = [], []
     with gr.Accordion("New classes (optional)", open=False):
