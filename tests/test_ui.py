@@ -567,3 +567,20 @@ def test_upload_counts_read_the_zones_in_the_fine_tunes_order():
     md = Handlers.upload_counts(*zones, *names, *new)
     assert "**airplane** 2" in md and "**truck** 1" in md and "**robot** 3" in md
     assert "6 in all" in md and "ship" not in md
+
+
+def test_an_image_from_elsewhere_clears_the_galleries_highlight(tiny_model):
+    """The sample gallery's highlight means "this is the image shown": an upload, a random test image or a
+    pick in the misclassified gallery clears it, and the clearing returns a Gallery with nothing selected."""
+    demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.default_source())
+    cfg = demo.config
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in cfg["components"]}
+    gallery = next(i for i, e in elem.items() if e == "sample-gallery")
+    clearing = {(elem.get(t[0]) or t[1], t[1]): d for d in cfg["dependencies"] for t in d["targets"]
+                if gallery in d["outputs"] and t[1] in ("input", "click", "select")}
+    assert {("predict-image", "input"), ("random-btn", "click")} <= set(clearing), set(clearing)
+    assert any(k[1] == "select" for k in clearing), "a misclassified pick must clear it too"
+    for dep in clearing.values():
+        out = demo.fns[dep["id"]].fn()
+        for update in out if isinstance(out, list) else [out]:
+            assert isinstance(update, gr.Gallery) and update.selected_index is None
