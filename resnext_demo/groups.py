@@ -4,6 +4,7 @@ per-group Grad-CAM. Built on explain.py; hooks and backward passes run on `predi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -273,7 +274,8 @@ class GroupAnalysis:
 
 
 def analyse_groups(model: nn.Module, x: torch.Tensor, layer: str, target: int, method: str = GROUP_METHODS[0],
-                   contrast: int | None = None, mode: str = "zero", on_step=None) -> GroupAnalysis:
+                   contrast: int | None = None, mode: str = "zero",
+                   on_step: Callable[[float, str], object] | None = None) -> GroupAnalysis:
     """Importance, knock-outs, Grad-CAM and deletion test of every group of `layer` for one image;
     `on_step(fraction, what)` hears about each of the four analyses before it runs (the UI's progress bar)."""
     step = on_step or (lambda fraction, what: None)

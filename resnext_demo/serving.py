@@ -9,6 +9,8 @@ import inspect
 import math
 import os
 import threading
+from collections.abc import Callable
+from types import ModuleType
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch.nn as nn
 from . import data, weights
 
 
-def import_spaces():
+def import_spaces() -> ModuleType | None:
     """The `spaces` package when installed (Hugging Face Spaces preinstall it; ZeroGPU needs it), else None."""
     try:
         import spaces
@@ -100,12 +102,12 @@ def on_zero_gpu() -> bool:
     return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
-def if_image(seconds: int):
+def if_image(seconds: int) -> Callable[..., int]:
     """A booking for an event whose first argument is the image: none without one (the handler says so)."""
     return lambda image=None, *args, **kwargs: seconds if image is not None else 0
 
 
-def gpu(fn, duration, before=None):
+def gpu(fn: Callable, duration: int | Callable[..., float], before: Callable | None = None) -> Callable:
     """`fn` for a model-running event. On ZeroGPU: booked through `spaces.GPU` for `duration` seconds (a number,
     or a function of the event's arguments) and run in the forked worker that holds the GPU, after `before()`
     there; a request whose duration is 0 needs no model and runs here, without a booking. Elsewhere `fn` itself.
@@ -147,7 +149,7 @@ def delete_pending(sm: SessionModel | None) -> None:
         Path(sm.path).unlink(missing_ok=True)
 
 
-def friendly(fn):
+def friendly(fn: Callable) -> Callable:
     """Turn the package's user-facing errors into gr.Error (a toast), never a server crash."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -160,7 +162,7 @@ def friendly(fn):
     return wrapper
 
 
-def friendly_gen(fn):
+def friendly_gen(fn: Callable) -> Callable:
     """friendly for generator handlers."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -173,7 +175,7 @@ def friendly_gen(fn):
     return wrapper
 
 
-def require_image(image, message: str = NEEDS_IMAGE) -> None:
+def require_image(image: object, message: str = NEEDS_IMAGE) -> None:
     """A handler that needs an image says so when there is none (its ZeroGPU booking was 0: see if_image)."""
     if image is None:
         raise gr.Error(message)

@@ -4,6 +4,7 @@ cached per checkpoint and data source (safetensors under the data cache, or ship
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def untrained_copy(model: nn.Module, seed: int, images: torch.Tensor, batch_size
 
 def specialization_control(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor,
                            result: dict[str, Specialization], seeds: tuple[int, ...] = CONTROL_SEEDS,
-                           on_step=None) -> None:
+                           on_step: Callable[[int], object] | None = None) -> None:
     """Fill `result`'s control_* fields: `group_specialization` on the same images for untrained copies of the
     architecture (one per seed, BN recalibrated on the uint8 training images `calibration`); `on_step(i)` is
     called before copy i (for a progress bar)."""
@@ -232,7 +233,7 @@ def specialization_control(model: nn.Module, images: torch.Tensor, labels: torch
 
 def specialization_cached(model: nn.Module, source: str, n: int = SPECIALIZATION_IMAGES,
                           cache: str | None = None, rebuild: bool = False,
-                          on_step=None) -> dict[str, Specialization]:
+                          on_step: Callable[[int, int, str], object] | None = None) -> dict[str, Specialization]:
     """`group_specialization` of every block on the first `n` test images of `source`, with its untrained
     control (`specialization_control`, CONTROL_SEEDS, the first CONTROL_CALIBRATION training images), computed
     once per checkpoint and data source and kept as safetensors under the data cache ('analysis/'); without

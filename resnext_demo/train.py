@@ -119,7 +119,8 @@ def cpu_bf16_fast() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def split_validation(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0):
+def split_validation(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, val): a class-balanced hold-out of n training images for recipe choices (the test split
     stays untouched until the final report)."""
     g = torch.Generator().manual_seed(seed)
