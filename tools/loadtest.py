@@ -93,11 +93,17 @@ def synthetic_image(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> 
 
 
 def _queue_max() -> int:
+    """The app's queue size (serving.QUEUE_MAX), or the documented default where gradio is missing."""
+    return _serving("QUEUE_MAX", QUEUE_MAX)
+
+
+def _serving(name: str, default: int) -> int:
+    """An int setting of the app's serving module, or `default` when it cannot be imported."""
     try:
         from resnext_demo import serving
-        return int(serving.QUEUE_MAX)
+        return int(getattr(serving, name))
     except Exception:  # gradio missing or serving broken: the documented default
-        return QUEUE_MAX
+        return default
 
 
 # ---------------------------------------------------------------- measurements
@@ -274,11 +280,13 @@ def overload_phase(url: str, tmp: Path, extra: int = 8, timeout: float = 240.0, 
     hold_args = _finetune_args("uploads", ft_images, 0, finetune.MAX_EPOCHS, 1)
     hold_args[1] = "all"  # train every layer, batch 1: the slowest fine-tune the caps allow
     hold_jobs = [h.submit(*hold_args, api_name="/finetune") for h in holders]
+    # fine-tunes run in a pool of their own (serving.TRAIN_LIMIT at once): the others wait in the queue
+    can_run = min(len(hold_jobs), _serving("TRAIN_LIMIT", 1))
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:
         running = sum(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
-        # all running; or some, after 30 s (a pool of its own for fine-tunes runs fewer at once)
-        if running == len(hold_jobs) or (running and time.monotonic() - t0 > 30) or any(j.done() for j in hold_jobs):
+        # as many running as the pool allows; or some, after 30 s
+        if running >= can_run or (running and time.monotonic() - t0 > 30) or any(j.done() for j in hold_jobs):
             break
         time.sleep(0.2)
     running = sum(j.status().code.value in ("PROCESSING", "ITERATING") for j in hold_jobs)
