@@ -69,6 +69,13 @@ def _sweep_view(path: str, mtime_ns: int) -> tuple[pd.DataFrame, str, Image.Imag
     return report.sweep_table(results), report.sweep_md(results), visualize.sweep_figure(results)
 
 
+def _split_uploads(uploads: tuple) -> tuple[list, list, list]:
+    """The Fine-tune tab's upload inputs -> (files per CIFAR class, new class names, new classes' files)."""
+    n_old, n_new = len(data.CLASSES), finetune.MAX_NEW_CLASSES
+    return (list(uploads[:n_old]), list(uploads[n_old:n_old + n_new]),
+            list(uploads[n_old + n_new:n_old + 2 * n_new]))
+
+
 class Handlers:
     """Every event handler of the app; shared read-only state only (per-session state comes in as args)."""
 
@@ -546,10 +553,7 @@ class Handlers:
 
     def _training_set(self, sm: SessionModel, cifar_per_class: int, uploads: tuple):
         """(class names after training, dataset) from the Fine-tune tab's `uploads`, laid out as `finetune` says."""
-        n_new, n_old = finetune.MAX_NEW_CLASSES, len(data.CLASSES)
-        class_files = list(uploads[:n_old])
-        new_names = list(uploads[n_old:n_old + n_new])
-        new_files = list(uploads[n_old + n_new:n_old + 2 * n_new])
+        class_files, new_names, new_files = _split_uploads(uploads)
         names_with_files = [(n or "").strip() for n, f in zip(new_names, new_files) if f]
         if any(not n for n in names_with_files):
             raise gr.Error("Give each new class with images a name.")
@@ -618,8 +622,7 @@ class Handlers:
     @staticmethod
     def upload_counts(*values) -> str:
         """The drop zones' files (10 CIFAR classes, then the new classes' names and files) counted per class."""
-        n_new = finetune.MAX_NEW_CLASSES
-        zones, names, new = values[:-2 * n_new], values[-2 * n_new:-n_new], values[-n_new:]
+        zones, names, new = _split_uploads(values)
         counts = {c: len(f or []) for c, f in zip(data.CLASSES, zones)}
         for i, (name, files) in enumerate(zip(names, new)):
             counts[(name or "").strip() or f"new class {i + 1}"] = len(files or [])
