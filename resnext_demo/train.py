@@ -48,6 +48,7 @@ class TrainConfig:
     cutout: int = 0  # side of the erased square, 0 = off
     whiten: bool = False  # fast family: stem conv initialised to patch whitening (airbench)
     ema_decay: float = 0.0  # 0 = off; e.g. 0.999 evaluates and saves an exponential moving average
+    teachers: str = ""  # comma-separated checkpoints: train on their mean softmax instead of the labels
     bf16: bool = True  # autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), see cpu_bf16_fast()
     channels_last: bool = True
     compile: bool = False
@@ -153,8 +154,9 @@ def _set_train_mode(model: nn.Module, train: list[nn.Module]) -> None:
 def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig,
         test: tuple[torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
         start_epoch: int = 0, resume_state: dict | None = None, history: list[dict] | None = None,
-        stop: threading.Event | None = None) -> Iterator[Progress]:
-    """Train `model` in place on uint8 images/labels, yielding Progress events; `stop` ends it early."""
+        stop: threading.Event | None = None, teachers: list[nn.Module] | None = None) -> Iterator[Progress]:
+    """Train `model` in place on uint8 images/labels, yielding Progress events; `stop` ends it early.
+    With `teachers` (distillation) the targets are their mean softmax on the same augmented batch."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -181,6 +183,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
     if resume_state:
         _restore_state(opt, params, ema, resume_state)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    teachers = [t.to(device).eval() for t in teachers or []]
+    for t in teachers:
+        if cfg.channels_last:
+            t.to(memory_format=torch.channels_last)
     x_all, y_all = train[0].to(device), train[1].to(device)
     n = len(y_all)
     local_bs = max(1, cfg.batch_size // world)
@@ -208,8 +214,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_all[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                target = soft_targets(teachers, xb) if teachers else yb
                 out = net(xb)
-                loss = criterion(out.float(), yb)
+                # soft targets already carry the teachers' smoothing: no label smoothing on top
+                loss = F.cross_entropy(out.float(), target) if teachers else criterion(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -251,6 +259,12 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
     yield Progress("done", last.get("epoch", start_epoch), steps, steps,
                    last.get("train_loss", float("nan")), last.get("train_acc", float("nan")), 0.0,
                    time.perf_counter() - t0, last.get("test_acc"), stopped, history)
+
+
+@torch.no_grad()  # not inference_mode: its tensors cannot enter the student's autograd graph
+def soft_targets(teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The teachers' mean softmax on a normalized batch: an ensemble's knowledge as a training target."""
+    return torch.stack([t(x).float().softmax(1) for t in teachers]).mean(0)
 
 
 def _training_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema) -> dict[str, torch.Tensor]:
@@ -367,6 +381,18 @@ def _warm_start(model: nn.Module, path: str, cfg: TrainConfig) -> dict:
             "epochs": init_meta.get("epochs"), "command": init_meta.get("command")}
 
 
+def _load_teachers(paths: str) -> tuple[list[nn.Module], list[dict]]:
+    """--teachers: the checkpoints to distill from, and what to record about each (path, sha256, accuracy)."""
+    models, record = [], []
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        teacher, meta = weights.load_checkpoint(path)
+        models.append(teacher)
+        record.append({"path": path, "sha256": data.sha256_file(path), "model": meta["recipe"]["model"] if
+                       "recipe" in meta else None, "accuracy": meta.get("accuracy"),
+                       "val_accuracy": meta.get("val_accuracy"), "train_images": meta.get("data", {}).get("train_images")})
+    return models, record
+
+
 def _resume(model: nn.Module, resume_path: Path, cfg: TrainConfig) -> tuple[int, dict | None, list[dict]]:
     """(epoch reached, optimizer/EMA tensors, history) from a resume file, its weights loaded into `model`."""
     resumed, meta = weights.load_checkpoint(resume_path)
@@ -441,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         from .model import whiten_init
         whiten_init(model.conv1, data.normalize(x_tr[:5000]))
     init = _warm_start(model, args.init_from, cfg) if args.init_from else None  # a fresh schedule and history
+    teachers, teacher_record = _load_teachers(cfg.teachers)
     start, state, history = 0, None, []
     if args.resume and resume_path.is_file():
         start, state, history = _resume(model, resume_path, cfg)
@@ -449,9 +476,11 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
             "data": _data_record(source, len(y_tr), len(y_te), args.val),
             "params": count_params(model), "macs": count_macs(model), "world_size": world, "init_from": init,
+            "teachers": teacher_record or None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
     t_start = time.perf_counter()
-    history = _report(fit(model, (x_tr, y_tr), cfg, val or (x_te, y_te), device, start, state, history),
+    history = _report(fit(model, (x_tr, y_tr), cfg, val or (x_te, y_te), device, start, state, history,
+                          teachers=teachers),
                       cfg, model, resume_path, meta, rank, history)
     if rank == 0:
         final = {**meta, "epochs": len(history), "history": history, "accuracy": history[-1]["test_acc"],
