@@ -47,6 +47,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[
             "per_class": dict(zip(classes, per_class)), "confusion": cm.tolist(), "classes": list(classes)}
 
 
+def ensemble_accuracy(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, tta: bool = False,
+                      device: str | torch.device | None = None) -> float:
+    """Top-1 of the models' mean softmax (what `train --teachers` distills from); `tta` adds mirrored images."""
+    probs = sum(predict_logits(m, x, device=device, tta=False).softmax(1) for m in models)
+    if tta:
+        probs = probs + sum(predict_logits(m, x.flip(3), device=device).softmax(1) for m in models)
+    return (probs.argmax(1) == y.cpu()).float().mean().item()
+
+
 UPLOAD_SIZES = (64, 160, 320, 640)
 UPLOAD_FORMATS = ("PNG", "JPEG")
 
@@ -85,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint on a CIFAR-10 split.")
     ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
     ap.add_argument("--data", default=None, help="CIFAR-10 source (default $RESNEXT_DEMO_DATA or the shared archive)")
-    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"],
+                    help="val: the 5,000 training images that `train --val 5000` holds out (seed 0)")
+    ap.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT",
+                    help="also score the mean softmax of --weights and these checkpoints")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     ap.add_argument("--tta", action="store_true", help="also report flip test-time augmentation")
     ap.add_argument("--uploads", action="store_true",
@@ -95,12 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     model, meta = weights.load_checkpoint(args.weights, args.device)
-    x, y = data.load_split(args.data, args.split)
+    x, y = data.load_split(args.data, "train" if args.split == "val" else args.split)
+    if args.split == "val":
+        from .train import split_validation  # imported here: train imports this module
+
+        _, (x, y) = split_validation(x, y, 5000, seed=0)
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     res = evaluate(model, x, y, meta["classes"], device=args.device)
     if args.tta:
         res["top1_flip_tta"] = evaluate(model, x, y, meta["classes"], tta=True, device=args.device)["top1"]
+    if args.ensemble:
+        models = [model] + [weights.load_checkpoint(p, args.device)[0] for p in args.ensemble]
+        res["ensemble"] = {"weights": [str(args.weights), *args.ensemble],
+                           "top1": ensemble_accuracy(models, x, y, device=args.device),
+                           "top1_flip_tta": ensemble_accuracy(models, x, y, tta=True, device=args.device)}
     if args.uploads:
         res["uploads"] = upload_accuracy(model, x, y)
     res["weights"] = str(args.weights)
@@ -118,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
           + (f", flip-TTA {res['top1_flip_tta']:.4f}" if args.tta else ""))
     for c, a in res["per_class"].items():
         print(f"  {c:12} {a:.4f}")
+    if args.ensemble:
+        e = res["ensemble"]
+        print(f"  ensemble of {len(e['weights'])} (mean softmax): top-1 {e['top1']:.4f}, flip-TTA {e['top1_flip_tta']:.4f}")
     for k, a in res.get("uploads", {}).items():
         print(f"  upload {k:9} {a:.4f} ({100 * (a - res['top1']):+.2f} points)")
 

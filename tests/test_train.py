@@ -1,6 +1,7 @@
 """fit(): it learns, resumes exactly, respects frozen layers and stop; DDP under torchrun agrees."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -282,3 +283,53 @@ def test_distillation_follows_the_teachers_not_the_labels(tiny_config) -> None:
     start = ResNeXt(tiny_config)
     start.load_state_dict(init)
     assert gap(a) < 0.2 * gap(start)  # measured: 0.04 vs 1.0
+
+
+class _Fixed(torch.nn.Module):
+    """Returns preset logits for the images in the order predict_logits feeds them (one pass per call)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.i = logits, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.logits[self.i:self.i + len(x)]
+        self.i = (self.i + len(x)) % len(self.logits)
+        return out
+
+
+def test_ensemble_accuracy_averages_probabilities() -> None:
+    """Each model is right on half the images; where it is wrong it is only mildly so, so the mean softmax
+    is right everywhere (an argmax vote would tie); a model with itself scores its own accuracy."""
+    from resnext_demo.evaluate import ensemble_accuracy, evaluate
+    y = torch.arange(8) % 2
+    x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+
+    def probs(right: torch.Tensor, p_right: float, p_wrong: float) -> torch.Tensor:
+        p = torch.where(right, p_right, 1 - p_wrong)  # probability of the true class
+        out = torch.zeros(8, 10)
+        out[torch.arange(8), y], out[torch.arange(8), 1 - y] = p, 1 - p
+        return (out + 1e-9).log()
+
+    first = torch.arange(8) < 4
+    a, b = _Fixed(probs(first, 0.99, 0.6)), _Fixed(probs(~first, 0.99, 0.6))
+    assert evaluate(a, x, y)["top1"] == 0.5 and evaluate(b, x, y)["top1"] == 0.5
+    assert ensemble_accuracy([a, b], x, y) == 1.0 and ensemble_accuracy([a, b], x, y, tta=True) == 1.0
+    assert ensemble_accuracy([a, a], x, y) == 0.5
+
+
+def test_evaluate_scores_the_validation_split_and_an_ensemble(tmp_path, monkeypatch, capsys) -> None:
+    """--split val reads the held-out training images `train --val` uses; --ensemble adds the mean-softmax line."""
+    from resnext_demo import evaluate
+    _image_tree(tmp_path / "tree", per_class=2, seed=4)
+    monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.safetensors"
+    train.main(["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--epochs", "1",
+                "--batch-size", "5", "--device", "cpu", "--out", str(out)])
+    capsys.readouterr()  # the training's own lines
+    evaluate.main(["--weights", str(out), "--data", str(tmp_path / "tree"), "--split", "val", "--json",
+                   "--ensemble", str(out)])
+    res = json.loads(capsys.readouterr().out)
+    x, y = data.load_split(str(tmp_path / "tree"), "train")
+    _, (xv, yv) = train.split_validation(x, y, 5000, seed=0)
+    assert res["n"] == len(yv) and res["ensemble"]["top1"] == pytest.approx(res["top1"])
