@@ -47,12 +47,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[
             "per_class": dict(zip(classes, per_class)), "confusion": cm.tolist(), "classes": list(classes)}
 
 
+def mean_softmax(models: list[nn.Module], x: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """The models' summed softmax on uint8 images (argmax = the ensemble's prediction; CPU, float32)."""
+    return sum(predict_logits(m, x, device=device).softmax(1) for m in models)
+
+
 def ensemble_accuracy(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, tta: bool = False,
                       device: str | torch.device | None = None) -> float:
     """Top-1 of the models' mean softmax (what `train --teachers` distills from); `tta` adds mirrored images."""
-    probs = sum(predict_logits(m, x, device=device, tta=False).softmax(1) for m in models)
+    probs = mean_softmax(models, x, device)
     if tta:
-        probs = probs + sum(predict_logits(m, x.flip(3), device=device).softmax(1) for m in models)
+        probs = probs + mean_softmax(models, x.flip(3), device)
     return (probs.argmax(1) == y.cpu()).float().mean().item()
 
 
@@ -119,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
         res["top1_flip_tta"] = evaluate(model, x, y, meta["classes"], tta=True, device=args.device)["top1"]
     if args.ensemble:
         models = [model] + [weights.load_checkpoint(p, args.device)[0] for p in args.ensemble]
+        plain = mean_softmax(models, x, args.device)  # once: the flip-TTA figure adds the mirrored pass to it
+        both = plain + mean_softmax(models, x.flip(3), args.device)
         res["ensemble"] = {"weights": [str(args.weights), *args.ensemble],
-                           "top1": ensemble_accuracy(models, x, y, device=args.device),
-                           "top1_flip_tta": ensemble_accuracy(models, x, y, tta=True, device=args.device)}
+                           "top1": (plain.argmax(1) == y).float().mean().item(),
+                           "top1_flip_tta": (both.argmax(1) == y).float().mean().item()}
     if args.uploads:
         res["uploads"] = upload_accuracy(model, x, y)
     res["weights"] = str(args.weights)

@@ -182,11 +182,12 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     if resume_state:
         _restore_state(opt, params, ema, resume_state)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     teachers = [t.to(device).eval() for t in teachers or []]
     for t in teachers:
         if cfg.channels_last:
             t.to(memory_format=torch.channels_last)
+    # soft targets already carry the teachers' smoothing: no label smoothing on top of them
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if teachers else cfg.label_smoothing)
     x_all, y_all = train[0].to(device), train[1].to(device)
     n = len(y_all)
     local_bs = max(1, cfg.batch_size // world)
@@ -216,8 +217,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 target = soft_targets(teachers, xb) if teachers else yb
                 out = net(xb)
-                # soft targets already carry the teachers' smoothing: no label smoothing on top
-                loss = F.cross_entropy(out.float(), target) if teachers else criterion(out.float(), yb)
+                loss = criterion(out.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -387,9 +387,9 @@ def _load_teachers(paths: str) -> tuple[list[nn.Module], list[dict]]:
     for path in filter(None, (p.strip() for p in paths.split(","))):
         teacher, meta = weights.load_checkpoint(path)
         models.append(teacher)
-        record.append({"path": path, "sha256": data.sha256_file(path), "model": meta["recipe"]["model"] if
-                       "recipe" in meta else None, "accuracy": meta.get("accuracy"),
-                       "val_accuracy": meta.get("val_accuracy"), "train_images": meta.get("data", {}).get("train_images")})
+        record.append({"path": path, "sha256": data.sha256_file(path), "model": meta.get("recipe", {}).get("model"),
+                       "accuracy": meta.get("accuracy"), "val_accuracy": meta.get("val_accuracy"),
+                       "train_images": meta.get("data", {}).get("train_images")})
     return models, record
 
 
