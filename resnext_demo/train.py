@@ -49,6 +49,7 @@ class TrainConfig:
     whiten: bool = False  # fast family: stem conv initialised to patch whitening (airbench)
     ema_decay: float = 0.0  # 0 = off; e.g. 0.999 evaluates and saves an exponential moving average
     teachers: str = ""  # comma-separated checkpoints: train on their mean softmax instead of the labels
+    teacher_tta: bool = False  # teachers also see the mirrored batch (their flip-TTA softmax, a better target)
     bf16: bool = True  # autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), see cpu_bf16_fast()
     channels_last: bool = True
     compile: bool = False
@@ -215,7 +216,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_all[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                target = soft_targets(teachers, xb) if teachers else yb
+                target = soft_targets(teachers, xb, cfg.teacher_tta) if teachers else yb
                 out = net(xb)
                 loss = criterion(out.float(), target)
             opt.zero_grad(set_to_none=True)
@@ -262,8 +263,12 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
 
 
 @torch.no_grad()  # not inference_mode: its tensors cannot enter the student's autograd graph
-def soft_targets(teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The teachers' mean softmax on a normalized batch: an ensemble's knowledge as a training target."""
+def soft_targets(teachers: list[nn.Module], x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """The teachers' mean softmax on a normalized batch: an ensemble's knowledge as a training target.
+    `tta` averages each teacher over the batch and its mirror image (one forward pass of both)."""
+    if tta:
+        p = torch.stack([t(torch.cat([x, x.flip(3)])).float().softmax(1) for t in teachers]).mean(0)
+        return (p[:len(x)] + p[len(x):]) / 2
     return torch.stack([t(x).float().softmax(1) for t in teachers]).mean(0)
 
 

@@ -252,6 +252,19 @@ def test_soft_targets_are_the_teachers_mean_softmax(tiny_config) -> None:
     assert not p.requires_grad and not p.is_inference()  # a plain tensor the student's loss can use
 
 
+def test_soft_targets_with_tta_average_each_teacher_over_the_mirror_image(tiny_config) -> None:
+    torch.manual_seed(0)
+    teachers = [ResNeXt(tiny_config).eval() for _ in range(2)]
+    x = torch.randn(6, 3, 32, 32)
+    p = train.soft_targets(teachers, x, tta=True)
+    with torch.no_grad():
+        expect = sum(t(v).softmax(1) for t in teachers for v in (x, x.flip(3))) / 4
+    assert torch.allclose(p, expect, atol=1e-6) and torch.allclose(p.sum(1), torch.ones(6))
+    # the target no longer depends on which way the image faces; without TTA it does
+    assert torch.allclose(train.soft_targets(teachers, x.flip(3), tta=True), p, atol=1e-6)
+    assert not torch.allclose(train.soft_targets(teachers, x.flip(3)), train.soft_targets(teachers, x), atol=1e-3)
+
+
 def test_distillation_follows_the_teachers_not_the_labels(tiny_config) -> None:
     """With teachers the labels are not read (shuffled labels give the same weights), the teachers are not
     changed, and the student ends closer to the teachers' predictions than it started."""

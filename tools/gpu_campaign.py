@@ -3,6 +3,7 @@ side by side, each run's epochs sized to the time left (a developer tool, not pa
 
     python tools/gpu_campaign.py --data .data/cifar10-jpeg.tar.gz --out "$OUT" --deadline 530
     python tools/gpu_campaign.py --plan long --max-epochs 200 --out "$OUT" --deadline 520   # the third call
+    python tools/gpu_campaign.py --plan kd --max-epochs 200 --out "$OUT" --deadline 540     # the fifth (.data/kd)
     python tools/gpu_campaign.py throughput --out runs/gpu1     # what the card did (tars unpacked there)
 
 1. decode CIFAR-10 once (every run then reads the cache);
@@ -92,6 +93,22 @@ def plan_long32() -> list[Run]:
             Run("full-large32-cutout-long", "resnext20_32x8d_fast_large", 0, CUTOUT, keep="half")]
 
 
+KD = ".data/kd"  # the teachers travel here (git-ignored, named in `carry`); the full-data C=32 is the default
+
+
+def plan_kd() -> list[Run]:
+    """Fifth call: distil the two-model ensemble (C=32 + C=16, flip-TTA soft targets) into the C=32 model,
+    starting from its own weights with a fresh one-cycle schedule at half the peak rate. The 45k run learns
+    from the 45k teachers and is scored on the validation split (the choice); its full-data twin learns
+    from the full-data teachers (what would ship)."""
+    kd = ["--teacher-tta", "--lr", "0.2"] + CUTOUT
+    val = [f"{KD}/val32.safetensors", f"{KD}/val16.safetensors"]
+    full = ["weights/default.safetensors", f"{KD}/full16.safetensors"]
+    m = "resnext20_32x8d_fast_large"
+    return [Run("val-kd", m, 0, kd + ["--teachers", ",".join(val), "--init-from", val[0], "--val", "5000"], keep="half"),
+            Run("full-kd", m, 0, kd + ["--teachers", ",".join(full), "--init-from", full[0]], keep="half")]
+
+
 def probe(model: str, flags: list[str], t1: float, t2: float, result: str, device: str) -> None:
     """Train `model` on random data until t2; write the seconds per step measured between t1 and t2."""
     import torch
@@ -100,13 +117,17 @@ def probe(model: str, flags: list[str], t1: float, t2: float, result: str, devic
     from resnext_demo.model import build_model
 
     cutout = int(flags[flags.index("--cutout") + 1]) if "--cutout" in flags else 0
+    teachers = flags[flags.index("--teachers") + 1] if "--teachers" in flags else ""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16384, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (16384,))
     cfg = train.TrainConfig(model=model, epochs=10_000, batch_size=512, lr=0.4, schedule="onecycle",
-                            label_smoothing=0.2, cutout=cutout, log_every=4, max_seconds=max(1.0, t2 - time.time()))
+                            label_smoothing=0.2, cutout=cutout, log_every=4, max_seconds=max(1.0, t2 - time.time()),
+                            teacher_tta="--teacher-tta" in flags)
     marks = []
-    for ev in train.fit(build_model(model, zero_init_residual=True), (x, y), cfg, device=device):
+    teacher_models = train._load_teachers(teachers)[0]  # distillation: their forward passes are part of a step
+    for ev in train.fit(build_model(model, zero_init_residual=True), (x, y), cfg, device=device,
+                        teachers=teacher_models):
         if ev.kind == "step" and t1 <= time.time() <= t2:
             marks.append((time.time(), ev.epoch * ev.steps_per_epoch + ev.step))
     rate = (marks[-1][0] - marks[0][0]) / max(1, marks[-1][1] - marks[0][1]) if len(marks) > 1 else float("inf")
@@ -176,7 +197,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/gpu")
     ap.add_argument("--deadline", type=float, default=530, help="seconds from start until everything is packed")
     ap.add_argument("--max-epochs", type=int, default=100)
-    ap.add_argument("--plan", default="first", choices=("first", "large", "long", "long32"))
+    ap.add_argument("--plan", default="first", choices=("first", "large", "long", "long32", "kd"))
     ap.add_argument("--epochs", type=int, default=0, help="fixed epochs for every run (skips the probe: a "
                     "previous call on the same card measured the speed)")
     ap.add_argument("--device", default="cuda")
@@ -208,7 +229,7 @@ def main() -> None:
     for split in ("train", "test"):  # decode once; every run reads the cache
         data.load_split(str(Path(a.data).resolve()), split)
     print(f"[{time.time() - t0:5.0f}s] data decoded", flush=True)
-    plans = {"first": plan, "large": plan_large, "long": plan_long, "long32": plan_long32}
+    plans = {"first": plan, "large": plan_large, "long": plan_long, "long32": plan_long32, "kd": plan_kd}
     runs = [r for r in plans[a.plan]() if a.only is None or r.name in a.only.split(",")]
 
     # 2. probe, all at once
