@@ -109,6 +109,16 @@ def plan_kd() -> list[Run]:
             Run("full-kd", m, 0, kd + ["--teachers", ",".join(full), "--init-from", full[0]], keep="half")]
 
 
+def plan_kd2() -> list[Run]:
+    """Sixth call, a second generation: each kd student learns again from itself + the C=16 (flip-TTA),
+    starting from its own weights at a peak rate of 0.1 (0.2 had undone most of the starting weights)."""
+    kd = ["--teacher-tta", "--lr", "0.1"] + CUTOUT
+    m = "resnext20_32x8d_fast_large"
+    return [Run(f"{s}-kd2", m, 0, kd + ["--teachers", f"{KD}/{s}-kd.safetensors,{KD}/{s}16.safetensors",
+                                          "--init-from", f"{KD}/{s}-kd.safetensors"] + (["--val", "5000"] if s == "val" else []),
+                keep="half") for s in ("val", "full")]
+
+
 def probe(model: str, flags: list[str], t1: float, t2: float, result: str, device: str) -> None:
     """Train `model` on random data until t2; write the seconds per step measured between t1 and t2."""
     import torch
@@ -197,7 +207,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/gpu")
     ap.add_argument("--deadline", type=float, default=530, help="seconds from start until everything is packed")
     ap.add_argument("--max-epochs", type=int, default=100)
-    ap.add_argument("--plan", default="first", choices=("first", "large", "long", "long32", "kd"))
+    ap.add_argument("--plan", default="first", choices=("first", "large", "long", "long32", "kd", "kd2"))
     ap.add_argument("--epochs", type=int, default=0, help="fixed epochs for every run (skips the probe: a "
                     "previous call on the same card measured the speed)")
     ap.add_argument("--device", default="cuda")
@@ -229,7 +239,7 @@ def main() -> None:
     for split in ("train", "test"):  # decode once; every run reads the cache
         data.load_split(str(Path(a.data).resolve()), split)
     print(f"[{time.time() - t0:5.0f}s] data decoded", flush=True)
-    plans = {"first": plan, "large": plan_large, "long": plan_long, "long32": plan_long32, "kd": plan_kd}
+    plans = {"first": plan, "large": plan_large, "long": plan_long, "long32": plan_long32, "kd": plan_kd, "kd2": plan_kd2}
     runs = [r for r in plans[a.plan]() if a.only is None or r.name in a.only.split(",")]
 
     # 2. probe, all at once
