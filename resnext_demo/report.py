@@ -324,6 +324,19 @@ def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = Non
         md.append(f"That run started from another checkpoint (sha256 `{str(init.get('sha256'))[:12]}…`"
                   + (f", {init.get('epochs')} epochs, {100 * prev:.2f} %" if isinstance(prev, (int, float)) else "")
                   + "); the curve shows the second run only.")
+    teachers = meta.get("teachers")
+    if isinstance(teachers, list) and teachers:  # distilled: its targets were other models' predictions
+        named = [f"`{t.get('model')}`" + (f" ({100 * t['accuracy']:.2f} %)" if isinstance(t.get("accuracy"), (int, float))
+                                          else "") for t in teachers if isinstance(t, dict)]
+        tta = " and their mirror images" if meta.get("recipe", {}).get("teacher_tta") else ""
+        md.append(f"It learned from the mean softmax of {len(named)} teacher checkpoint"
+                  f"{'s' if len(named) != 1 else ''} on its training images{tta} (distillation): "
+                  + ", ".join(named) + ".")
+    lineage = meta.get("lineage")
+    if isinstance(lineage, list) and lineage:  # a chain of runs (e.g. distillation generations): name each
+        steps = [f"{i + 1}. {step.get('what')}" + (f" — {100 * step['accuracy']:.2f} %" if isinstance(
+            step.get("accuracy"), (int, float)) else "") for i, step in enumerate(lineage) if isinstance(step, dict)]
+        md.append("How it came to be (the metadata's `lineage`, one run per line):\n\n" + "\n".join(steps))
     if not meta.get("history"):
         md.append("This checkpoint has no training history.")
     if source is not None:

@@ -145,6 +145,13 @@ def test_about_md_lists_what_the_checkpoint_records():
                                       "command": "python -m x --out /a/b/weights/m.safetensors"}, "the pack")
     assert "**50.00 %**" in full and "`python -m x --out weights/m.safetensors` on a CPU" in full
     assert "no training history" not in full and full.endswith("CIFAR-10 images in this app: the pack.")
+    assert "teacher" not in full
+    kd = report.about_md("m", cfg, {"recipe": {"teacher_tta": True}, "teachers": [
+        {"model": "a", "accuracy": 0.9233}, {"model": "b", "accuracy": None}]})
+    assert "mean softmax of 2 teacher checkpoints on its training images and their mirror images" in kd
+    assert "`a` (92.33 %), `b`." in kd
+    chain = report.about_md("m", cfg, {"lineage": [{"what": "labels", "accuracy": 0.9}, {"what": "this one"}]})
+    assert "1. labels — 90.00 %\n2. this one" in chain and "lineage" not in bare
 
 
 def test_upload_counts_match_the_fine_tunes_holdout_split():
