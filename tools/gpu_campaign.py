@@ -4,6 +4,7 @@ side by side, each run's epochs sized to the time left (a developer tool, not pa
     python tools/gpu_campaign.py --data .data/cifar10-jpeg.tar.gz --out "$OUT" --deadline 530
     python tools/gpu_campaign.py --plan long --max-epochs 200 --out "$OUT" --deadline 520   # the third call
     python tools/gpu_campaign.py --plan kd --max-epochs 200 --out "$OUT" --deadline 540     # the fifth (.data/kd)
+    python tools/gpu_campaign.py --plan kd2 --epochs 60 --out "$OUT" --deadline 315 --reserve 40   # the sixth
     python tools/gpu_campaign.py throughput --out runs/gpu1     # what the card did (tars unpacked there)
 
 1. decode CIFAR-10 once (every run then reads the cache);
@@ -113,10 +114,13 @@ def plan_kd2() -> list[Run]:
     """Sixth call, a second generation: each kd student learns again from itself + the C=16 (flip-TTA),
     starting from its own weights at a peak rate of 0.1 (0.2 had undone most of the starting weights)."""
     kd = ["--teacher-tta", "--lr", "0.1"] + CUTOUT
-    m = "resnext20_32x8d_fast_large"
-    return [Run(f"{s}-kd2", m, 0, kd + ["--teachers", f"{KD}/{s}-kd.safetensors,{KD}/{s}16.safetensors",
-                                          "--init-from", f"{KD}/{s}-kd.safetensors"] + (["--val", "5000"] if s == "val" else []),
-                keep="half") for s in ("val", "full")]
+    runs = []
+    for split in ("val", "full"):  # the kd plan's students, copied into .data/kd as <split>-kd.safetensors
+        student = f"{KD}/{split}-kd.safetensors"
+        flags = kd + ["--teachers", f"{student},{KD}/{split}16.safetensors", "--init-from", student]
+        runs.append(Run(f"{split}-kd2", "resnext20_32x8d_fast_large", 0,
+                        flags + (["--val", "5000"] if split == "val" else []), keep="half"))
+    return runs
 
 
 def probe(model: str, flags: list[str], t1: float, t2: float, result: str, device: str) -> None:
