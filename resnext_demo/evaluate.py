@@ -48,8 +48,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[
 
 
 def mean_softmax(models: list[nn.Module], x: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
-    """The models' summed softmax on uint8 images (argmax = the ensemble's prediction; CPU, float32)."""
-    return sum(predict_logits(m, x, device=device).softmax(1) for m in models)
+    """The models' mean softmax on uint8 images (argmax = the ensemble's prediction; CPU, float32)."""
+    return sum(predict_logits(m, x, device=device).softmax(1) for m in models) / len(models)
 
 
 def ensemble_accuracy(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, tta: bool = False,

@@ -266,10 +266,9 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainCo
 def soft_targets(teachers: list[nn.Module], x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """The teachers' mean softmax on a normalized batch: an ensemble's knowledge as a training target.
     `tta` averages each teacher over the batch and its mirror image (one forward pass of both)."""
-    if tta:
-        p = torch.stack([t(torch.cat([x, x.flip(3)])).float().softmax(1) for t in teachers]).mean(0)
-        return (p[:len(x)] + p[len(x):]) / 2
-    return torch.stack([t(x).float().softmax(1) for t in teachers]).mean(0)
+    views = torch.cat([x, x.flip(3)]) if tta else x
+    p = torch.stack([t(views).float().softmax(1) for t in teachers]).mean(0)
+    return p.view(-1, len(x), p.shape[1]).mean(0)  # (views, batch, classes) -> batch x classes
 
 
 def _training_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema) -> dict[str, torch.Tensor]:
