@@ -7,6 +7,7 @@ as ratios that survive noisy machines. Timings are never asserted in tests: this
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -96,6 +97,12 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
     model = model.to(device).eval().to(memory_format=torch.channels_last)
 
     results["predict (end to end)"] = timeit(lambda: predict(model, photo, classes), sync=sync)
+    # the same without calibration and the unfamiliar-image detector: what /predict cost before them
+    bare = copy.copy(model)
+    bare.calibration, bare.familiarity = None, None
+    results["predict, bare softmax, no detector"] = timeit(lambda: predict(bare, photo, classes), sync=sync)
+    results["predict cost of the trust checks (ratio)"] = (results["predict (end to end)"]["median"]
+                                                          / results["predict, bare softmax, no detector"]["median"])
 
     def forward() -> None:
         with torch.inference_mode():

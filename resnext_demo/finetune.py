@@ -316,6 +316,47 @@ def verdict(rows: dict[str, Comparison]) -> list[str]:
     return lines
 
 
+MIN_REFIT = 200  # held-out images needed to re-fit the temperature; fewer would fit noise
+
+
+def adapt_trust(base: nn.Module, new: nn.Module, train: Dataset, hold: Dataset, train_layers: str,
+                n_base_classes: int) -> str:
+    """Give the fine-tuned model a temperature and an unfamiliar-image detector it has earned, and say which.
+
+    Temperature: re-fitted (NLL) on the held-out images when there are at least MIN_REFIT, else the base
+    model's. Detector: kept when only the head trained (the features it reads did not change), with the new
+    classes' training images added; dropped otherwise (it would describe other features)."""
+    from . import calibration, familiarity
+    from .evaluate import predict_logits
+
+    lines = []
+    base_cal = getattr(base, "calibration", None)
+    if len(hold) >= MIN_REFIT:
+        t = calibration.fit_temperature(predict_logits(new, hold.x), hold.y, "nll")
+        new.calibration = {"temperature": t, "method": "temperature scaling (NLL)",
+                           "fitted_on": f"{len(hold)} held-out images of this fine-tune"}
+        lines.append(f"Probabilities: temperature re-fitted on the {len(hold)} held-out images (T = {t:g}).")
+    elif base_cal:
+        new.calibration = {**base_cal, "fitted_on": f"kept from the base model ({base_cal.get('fitted_on')})"}
+        lines.append(f"Probabilities: the base model's temperature (T = {base_cal['temperature']:g}) is kept — "
+                     f"{len(hold)} held-out images are too few to re-fit it (≥ {MIN_REFIT} needed), so the "
+                     "fine-tuned model's probabilities are calibrated only as far as the base model's were.")
+    fam = getattr(base, "familiarity", None)
+    if fam is None:
+        new.familiarity = None
+    elif train_layers == "head":
+        added = list(range(n_base_classes, len(train.classes)))
+        new.familiarity = fam.with_classes(new, train.x, train.y, [c for c in added if (train.y == c).any()])
+        lines.append("Unfamiliar-image check: kept (only the head trained, so the features it reads are the base "
+                     "model's)" + (", with your new classes' training images added." if added else "."))
+    else:
+        new.familiarity = None
+        lines.append("Unfamiliar-image check: off for this model — training the "
+                     f"{'last stage' if train_layers == 'last_stage' else 'whole network'} changed the features it "
+                     "reads, and its reference images are not part of the app.")
+    return " ".join(lines)
+
+
 @dataclass
 class Result:
     """A finished (or stopped) fine-tune: the new model and its numbers."""
@@ -331,6 +372,7 @@ class Result:
     n_train: int
     n_holdout: int
     comparisons: dict[str, Comparison] = field(default_factory=dict)  # see `compare`
+    trust: str = ""  # which temperature and unfamiliar-image check the model got (adapt_trust)
 
     @property
     def custom_classes(self) -> bool:
@@ -345,7 +387,7 @@ class Result:
                   for c in self.comparisons.values()]
         lines += ["", "Accuracy (95 % Wilson interval); change in points; paired p: McNemar's exact test on the images "
                       "whose answer changed.", ""]
-        return "\n".join(lines + verdict(self.comparisons))
+        return "\n".join(lines + verdict(self.comparisons) + ([""] + [self.trust] if self.trust else []))
 
 
 def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: Options,
@@ -393,11 +435,12 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
         elif ev.kind == "done":
             history, stopped = ev.history, ev.stopped
     new.eval()
+    trust = adapt_trust(base, new, train_ds, hold_ds, opts.train_layers, len(model_classes))
     rows = compare(base, new, hold_ds, trained, cifar)
     before, after = ({k: getattr(rows[k], when) if k in rows else None for k in ("holdout", "cifar")}
                      for when in ("before", "after"))
     res = Result(new, list(dataset.classes), before, after, history, stopped, time.perf_counter() - t0,
-                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds), rows)
+                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds), rows, trust)
     yield Update("done", res.summary(), list(curve), res)
 
 

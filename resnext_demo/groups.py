@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
-from . import data
+from . import calibration, data
 from .faithfulness import Faithfulness, faithfulness
 from .explain import _baseline, check_image, groups_of, is_torchvision, split_groups
 from .predict import eval_view
@@ -202,13 +202,13 @@ def _ablated_logits(model: nn.Module, x: torch.Tensor, layer: str, masks: torch.
 
 
 def ablate_groups(model: nn.Module, x: torch.Tensor, layer: str, groups: list[int], mode: str = "zero") -> np.ndarray:
-    """Class probabilities (K) when the listed groups of `layer` are knocked out (0, or their spatial mean).
+    """Calibrated class probabilities (K) when the listed groups of `layer` are knocked out (0, or their spatial mean).
 
     'zero' removes the paths entirely; 'mean' keeps each channel's average but erases where it fired.
     An empty list changes nothing (bit-identical to the plain forward)."""
     check_image(model, x)
     mask = _group_channels(model, layer, groups)[None]
-    return torch.softmax(_ablated_logits(model, x, layer, mask, mode), 1)[0].numpy()
+    return calibration.probabilities(model, _ablated_logits(model, x, layer, mask, mode))[0].numpy()
 
 
 @dataclass
@@ -236,7 +236,7 @@ def ablation_ranking(model: nn.Module, x: torch.Tensor, layer: str, target: int,
     g = groups_of(model, layer)
     masks = torch.stack([torch.zeros_like(_group_channels(model, layer, []))]
                         + [_group_channels(model, layer, [i]) for i in range(g)])
-    p = torch.softmax(_ablated_logits(model, x, layer, masks, mode), 1).numpy()
+    p = calibration.probabilities(model, _ablated_logits(model, x, layer, masks, mode)).numpy()
     return GroupAblation(p[0], p[1:], int(target), mode)
 
 

@@ -76,6 +76,12 @@ def _split_uploads(uploads: tuple) -> tuple[list, list, list]:
             list(uploads[n_old + n_new:n_old + 2 * n_new]))
 
 
+def _n_heldin(sm: SessionModel) -> int:
+    """How many held-in images the session model's unfamiliar-image threshold was fitted on."""
+    fam = getattr(sm.model, "familiarity", None)
+    return len(fam.heldin) if fam is not None else 0
+
+
 class Handlers:
     """Every event handler of the app; shared read-only state only (per-session state comes in as args)."""
 
@@ -230,7 +236,24 @@ class Handlers:
         require_image(image, "Upload an image, paste one, use the webcam, or pick a sample.")
         sm = self.active(session)
         p = predict(sm.model, image, sm.classes)
-        return dict(list(p.probs.items())[:max(1, int(k))]), _upscale(p.image32), report.prediction_md(p, truth)
+        return (dict(list(p.probs.items())[:max(1, int(k))]), _upscale(p.image32),
+                report.prediction_md(p, truth, _n_heldin(sm)))
+
+    @friendly
+    def predict_details(self, image, session: SessionModel | None = None) -> dict:
+        """API /predict_details: every class's calibrated probability, the temperature, and the unfamiliar-image
+        flag with its score, threshold and rarity (None where the checkpoint has no detector)."""
+        require_image(image, "Upload an image first.")
+        sm = self.active(session)
+        p = predict(sm.model, image, sm.classes)
+        fam = getattr(sm.model, "familiarity", None)
+        return {"top_class": p.top_class, "probabilities": p.probs, "temperature": p.temperature,
+                "unfamiliar": p.unfamiliar if fam is not None else None, "score": p.score,
+                "threshold": fam.threshold if fam is not None else None, "rarity": p.rarity}
+
+    def _unfamiliar_note(self, sm: SessionModel, im32) -> str:
+        """The explanation tabs' one-line warning when their image is unfamiliar ("" otherwise)."""
+        return report.unfamiliar_note(predict(sm.model, im32, sm.classes), _n_heldin(sm))
 
     @staticmethod
     def share_image(image):
@@ -319,7 +342,8 @@ class Handlers:
         node, fmap, stats = explain.shown_maps(sm.model, x, layer, before_bn=shown == "conv")
         grid, ranges = visualize.group_grid(explain.split_groups(fmap, groups), scale=scale, view=view)
         title = report.feature_maps_title(node, groups, tuple(fmap.shape))
-        return grid, report.feature_maps_md(title, node, layer, groups, scale, ranges), \
+        note = self._unfamiliar_note(sm, image)
+        return grid, note + report.feature_maps_md(title, node, layer, groups, scale, ranges), \
             visualize.group_stats_figure(stats, title=title)
 
     # ------------------------------------------------------------ Attributions
@@ -363,7 +387,7 @@ class Handlers:
         im32, x, (a,) = self._attributions(sm, image, (method,), target,
                                            (steps, baseline, samples, noise, layer, window, stride))
         return visualize.attribution_panels([a], im32, signed=bool(signed), opacity=float(opacity)), \
-            self._attr_md(a, sm, x, bool(signed))
+            self._unfamiliar_note(sm, im32) + self._attr_md(a, sm, x, bool(signed))
 
     @friendly
     def compare(self, image, method_a: str, method_b: str, target: str = "predicted", signed: bool = True,
@@ -376,7 +400,7 @@ class Handlers:
         im32, x, attrs = self._attributions(sm, image, (method_a, method_b), target,
                                             (steps, baseline, samples, noise, layer, window, stride))
         img = visualize.attribution_pair(attrs[0], attrs[1], im32, signed=bool(signed), opacity=float(opacity))
-        return img, "\n\n".join(self._attr_md(a, sm, x, bool(signed)) for a in attrs)
+        return img, self._unfamiliar_note(sm, im32) + "\n\n".join(self._attr_md(a, sm, x, bool(signed)) for a in attrs)
 
     @staticmethod
     def param_visibility(method: str):
@@ -442,7 +466,8 @@ class Handlers:
                                        on_step=lambda fraction, what: progress(fraction, desc=what))
         gi, ab, cams, dels = a.importance, a.ablation, a.cams, a.deletions
         progress(0.9, desc="drawing")
-        md = report.groups_md(layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, cardinality.CONDUCTANCE_TOL)
+        md = report.unfamiliar_note(pred, _n_heldin(sm)) + report.groups_md(
+            layer, pred, gi, ab, dels, sm.classes, t, c, method, mode, cardinality.CONDUCTANCE_TOL)
         return (visualize.group_importance_figure(gi, sm.classes), visualize.ablation_figure(ab, sm.classes),
                 report.groups_table(gi, ab, cams, dels, sm.classes, t), visualize.group_cam_grid(cams, im32), md)
 
@@ -688,6 +713,16 @@ class Handlers:
         return gr.update(value=table, visible=True), md, gr.update(value=figure, visible=True)
 
     @friendly
+    def trust(self, session: SessionModel | None = None):
+        """About, "how far to believe an answer": (reliability diagram or None, per-set table, markdown)."""
+        sm = self.active(session)
+        cal = getattr(sm.model, "calibration", None)
+        rep = (cal or {}).get("reporting") or {}
+        fig = visualize.reliability_figure(rep["before"], rep["after"]) if rep.get("before") and rep.get("after") else None
+        fam = getattr(sm.model, "familiarity", None)
+        meta = {**sm.meta, "familiarity": fam.meta()} if fam is not None else sm.meta
+        return fig, report.ood_table(meta if fam is not None else {}), report.trust_md(meta, cal, fam is not None)
+
     def about(self, session: SessionModel | None = None, stage: int = 0):
         """(block diagram, equal-budget table, training curve or None, markdown) of the session's model."""
         sm = self.active(session)

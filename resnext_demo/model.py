@@ -110,11 +110,16 @@ class ResNeXt(nn.Module):
         return [Bottleneck(cin if b == 0 else cout, cout, self.config.cardinality, self.config.group_width(i),
                            stride=2 if (i > 0 and b == 0) else 1) for b in range(depth)]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and all stages: N x widths[-1] x H/4 x W/4."""
+    def forward_features(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Stem and all stages: N x widths[-1] x H/4 x W/4; `stages` collects the stem's and each stage's
+        output on the way (what familiarity.py describes an image by)."""
         x = self.act1(self.bn1(self.conv1(x)))
+        if stages is not None:
+            stages.append(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
+            if stages is not None:
+                stages.append(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -217,10 +222,16 @@ class TorchvisionResNeXt(ResNet):
             self.fc = nn.Linear(self.fc.in_features, config.num_classes)
         self.stage_names = ["layer1", "layer2", "layer3", "layer4"]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet stem and the four stages (a 32x32 input ends at 1x1)."""
+    def forward_features(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """ImageNet stem and the four stages (a 32x32 input ends at 1x1); `stages` as in ResNeXt's."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if stages is not None:
+                stages.append(x)
+            x = layer(x)
+        if stages is not None:
+            stages.append(x)
+        return x
 
     # the same avgpool + fc head as the CIFAR family, so the same code drives it
     forward_head = ResNeXt.forward_head

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data
+from . import calibration, data, familiarity
 from .model import device_of
 
 
@@ -22,14 +22,18 @@ def select_device() -> torch.device:
 
 @dataclass
 class Prediction:
-    """One image's result; `seconds` covers preprocessing, forward and softmax."""
+    """One image's result; `seconds` covers preprocessing, forward, softmax and the familiarity score."""
 
-    probs: dict[str, float]  # every class -> probability, sorted by descending probability
+    probs: dict[str, float]  # every class -> calibrated probability, sorted by descending probability
     top_index: int
     top_class: str
     image32: Image.Image  # the 32x32 RGB picture the model saw: show it, users are often surprised
     seconds: float
     device: str
+    unfamiliar: bool = False  # the image does not look like the model's training images (see familiarity.py)
+    score: float | None = None  # its familiarity score (higher = stranger); None: the model has no detector
+    rarity: float | None = None  # share of held-in CIFAR-10 test images that score at least this far
+    temperature: float = 1.0  # the calibration temperature the probabilities used
 
 
 def eval_view(model: nn.Module) -> nn.Module:
@@ -40,6 +44,9 @@ def eval_view(model: nn.Module) -> nn.Module:
     Costs a few milliseconds and no tensor memory.
     """
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy reuses memo hits
+    fam = getattr(model, "familiarity", None)
+    if fam is not None:  # read-only reference data: share it too
+        memo[id(fam)] = fam
     for m in model.modules():  # hooks another request put on the original are not copied (nor deep-copied)
         for name, d in vars(m).items():
             if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(d, dict):
@@ -55,19 +62,25 @@ def predict(model: nn.Module, image: Image.Image | np.ndarray | str | Path | byt
     device = device_of(model)
     t0 = time.perf_counter()
     im32 = data.prepare_image(image)
+    fam = getattr(model, "familiarity", None)
     with torch.inference_mode():
         x = data.normalize(data.pil_to_uint8(im32).to(device))
-        p = torch.softmax(model(x).float(), dim=1)[0].cpu()
+        logits, stages = familiarity.embed(model, x) if fam is not None else (model(x), None)
+        p = calibration.probabilities(model, logits)[0].cpu()
+        score = fam.score([s.float().cpu() for s in stages])[0] if fam is not None else None
     seconds = time.perf_counter() - t0  # .cpu() above synchronises CUDA, so this is the real latency
     if len(classes) != p.numel():
         raise ValueError(f"{len(classes)} class names for a model with {p.numel()} outputs")
     order = torch.argsort(p, descending=True).tolist()
     probs = {classes[i]: float(p[i]) for i in order}
-    return Prediction(probs, order[0], classes[order[0]], im32, seconds, str(device))
+    extra = {} if score is None else {"unfamiliar": bool(score > fam.threshold), "score": float(score),
+                                      "rarity": float(fam.rarity(score.reshape(1))[0])}
+    return Prediction(probs, order[0], classes[order[0]], im32, seconds, str(device),
+                      temperature=calibration.temperature_of(model), **extra)
 
 
 def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory."""
+    """Calibrated probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory."""
     device = device_of(model)
     if model.training:
         model = eval_view(model)
@@ -75,7 +88,7 @@ def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256
     with torch.inference_mode():
         for i in range(0, len(x_uint8), batch_size):
             xb = data.normalize(x_uint8[i:i + batch_size].to(device))
-            out.append(torch.softmax(model(xb).float(), dim=1).cpu())
+            out.append(calibration.probabilities(model, model(xb)).cpu())
     if not out:  # empty input: keep the K dimension so callers can still index columns
         k = getattr(getattr(model, "config", None), "num_classes", 0)
         return torch.empty(0, k)

@@ -103,10 +103,48 @@ def layer_label(name: str, groups: int | None) -> str:
 # ------------------------------------------------------------ Predict
 
 
-def prediction_md(p: Prediction, truth: dict | None = None) -> str:
-    """Under the prediction: top class, time and device, and the true label of a test image."""
-    info = (f"**{p.top_class}** ({100 * p.probs[p.top_class]:.1f} %) · inference {1000 * p.seconds:.1f} ms "
-            f"on `{p.device}` · the model sees only the 32×32 picture on the right")
+def rarity_words(rarity: float, n: int) -> str:
+    """How rare a familiarity score is among the held-in CIFAR-10 test images, in words."""
+    if rarity * n < 1:
+        return f"none of {n:,} CIFAR-10 test images scores this far from the training images"
+    return f"only {100 * rarity:.1f} % of CIFAR-10 test images score this far from the training images"
+
+
+def unfamiliar_md(p: Prediction, n_heldin: int, n_classes: int) -> str:
+    """The warning for an image that does not look like the training data ("" when it does, or unknown)."""
+    if not p.unfamiliar:
+        return ""
+    return (f"⚠️ **This does not look like any of the {n_classes} classes the model knows** "
+            f"({rarity_words(p.rarity or 0.0, n_heldin)}). Closest class: **{p.top_class}**. The probabilities "
+            "assume the image is one of them, so they say little here.")
+
+
+def unfamiliar_note(p: Prediction, n_heldin: int) -> str:
+    """One line for the explanation tabs when their image is unfamiliar ("" otherwise)."""
+    if not p.unfamiliar:
+        return ""
+    return (f"⚠️ This image does not look like the model's training images ({rarity_words(p.rarity or 0.0, n_heldin)}): "
+            f"what follows explains how it maps nonsense to **{p.top_class}**, not a recognised object.\n\n")
+
+
+def trust_line(p: Prediction) -> str:
+    """What the shown probability means, and whether the unfamiliar-image check ran."""
+    pct = f"{100 * p.probs[p.top_class]:.0f} %"
+    cal = (f"Calibrated (temperature {p.temperature:g}): among CIFAR-10 test images given about {pct}, about "
+           f"{pct} are right" if p.temperature != 1.0 else "Not calibrated (this checkpoint has no temperature)")
+    fam = ("familiar-looking image" if p.score is not None and not p.unfamiliar else
+           "unfamiliar image" if p.unfamiliar else "unfamiliar-image check unavailable for this checkpoint "
+           "(`python -m resnext_demo.calibrate --weights FILE` adds it)")
+    return f"{cal} · {fam}."
+
+
+def prediction_md(p: Prediction, truth: dict | None = None, n_heldin: int = 5000) -> str:
+    """Under the prediction: the unfamiliar warning, top class, what its probability means, time and device,
+    and the true label of a test image."""
+    warn = unfamiliar_md(p, n_heldin, len(p.probs))
+    info = ((warn + "\n\n" if warn else "")
+            + f"**{p.top_class}** ({100 * p.probs[p.top_class]:.1f} %) · inference {1000 * p.seconds:.1f} ms "
+            f"on `{p.device}` · the model sees only the 32×32 picture on the right\n\n{trust_line(p)}")
     if truth and truth.get("label") is not None:
         ok = truth["label"] == p.top_class
         info += (f"\n\nTrue label (CIFAR-10 test image #{truth['index']}): **{truth['label']}** — "
@@ -342,6 +380,57 @@ def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = Non
     if source is not None:
         md.append(f"CIFAR-10 images in this app: {source}.")
     return "\n\n".join(md)
+
+
+def trust_md(meta: dict, model_cal: dict | None, has_detector: bool) -> str:
+    """About: what the shown probabilities mean for this checkpoint and what "unfamiliar" means, with the
+    numbers measured on its reporting images (from the metadata `calibrate` wrote)."""
+    cal = model_cal or {}
+    md = ["### How far to believe an answer"]
+    if not cal:
+        md.append("This checkpoint has **no calibration**: its probabilities are the bare softmax, which on the "
+                  "default model runs 15 points below its accuracy. `python -m resnext_demo.calibrate --weights "
+                  "FILE` fits one.")
+    else:
+        rep = cal.get("reporting") or {}
+        b, a = rep.get("before"), rep.get("after")
+        md.append(f"Probabilities are **calibrated** by temperature scaling (T = {cal['temperature']:g}, fitted on "
+                  f"{cal.get('fitted_on', 'held-out images')}): top-1 never changes, but a shown 80 % now means "
+                  "right about 80 % of the time on CIFAR-10 test images.")
+        if b and a:
+            md.append(f"On {rep.get('images', 'the reporting images')} ({rep.get('n', '?')}): ECE "
+                      f"{100 * b['ece']:.1f} % → **{100 * a['ece']:.1f} %**, NLL {b['nll']:.3f} → {a['nll']:.3f}, "
+                      f"mean confidence {100 * b['confidence']:.1f} % → {100 * a['confidence']:.1f} % against "
+                      f"accuracy {100 * a['accuracy']:.1f} %.")
+        tp = rep.get("through_predict")
+        if tp:
+            md.append(f"The same images one by one through the app's prediction path: ECE {100 * tp['ece']:.1f} %, "
+                      f"confidence {100 * tp['confidence']:.1f} % vs accuracy {100 * tp['accuracy']:.1f} %, "
+                      f"{100 * tp['flagged']:.1f} % flagged unfamiliar, top-1 identical to the bare model: "
+                      f"{'yes' if tp['top1_identical'] else 'NO'}.")
+    fam = meta.get("familiarity") if has_detector else None
+    if not fam:
+        md.append("**Unfamiliar-image check: not available** for this model.")
+    else:
+        ev = fam.get("evaluation") or {}
+        md.append("**Unfamiliar images.** A probability only compares the 10 classes; it cannot say \"none of "
+                  "them\". So every image is also compared with the training images layer by layer (Mahalanobis "
+                  "distance of each stage's channel statistics, and of the last stage's features to each class), and "
+                  f"flagged when it is stranger than {100 * fam.get('rate', 0.05):.0f} % of held-in CIFAR-10 test "
+                  "images are.")
+        if ev:
+            md.append(f"Flagged: {100 * ev['reporting']['flagged']:.1f} % of the reporting CIFAR-10 images, "
+                      f"**{100 * ev['far_flagged']:.1f} %** of synthetic far-from-CIFAR images. Per set (AUROC: how "
+                      "often such an image scores stranger than a CIFAR-10 test image):")
+    return "\n\n".join(md)
+
+
+def ood_table(meta: dict) -> pd.DataFrame:
+    """The unfamiliar-image detector's measured flagged share and AUROC per image set (empty when none)."""
+    ev = (meta.get("familiarity") or {}).get("evaluation") or {}
+    rows = [{"images": k, "kind": v["kind"], "n": v["n"], "flagged %": round(100 * v["flagged"], 1),
+             "AUROC": v["auroc"]} for k, v in (ev.get("sets") or {}).items()]
+    return pd.DataFrame(rows, columns=["images", "kind", "n", "flagged %", "AUROC"])
 
 
 def read_sweep(path: str | Path = weights.SWEEP_RESULTS) -> dict | None:

@@ -126,6 +126,8 @@ def predict_tab(p: Page) -> SimpleNamespace:
         mis_gallery = gr.Gallery(columns=6, height="auto", allow_preview=False,  # captions fit
                                  label="Misclassified: true → predicted, confidence")
     api_btn = gr.Button(visible=False)  # carries the stable /predict endpoint
+    details_btn = gr.Button(visible=False)  # carries /predict_details
+    details = gr.JSON(visible=False)
 
     predict_full = p.gpu(h.predict_full, QUICK)
     inputs, outputs = [image, k, p.session, truth], [label, seen, info]
@@ -140,6 +142,10 @@ def predict_tab(p: Page) -> SimpleNamespace:
     api_btn.click(p.gpu(h.predict_label, QUICK), [image, k, p.session], label, api_name="predict", **HEAVY_EVENT,
                   api_description="Classify one image: image file in, the top-k {class: probability} out "
                                   "(k defaults to 3). Stable endpoint for gradio_client.")
+    details_btn.click(p.gpu(h.predict_details, QUICK), [image, p.session], details, api_name="predict_details",
+                      **HEAVY_EVENT, api_description="Classify one image with everything needed to judge the answer: "
+                      "every class's calibrated probability, the temperature, and whether the image looks unfamiliar "
+                      "(flag, score, threshold, and the share of CIFAR-10 test images that score as high).")
     then_classify(random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample"))
     then_classify(gallery.select(h.select_sample, None, [image, truth], **PRIVATE))
     mis_btn.click(p.gpu(h.misclassified, h.misclassified_seconds), p.session, [mis_gallery, p.mis_indices, mis_md],
@@ -386,14 +392,23 @@ def about_tab(p: Page) -> None:
     sweep = gr.Dataframe(label="Cardinality sweep results", interactive=False, visible=False, elem_id="ab-sweep")
     sweep_plot = gr.Image(label="Accuracy vs cardinality at one budget", interactive=False,
                           visible=False, elem_id="ab-sweep-plot")
+    with gr.Accordion("How far to believe an answer: calibration and unfamiliar images", open=True):
+        trust_md = gr.Markdown(elem_id="ab-trust-md")
+        with gr.Row():
+            reliability = gr.Image(label="Reliability on the reporting images, before and after calibration",
+                                   interactive=False, elem_id="ab-reliability")
+            ood = gr.Dataframe(label="Unfamiliar-image check, measured per image set", interactive=False,
+                               wrap=True, elem_id="ab-ood")
     btn = gr.Button("Refresh", elem_id="ab-btn")
 
     p.demo.load(h.sweep, None, [sweep, sweep_md, sweep_plot], **PRIVATE)
     outputs = [diagram, table, curve, md]
     btn.click(h.about, [p.session, stage], outputs, api_name="about")
     stage.release(h.about, [p.session, stage], outputs, **PRIVATE)
+    btn.click(h.trust, p.session, [reliability, ood, trust_md], api_name="trust")
     if h.base is not None:
         p.demo.load(h.about, [p.session, stage], outputs, **PRIVATE)
+        p.demo.load(h.trust, p.session, [reliability, ood, trust_md], **PRIVATE)
 
 
 def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | None,

@@ -541,3 +541,33 @@ def block_diagram(config: ResNeXtConfig, stage: int = 0) -> Image.Image:
             f"(≡ 1x1 {ch}→{c * d}, 3x3 grouped conv groups={c}, 1x1 {c * d}→{ch}; BN after each conv)",
             fontsize=7.5, va="top")
     return figure_to_image(fig)
+
+
+def reliability_figure(before: dict, after: dict, title: str = "") -> Image.Image:
+    """Reliability diagram of a checkpoint's reporting images before and after calibration (Reliability dicts,
+    as `calibration.Reliability.to_dict` stores them): accuracy per confidence bin against the diagonal, and
+    how many images each bin holds."""
+    fig = Figure(figsize=(8, 3.4))
+    axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for ax, rel, name in zip(axes, (before, after), ("bare softmax", "calibrated")):
+        n = len(rel["bin_counts"])
+        edges = np.linspace(0, 1, n + 1)
+        acc = np.array([np.nan if v is None else v for v in rel["bin_accuracy"]], dtype=float)
+        conf = np.array([np.nan if v is None else v for v in rel["bin_confidence"]], dtype=float)
+        ax.bar(edges[:-1], np.nan_to_num(acc), width=1 / n, align="edge", color="#4c72b0", edgecolor="white",
+               label="accuracy in the bin")
+        ax.bar(edges[:-1], np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=1 / n, align="edge",
+               color="#dd8452", alpha=0.5, edgecolor="white", label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 probability shown")
+        ax.set_ylabel("share right")
+        ax.set_title(f"{name}: ECE {100 * rel['ece']:.1f} %, confidence {100 * rel['confidence']:.1f} % "
+                     f"vs accuracy {100 * rel['accuracy']:.1f} %", fontsize=8.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.28, bottom=0.15, top=0.84 if title else 0.9)
+    return figure_to_image(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import data
+from .familiarity import TENSOR_PREFIX, Familiarity, embed
 from .model import ResNeXtConfig, build_from_config
 
 FORMAT = "resnext-demo/1"
@@ -65,7 +67,8 @@ def state_digest(model: nn.Module, float32: bool = False) -> str:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None, half: bool = False,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write model weights and metadata atomically (temp file + rename); `half` stores floats as fp16."""
+    """Write model weights and metadata atomically (temp file + rename); `half` stores floats as fp16.
+    The model's calibration and familiarity detector, when it carries them, are written too."""
     from safetensors.torch import save_file
 
     model = _unwrap(model)
@@ -74,6 +77,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
     full = {**(meta or {}), "format": FORMAT, "config": config.to_dict(), "classes": classes,
             "mean": list(data.MEAN), "std": list(data.STD), "dtype": "float16" if half else "float32"}
     full.setdefault("code_commit", code_commit())
+    full.pop("calibration", None)  # only what the model carries now: a stale entry would mislabel it
+    full.pop("familiarity", None)
+    if getattr(model, "calibration", None):
+        full["calibration"] = model.calibration
+    fam: Familiarity | None = getattr(model, "familiarity", None)
+    if fam is not None:
+        full["familiarity"] = fam.meta()
     if len(classes) != config.num_classes:
         raise ValueError(f"{len(classes)} class names for a {config.num_classes}-class model")
     tensors = {}
@@ -82,6 +92,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
         tensors[k] = (v.half() if half and v.is_floating_point() else v).contiguous().clone()
     for k, v in (extra_tensors or {}).items():  # e.g. optimizer momentum for resuming training
         tensors[f"extra.{k}"] = v.detach().to("cpu").contiguous().clone()
+    if fam is not None:
+        tensors.update({k: v.contiguous().clone() for k, v in fam.tensors().items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
@@ -152,13 +164,38 @@ def load_checkpoint(path: str | Path = DEFAULT_WEIGHTS, device: str | torch.devi
         tensors = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{Path(path).name}: its tensors cannot be read (truncated?): {e}") from e
-    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items() if not k.startswith("extra.")}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
+             if not k.startswith(("extra.", TENSOR_PREFIX))}
     model = build_from_config(meta["config"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{Path(path).name}: its weights do not fit its own config ({e}).") from e
+    attach_trust(model, meta, tensors, Path(path).name)
     return model.to(device).eval(), meta
+
+
+def attach_trust(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Set `model.calibration` (its metadata entry, with the temperature every shown probability uses) and
+    `model.familiarity` (the unfamiliar-image detector, or None) from a checkpoint's metadata and tensors.
+    Plain attributes, so every copy the app makes of the model (eval views, fine-tunes) carries them."""
+    cal = meta.get("calibration") or None
+    if cal is not None:
+        t = cal.get("temperature") if isinstance(cal, dict) else None
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.01 <= t <= 100:
+            raise CheckpointError(f"{name}: its calibration temperature {t!r} is not a number in [0.01, 100].")
+    model.calibration = cal
+    try:
+        fam = Familiarity.from_checkpoint(meta.get("familiarity"), tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: its familiarity metadata is damaged ({e}).") from e
+    if fam is not None:  # one tiny forward: a detector that does not fit the model fails here, not per request
+        try:
+            with torch.inference_mode():
+                fam.score(embed(model.eval(), torch.zeros(1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE))[1])
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise CheckpointError(f"{name}: its familiarity detector does not fit the model ({e}).") from e
+    model.familiarity = fam
 
 
 def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:

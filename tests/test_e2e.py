@@ -66,6 +66,11 @@ def test_predict_endpoint(server):
     assert len(c.predict(img, 5, api_name="/predict")["confidences"]) == 5
     label, seen, info = c.predict(img, 2, api_name="/classify")
     assert label["label"] == out["label"] and Path(seen).is_file() and "ms" in info
+    # the tiny checkpoint has no calibration and no detector: the details endpoint says so instead of guessing
+    details = c.predict(img, api_name="/predict_details")
+    assert details["top_class"] == out["label"] and len(details["probabilities"]) == 10
+    assert details["temperature"] == 1.0 and details["unfamiliar"] is None and details["score"] is None
+    assert "unavailable" in info and "Not calibrated" in info
 
 
 def test_bad_input_is_an_error_not_a_crash(server):

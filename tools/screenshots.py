@@ -152,6 +152,13 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         upload(page, "predict-image", str(probe))
         wait_text(page, "predict-info", "ms")
         shot(page, "predict.png")
+        noise = work / "noise.png"  # what a visitor tries next: nonsense, which must be called unfamiliar
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(noise)
+        upload(page, "predict-image", str(noise))
+        wait_text(page, "predict-info", "does not look like")
+        shot(page, "predict-unfamiliar.png")
+        upload(page, "predict-image", str(probe))  # back to the photo for the other tabs
+        page.wait_for_function("() => !document.querySelector('#predict-info').innerText.includes('does not look')")
 
         open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
         page.locator("#gr-btn").click()
