@@ -38,7 +38,8 @@ def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
     refs = ", ".join(f"{name} {score:.3f}" for name, score in f.references.items())
     effect = (f"lowers p({class_name}) by {f.score:.3f}" if f.score >= 0 else
               f"raises p({class_name}) by {-f.score:.3f} (a drop of {f.score:.3f})")
-    line = (f"**Faithfulness (deletion, on the bare softmax):** removing the top 5–50 % of the image by this map {effect} on average; "
+    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map {effect} on average "
+            "(bare softmax, not the calibrated one); "
             f"random orders: {f.random_score:.3f}; maps that know nothing about the model: {refs} — ")
     if f.verdict == "no better than random":
         return line + "✗ no better than random orders on this image."
