@@ -24,8 +24,8 @@ from . import groups as cardinality  # not 'groups': knockout()'s argument of th
 from .model import count_params, device_of
 from .predict import predict, predict_batch
 from .serving import (FINETUNE_GPU_MARGIN, FINETUNE_MIN_SECONDS, GPU_SECONDS, SPECIALIZATION_GPU_SECONDS,
-                      TRAIN_SECONDS_PER_IMAGE, SessionModel, StopFlag, friendly, friendly_gen, on_zero_gpu,
-                      require_image)
+                      TRAIN_SECONDS_PER_IMAGE, PredictBatcher, SessionModel, StopFlag, friendly, friendly_gen,
+                      on_zero_gpu, require_image)
 
 N_SAMPLES = 20  # sample gallery: two test images per class
 MISCLASSIFIED_SLICE = 500  # test images scanned for the "misclassified examples" view
@@ -89,6 +89,7 @@ class Handlers:
                  weights_path: str | Path | None = None, load_error: str | None = None,
                  max_seconds: float = finetune.MAX_SECONDS):
         self.base = None
+        self.batcher = PredictBatcher()  # the fast lane: concurrent predictions share one forward pass
         if model is not None:
             meta = meta or {}
             classes = list(meta.get("classes") or data.CLASSES)
@@ -227,7 +228,7 @@ class Handlers:
         """API /predict: image in, top-k {class: probability} out."""
         require_image(image, "Upload an image first.")
         sm = self.active(session)
-        p = predict(sm.model, image, sm.classes)
+        p = self.batcher.predict(sm.model, image, sm.classes)
         return dict(list(p.probs.items())[:max(1, int(k))])
 
     @friendly
@@ -235,7 +236,7 @@ class Handlers:
         """Predict tab: (top-k label dict, the 32x32 the model sees upscaled, markdown with time/device/truth)."""
         require_image(image, "Upload an image, paste one, use the webcam, or pick a sample.")
         sm = self.active(session)
-        p = predict(sm.model, image, sm.classes)
+        p = self.batcher.predict(sm.model, image, sm.classes)
         return (dict(list(p.probs.items())[:max(1, int(k))]), _upscale(p.image32),
                 report.prediction_md(p, truth, _n_heldin(sm)))
 
@@ -245,7 +246,7 @@ class Handlers:
         flag with its score, threshold and rarity (None where the checkpoint has no detector)."""
         require_image(image, "Upload an image first.")
         sm = self.active(session)
-        p = predict(sm.model, image, sm.classes)
+        p = self.batcher.predict(sm.model, image, sm.classes)
         fam = getattr(sm.model, "familiarity", None)
         return {"top_class": p.top_class, "probabilities": p.probs, "temperature": p.temperature,
                 "unfamiliar": p.unfamiliar if fam is not None else None, "score": p.score,

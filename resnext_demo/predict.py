@@ -57,26 +57,47 @@ def eval_view(model: nn.Module) -> nn.Module:
 def predict(model: nn.Module, image: Image.Image | np.ndarray | str | Path | bytes,
             classes: list[str] | tuple[str, ...]) -> Prediction:
     """Classify one image (PIL, array, path or bytes); raises data.ImageError for unusable images."""
+    out = predict_many(model, [image], classes)[0]
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def predict_many(model: nn.Module, images: list, classes: list[str] | tuple[str, ...]) -> list[Prediction | Exception]:
+    """Classify several images in one forward pass (the fast lane's batches); each result is what `predict`
+    gives that image alone, and an unusable image gets its data.ImageError in its place, not its neighbours.
+    `seconds` is the whole call's time (what each request waited for the model)."""
     if model.training:  # train-mode BN would use batch statistics and update the shared buffers
         model = eval_view(model)
     device = device_of(model)
     t0 = time.perf_counter()
-    im32 = data.prepare_image(image)
+    prepared: list[Image.Image | Exception] = []
+    for image in images:
+        try:
+            prepared.append(data.prepare_image(image))
+        except data.ImageError as e:
+            prepared.append(e)
+    ok = [i for i, im in enumerate(prepared) if not isinstance(im, Exception)]
+    if not ok:
+        return prepared
     fam = getattr(model, "familiarity", None)
     with torch.inference_mode():
-        x = data.normalize(data.pil_to_uint8(im32).to(device))
+        x = data.normalize(torch.cat([data.pil_to_uint8(prepared[i]) for i in ok]).to(device))
         logits, stages = familiarity.embed(model, x) if fam is not None else (model(x), None)
-        p = calibration.probabilities(model, logits)[0].cpu()
-        score = fam.score([s.float().cpu() for s in stages])[0] if fam is not None else None
+        p = calibration.probabilities(model, logits).cpu()
+        scores = fam.score([s.float().cpu() for s in stages]) if fam is not None else None
     seconds = time.perf_counter() - t0  # .cpu() above synchronises CUDA, so this is the real latency
-    if len(classes) != p.numel():
-        raise ValueError(f"{len(classes)} class names for a model with {p.numel()} outputs")
-    order = torch.argsort(p, descending=True).tolist()
-    probs = {classes[i]: float(p[i]) for i in order}
-    extra = {} if score is None else {"unfamiliar": bool(score > fam.threshold), "score": float(score),
-                                      "rarity": float(fam.rarity(score.reshape(1))[0])}
-    return Prediction(probs, order[0], classes[order[0]], im32, seconds, str(device),
-                      temperature=calibration.temperature_of(model), **extra)
+    if len(classes) != p.shape[1]:
+        raise ValueError(f"{len(classes)} class names for a model with {p.shape[1]} outputs")
+    t = calibration.temperature_of(model)
+    out: list[Prediction | Exception] = list(prepared)
+    for row, i in enumerate(ok):
+        order = torch.argsort(p[row], descending=True).tolist()
+        probs = {classes[c]: float(p[row, c]) for c in order}
+        extra = {} if scores is None else {"unfamiliar": bool(scores[row] > fam.threshold), "score": float(scores[row]),
+                                           "rarity": float(fam.rarity(scores[row].reshape(1))[0])}
+        out[i] = Prediction(probs, order[0], classes[order[0]], prepared[i], seconds, str(device), temperature=t, **extra)
+    return out
 
 
 def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

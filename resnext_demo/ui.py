@@ -18,11 +18,13 @@ import torch.nn as nn
 from . import data, explain, finetune, report, serving
 from . import groups as cardinality  # the name handlers.py uses (a 'groups' argument would shadow it there)
 from .handlers import MISCLASSIFIED_SLICE, Handlers, grouped_dropdown_choices, layer_dropdown_choices
-from .serving import (GPU_SECONDS, GPU_SECONDS_QUICK, HEAVY, HEAVY_LIMIT, QUEUE_MAX, SESSION_TTL, TRAIN_LIMIT,
-                      TRAIN_POOL, ZERO_GPU_TRAIN_SECONDS, StopFlag, delete_pending, if_image, on_zero_gpu)
+from .serving import (GPU_SECONDS, GPU_SECONDS_QUICK, HEAVY, HEAVY_LIMIT, PREDICT_LIMIT, PREDICT_POOL, QUEUE_MAX,
+                      SESSION_TTL, TRAIN_LIMIT, TRAIN_POOL, ZERO_GPU_TRAIN_SECONDS, StopFlag, delete_pending, if_image,
+                      on_zero_gpu)
 from .serving import MAX_FILE_SIZE  # noqa: F401  (app.py launches with it, next to CSS)
 
-HEAVY_EVENT = {"concurrency_id": HEAVY, "concurrency_limit": HEAVY_LIMIT}  # every model-running event
+HEAVY_EVENT = {"concurrency_id": HEAVY, "concurrency_limit": HEAVY_LIMIT}  # every model-running event but…
+PREDICT_EVENT = {"concurrency_id": PREDICT_POOL, "concurrency_limit": PREDICT_LIMIT}  # …predictions: their own lane
 QUICK, SLOW = if_image(GPU_SECONDS_QUICK), if_image(GPU_SECONDS)  # ZeroGPU bookings of image events
 PRIVATE = {"api_visibility": "private"}  # page-only events: no endpoint for gradio_client
 
@@ -133,17 +135,17 @@ def predict_tab(p: Page) -> SimpleNamespace:
     inputs, outputs = [image, k, p.session, truth], [label, seen, info]
 
     def then_classify(event) -> None:
-        event.then(predict_full, inputs, outputs, **PRIVATE, **HEAVY_EVENT)
+        event.then(predict_full, inputs, outputs, **PRIVATE, **PREDICT_EVENT)
 
-    predict_btn.click(predict_full, inputs, outputs, api_name="classify", **HEAVY_EVENT)
+    predict_btn.click(predict_full, inputs, outputs, api_name="classify", **PREDICT_EVENT)
     # any user change (upload, paste, webcam snapshot, clear) forgets the sample's true label and re-predicts
     image.input(lambda: None, None, truth, **PRIVATE, queue=False) \
-        .then(p.gpu(h.auto_predict, QUICK), inputs, outputs, **PRIVATE, **HEAVY_EVENT)
-    api_btn.click(p.gpu(h.predict_label, QUICK), [image, k, p.session], label, api_name="predict", **HEAVY_EVENT,
+        .then(p.gpu(h.auto_predict, QUICK), inputs, outputs, **PRIVATE, **PREDICT_EVENT)
+    api_btn.click(p.gpu(h.predict_label, QUICK), [image, k, p.session], label, api_name="predict", **PREDICT_EVENT,
                   api_description="Classify one image: image file in, the top-k {class: probability} out "
                                   "(k defaults to 3). Stable endpoint for gradio_client.")
     details_btn.click(p.gpu(h.predict_details, QUICK), [image, p.session], details, api_name="predict_details",
-                      **HEAVY_EVENT, api_description="Classify one image with everything needed to judge the answer: "
+                      **PREDICT_EVENT, api_description="Classify one image with everything needed to judge the answer: "
                       "every class's calibrated probability, the temperature, and whether the image looks unfamiliar "
                       "(flag, score, threshold, and the share of CIFAR-10 test images that score as high).")
     then_classify(random_btn.click(h.random_sample, None, [image, truth], api_name="random_sample"))

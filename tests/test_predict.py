@@ -83,3 +83,74 @@ def test_predict_never_changes_the_model(tiny_model):
 def test_predict_checks_class_count(tiny_model):
     with pytest.raises(ValueError, match="class names"):
         predict.predict(tiny_model, Image.new("RGB", (8, 8)), ["a", "b"])
+
+
+# ---------------------------------------------------------------- the fast lane (issue 31)
+
+
+def test_predict_many_gives_each_image_what_predict_gives_it_alone(tiny_model):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8) for i in range(5)]
+    images.insert(2, b"not an image")  # a bad image in the middle of the batch fails alone
+    many = predict.predict_many(tiny_model, images, data.CLASSES)
+    assert isinstance(many[2], data.ImageError)
+    for im, got in zip(images, many):
+        if isinstance(im, bytes):
+            continue
+        alone = predict.predict(tiny_model, im, data.CLASSES)
+        assert got.top_class == alone.top_class and list(got.probs) == list(alone.probs)
+        assert all(abs(got.probs[c] - alone.probs[c]) < 1e-6 for c in alone.probs)
+        assert np.array_equal(np.asarray(got.image32), np.asarray(alone.image32))
+
+
+def test_batcher_runs_concurrent_requests_together_and_a_bad_image_fails_alone(tiny_model):
+    import threading
+
+    from resnext_demo.serving import PredictBatcher
+
+    batcher = PredictBatcher(max_batch=16, wait_s=0.05)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(7)] + [b"\x89PNG broken"]
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(images))
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = batcher.predict(tiny_model, images[i], data.CLASSES)
+        except data.ImageError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(results[7], data.ImageError)
+    for i in range(7):
+        alone = predict.predict(tiny_model, images[i], data.CLASSES)
+        assert results[i].top_class == alone.top_class
+        assert abs(results[i].probs[alone.top_class] - alone.probs[alone.top_class]) < 1e-6
+    assert sum(batcher.sizes) == len(images) and max(batcher.sizes) > 1  # they shared forward passes
+
+
+def test_batcher_never_mixes_models(tiny_model):
+    import copy
+    import threading
+
+    from resnext_demo.serving import PredictBatcher
+
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.fc.bias += torch.arange(10.0) * 5  # a different model: class 9 wins everywhere
+    batcher = PredictBatcher(wait_s=0.05)
+    im = np.zeros((32, 32, 3), np.uint8)
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, m=m: out.__setitem__(k, batcher.predict(m, im, data.CLASSES)))
+               for k, m in (("a", tiny_model), ("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out["a"].top_class == predict.predict(tiny_model, im, data.CLASSES).top_class
+    assert out["b"].top_class == "truck"

@@ -245,6 +245,53 @@ def load_phase(url: str, users: int, requests: int, tmp: Path, finetune_epochs: 
             "endpoints": {k: asdict(v) for k, v in stats.items()}}
 
 
+# ---------------------------------------------------------------- the fast lane
+
+def _looper(url: str, kind: str, image: str, deadline: float, timeout: float) -> list[Sample]:
+    """One client looping until `deadline`: 'predict' sends /predict; 'heavy' alternates Integrated Gradients
+    and feature maps (what fills the heavy pool)."""
+    from gradio_client import Client, handle_file
+    c = Client(url, verbose=False, httpx_kwargs={"timeout": timeout})
+    out, i = [], 0
+    while time.monotonic() < deadline:
+        img = handle_file(image)
+        if kind == "predict":
+            label, ep, args = "/predict", "/predict", (img, 3)
+        elif i % 2 == 0:
+            label, ep, args = "heavy: /attribute (Integrated Gradients)", "/attribute", (img, "Integrated Gradients")
+        else:
+            label, ep, args = "heavy: /feature_maps", "/feature_maps", (img,)
+        t0 = time.monotonic()
+        try:
+            c.submit(*args, api_name=ep).result(timeout=timeout)
+            out.append(Sample(label, time.monotonic() - t0, True))
+        except Exception as e:
+            out.append(Sample(label, time.monotonic() - t0, False, _error_text(e)))
+        i += 1
+    c.close()
+    return out
+
+
+def lane_phase(url: str, tmp: Path, predictors: int = 8, heavy: int = 6, seconds: float = 40.0,
+               timeout: float = 120.0) -> dict:
+    """`predictors` clients loop on /predict beside `heavy` clients looping on Integrated Gradients and feature
+    maps for `seconds`; /predict p50/p95 against the heavy requests' p50, as a ratio from the same run."""
+    images = [synthetic_image(tmp / f"lane-{i}.png", 3000 + i) for i in range(predictors + heavy)]
+    deadline = time.monotonic() + seconds
+    with ThreadPoolExecutor(predictors + heavy) as ex:
+        futures = [ex.submit(_looper, url, "predict" if i < predictors else "heavy", images[i], deadline, timeout)
+                   for i in range(predictors + heavy)]
+        samples = [s for f in futures for s in f.result()]
+    pred = [s.seconds for s in samples if s.ok and s.endpoint == "/predict"]
+    heavy_ok = [s.seconds for s in samples if s.ok and s.endpoint.startswith("heavy")]
+    p95, heavy_p50 = percentile(pred, 95), percentile(heavy_ok, 50)
+    return {"predict_clients": predictors, "heavy_clients": heavy, "seconds": seconds,
+            "failed": sum(not s.ok for s in samples),
+            "endpoints": {k: asdict(v) for k, v in summarize(samples).items()},
+            "predict_p50_s": percentile(pred, 50), "predict_p95_s": p95, "heavy_p50_s": heavy_p50,
+            "predict_p95_over_heavy_p50": p95 / heavy_p50 if p95 is not None and heavy_p50 else None}
+
+
 # ---------------------------------------------------------------- phase 2: overload
 
 def _direct_stop(url: str, session_hash: str) -> str:
@@ -370,6 +417,14 @@ def report_text(r: dict) -> str:
                          f"{_fmt(s['max_s']):>7s}")
             for m in s["error_messages"]:
                 lines.append(f"      error: {m}")
+    if "lane" in r:
+        ln = r["lane"]
+        lines.append(f"fast lane: {ln['predict_clients']} clients looping on /predict beside {ln['heavy_clients']} on "
+                     f"Integrated Gradients + feature maps for {ln['seconds']:.0f} s; {ln['failed']} failed; /predict p50 "
+                     f"{_fmt(ln['predict_p50_s'])} s, p95 {_fmt(ln['predict_p95_s'])} s; heavy p50 {_fmt(ln['heavy_p50_s'])} s; "
+                     f"/predict p95 / heavy p50 = {_fmt(ln['predict_p95_over_heavy_p50'])}")
+        for ep, st in ln["endpoints"].items():
+            lines.append(f"  {ep:42s} {st['count']:5d} {st['errors']:6d} {_fmt(st['p50_s']):>7s} {_fmt(st['p95_s']):>7s}")
     if "overload" in r:
         o = r["overload"]
         lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once, {o['holders_running_when_flooded']} pool-holding fine-tunes running "
@@ -384,7 +439,7 @@ def report_text(r: dict) -> str:
 
 def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path: str | None = None,
         data_source: str | None = None, overload: bool = True, overload_extra: int = 8,
-        timeout: float = 600.0, log: str | Path | None = None, flood: str = "finetune") -> dict:
+        timeout: float = 600.0, log: str | Path | None = None, flood: str = "finetune", lane_seconds: float = 0.0) -> dict:
     """The whole load test; returns the report as a dict (what --json prints)."""
     if users < 1 or requests < 1:
         raise ValueError("--users and --requests must be at least 1")
@@ -398,6 +453,10 @@ def run(users: int = 4, requests: int = 6, url: str | None = None, weights_path:
         t = time.monotonic()
         out = {"load": load_phase(u, users, requests, tmp, timeout=max(30.0, 0.6 * (t_end - time.monotonic())))}
         out["load"]["phase_s"] = time.monotonic() - t
+        if lane_seconds:
+            t = time.monotonic()
+            out["lane"] = lane_phase(u, tmp, seconds=lane_seconds)
+            out["lane"]["phase_s"] = time.monotonic() - t
         if overload:
             t = time.monotonic()
             out["overload"] = overload_phase(u, tmp, overload_extra, timeout=max(30.0, t_end - time.monotonic()),
@@ -456,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "resnext29_8x4d_micro)")
     ap.add_argument("--data", help="CIFAR-10 source for the started app (default: the app's default)")
     ap.add_argument("--no-overload", action="store_true", help="skip the queue-overflow phase")
+    ap.add_argument("--lane", type=float, default=0.0, metavar="SECONDS",
+                    help="also run the fast-lane phase for this long: 8 /predict clients beside 6 heavy ones")
     ap.add_argument("--overload-extra", type=int, default=8, help="requests beyond the queue's max_size (default 8)")
     ap.add_argument("--flood", choices=("predict", "finetune"), default="finetune",
                     help="overload with data-less fine-tunes (default: they queue behind the holders whatever "
@@ -476,12 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         rep = run(a.users, a.requests, a.url, a.weights, a.data, not a.no_overload, a.overload_extra, a.timeout,
-                  flood=a.flood)
+                  flood=a.flood, lane_seconds=a.lane)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rep, indent=2) if a.json else report_text(rep))
-    failed = rep["load"]["failed"]
+    failed = rep["load"]["failed"] + rep.get("lane", {}).get("failed", 0)
     o = rep.get("overload")
     return 1 if failed or (o and (not o["server_alive_after"] or o["other_errors"])) else 0
 
