@@ -208,6 +208,51 @@ def predict_views(model: nn.Module, x: torch.Tensor, level: int = 2, device: tor
     return torch.cat(plain), torch.cat(tta)
 
 
+class _Trainer:
+    """One fast-recipe run between epochs: the prepared model, its optimizer, batches, step and lookahead."""
+
+    def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe: FastRecipe,
+                 device: torch.device):
+        model.to(device)
+        if recipe.channels_last:
+            model.to(memory_format=torch.channels_last)
+        prepare(model, train[0], recipe)
+        self.model, self.recipe, self.device = model, recipe, device
+        self.opt = optimizer(model, recipe)
+        self.batches = Batches(*train, recipe, device)
+        self.total = max(1, math.ceil(self.batches.steps * recipe.epochs))
+        self.bf16 = use_bf16(device, recipe.bf16)
+        self.step, self.lookahead = 0, None
+
+    def epoch(self, e: int, should_stop) -> tuple[float, float, bool]:
+        """Epoch `e` up to the last step or until should_stop(): (mean loss, accuracy, stopped)."""
+        model, r = self.model, self.recipe
+        if model.conv1.bias is not None:
+            model.conv1.bias.requires_grad_(e < r.whiten_bias_epochs)
+        model.train()
+        loss_sum, correct, seen, stopped = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0, False
+        for xb, yb in self.batches.epoch(e):
+            for g in self.opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(self.step, self.total)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = model(xb)
+            loss = F.cross_entropy(out.float(), yb, label_smoothing=r.label_smoothing, reduction="sum")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            self.lookahead = _lookahead_step(model, self.lookahead, r, e, self.step, self.total)
+            loss_sum += loss.detach()  # summed on the device: one read-back per epoch
+            correct += (out.argmax(1) == yb).sum()
+            seen += len(yb)
+            stopped = should_stop()
+            if self.step >= self.total or stopped:
+                break
+        if self.lookahead is not None:
+            self.lookahead.update(1.0)  # the epoch ends on the averaged weights
+        return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), stopped
+
+
 def fit_fast(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe: FastRecipe,
              test: tuple[torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
              stop: threading.Event | None = None, max_seconds: float | None = None) -> Iterator[dict]:
@@ -215,53 +260,23 @@ def fit_fast(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe:
     test accuracy when `test` and `eval_every_epoch`, seconds) and a last one with kind 'done' and the history."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(recipe.seed)
-    model.to(device)
-    if recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
-    prepare(model, train[0], recipe)
-    opt = optimizer(model, recipe)
-    batches = Batches(*train, recipe, device)
-    total = max(1, math.ceil(batches.steps * recipe.epochs))
-    bf16 = use_bf16(device, recipe.bf16)
-    lookahead, step, history, t0, stopped, train_s = None, 0, [], time.perf_counter(), False, 0.0
+    run = _Trainer(model, train, recipe, device)
+    history, t0, stopped, train_s = [], time.perf_counter(), False, 0.0
+
+    def should_stop() -> bool:
+        return (stop is not None and stop.is_set()) or (max_seconds is not None and time.perf_counter() - t0 > max_seconds)
     for epoch in range(math.ceil(recipe.epochs)):
         t_epoch = time.perf_counter()
-        if model.conv1.bias is not None:
-            model.conv1.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
-        model.train()
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for xb, yb in batches.epoch(epoch):
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(step, total)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(xb)
-            loss = F.cross_entropy(out.float(), yb, label_smoothing=recipe.label_smoothing, reduction="sum")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            lookahead = _lookahead_step(model, lookahead, recipe, epoch, step, total)
-            loss_sum += loss.detach()
-            correct += (out.argmax(1) == yb).sum()
-            seen += len(yb)
-            stopped = (stop is not None and stop.is_set()) or \
-                (max_seconds is not None and time.perf_counter() - t0 > max_seconds)
-            if step >= total or stopped:
-                break
-        if lookahead is not None:
-            lookahead.update(1.0)  # the epoch ends on the averaged weights
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        loss, acc, stopped = run.epoch(epoch, should_stop)  # its .item() waits for the device
         train_s += time.perf_counter() - t_epoch
         test_acc = None
         if test is not None and recipe.eval_every_epoch:
-            test_acc = (predict_views(model, test[0], 0, device, bf16)[0].argmax(1) == test[1].cpu()).float().mean().item()
-        history.append({"epoch": epoch + 1, "steps": step, "train_loss": loss_sum.item() / max(1, seen),
-                        "train_acc": correct.item() / max(1, seen), "test_acc": test_acc,
+            test_acc = (predict_views(model, test[0], 0, device, run.bf16)[0].argmax(1) == test[1].cpu()).float().mean().item()
+        history.append({"epoch": epoch + 1, "steps": run.step, "train_loss": loss, "train_acc": acc, "test_acc": test_acc,
                         "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(train_s, 2),
                         "complete": not stopped})
         yield {"kind": "epoch", **history[-1]}
-        if stopped or step >= total:
+        if stopped or run.step >= run.total:
             break
     model.eval()
     yield {"kind": "done", "history": history, "stopped": stopped, "seconds": time.perf_counter() - t0,
