@@ -108,7 +108,12 @@ def worker(rank: int, args: argparse.Namespace, probe_model: str, t_probe: float
         if left < 1.15 * seen.get(model_name, max(seen.values(), default=0.0)) or left < 5:
             reports.put(("skipped", model_name, seed))
             continue
-        seen[model_name] = run_one(model_name, seed, epochs, train, test, device, args, left)
+        try:
+            seen[model_name] = run_one(model_name, seed, epochs, train, test, device, args, left)
+        except Exception as e:  # one failed run (e.g. out of memory) must not end the worker's other runs
+            reports.put(("error", model_name, seed, repr(e)[:300]))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def run_one(model_name: str, seed: int, epochs: float, train, test, device, args, left: float) -> float:
@@ -260,7 +265,8 @@ def main() -> None:
                                               t_end)) for i in range(args.workers)]
     for p in procs:
         p.start()
-    epochs, summary = run_phases(args, procs, reports, epochs_box, jobs, models, len(train[1]), t_end, say)
+    epochs, summary = run_phases(args, procs, reports, epochs_box, jobs, models, len(train[1]),
+                                 t_probe + args.probe_len + 30, t_end, say)
     summary.update(plan=len(jobs), epochs=epochs, workers=args.workers, deadline=args.deadline,
                    commit=os.environ.get("RESNEXT_DEMO_COMMIT"), command=" ".join(sys.argv))
     done = collect(work, out, test[1].numpy(), summary)
@@ -268,15 +274,17 @@ def main() -> None:
     log.close()
 
 
-def run_phases(args, procs, reports, epochs_box, jobs, models, n_train: int, t_end: float, say) -> tuple[float, dict]:
-    """Gather the probes, set the epochs, wait for the runs (stopping stragglers at the deadline)."""
+def run_phases(args, procs, reports, epochs_box, jobs, models, n_train: int, t_probe_end: float, t_end: float,
+               say) -> tuple[float, dict]:
+    """Gather the probes (until `t_probe_end` at the latest), set the epochs, wait for the runs (stopping
+    stragglers at the deadline)."""
     step_s: dict[str, list[float]] = {}
-    while sum(len(v) for v in step_s.values()) < len(procs) and any(p.is_alive() for p in procs):
+    while sum(len(v) for v in step_s.values()) < sum(p.is_alive() for p in procs) and time.time() < t_probe_end:
         try:
             kind, model, value = reports.get(timeout=1)
         except queue.Empty:
             continue
-        step_s.setdefault(model, []).append(value)
+        step_s.setdefault(model, []).append(value)  # a worker that died or is late simply has no probe
     probe = {m: max(v) for m, v in step_s.items()}
     worst = max(probe.values(), default=1.0)
     probe.update({m: worst for m in models if m not in probe})
@@ -288,14 +296,16 @@ def run_phases(args, procs, reports, epochs_box, jobs, models, n_train: int, t_e
     while any(p.is_alive() for p in procs) and time.time() < t_end + 15:
         time.sleep(2)
         while not reports.empty():
-            skipped.append(reports.get()[1:])
+            skipped.append(reports.get())  # ("skipped", model, seed) or ("error", model, seed, message)
         if args.device == "cuda" and int(time.time()) % 30 < 2:
             gpu.append(f"{time.time() - t_end:.0f}s-to-deadline {_gpu_state()}")
     for p in procs:
         if p.is_alive():
             p.terminate()
         p.join(5)
-    say(f"workers done; skipped {len(skipped)} jobs")
+    while not reports.empty():
+        skipped.append(reports.get())
+    say(f"workers done; not run: {skipped}")
     return epochs, {"probe_seconds_per_step": probe, "skipped": skipped, "gpu": gpu}
 
 
