@@ -192,7 +192,8 @@ def _sweep_names() -> set[str]:
     return set(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
 
 
-def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0) -> list[dict]:
+def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0,
+                   batch_size: int = 256) -> list[dict]:
     """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench94 reference
     (the zoo's dense `airbench94`) measured in the same run (the ratio is what survives a noisy machine)."""
     rows = []
@@ -203,7 +204,7 @@ def training_table(device: torch.device, models: list[str], compiled: bool = Fal
         for bf, cl, comp in variants:
             torch.manual_seed(0)
             m = build_model(name)
-            ips = train_throughput(m, device, bf, cl, comp, budget_s=budget_s)
+            ips = train_throughput(m, device, bf, cl, comp, batch_size=batch_size, budget_s=budget_s)
             rows.append({"model": name, "params": sum(p.numel() for p in m.parameters()), "bf16": bf,
                          "channels_last": cl, "compiled": comp, "images_per_s": ips})
     ref = {(r["bf16"], r["channels_last"], r["compiled"]): r["images_per_s"] for r in rows if r["model"] == "airbench94"}
@@ -260,14 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train", action="store_true", help="training img/s of the fast models vs a dense reference")
     ap.add_argument("--models", default=None, help="comma-separated models for --train (default: fast family)")
     ap.add_argument("--compile", action="store_true", help="--train: also time torch.compile")
+    ap.add_argument("--batch-size", type=int, default=256, help="--train: batch size (the fast recipe uses 1024)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.train:
         names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"
                                                            and n not in _sweep_names()]
-        rows = training_table(device, names, compiled=args.compile)
+        rows = training_table(device, names, compiled=args.compile, batch_size=args.batch_size)
         print(json.dumps(rows, indent=1) if args.json else
-              f"Device: {device} ({torch.get_num_threads()} torch threads), batch 256\n\n" + training_report(rows))
+              f"Device: {device} ({torch.get_num_threads()} torch threads), batch {args.batch_size}\n\n"
+              + training_report(rows))
         return {"train": rows}
     path = Path(args.weights)
     if not path.is_file():  # still benchmark the architecture: an untrained default-sized model
