@@ -167,14 +167,9 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
         results[f"fine-tune epoch, 100 images, {layers}"] = timeit(epoch, warmup=1, repeats=3, budget_s=20, sync=sync)
 
 
-def airbench_reference(widths: tuple[int, int, int] = (64, 256, 256), num_classes: int = 10) -> nn.Module:
-    """airbench94's dense net (Jordan 2024): 2x2 stem, then per stage conv-pool-BN-GELU-conv-BN-GELU."""
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
-    return nn.Sequential(nn.Conv2d(3, 24, 2), nn.GELU(), *block(24, widths[0]), *block(widths[0], widths[1]),
-                         *block(widths[1], widths[2]), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                         nn.Linear(widths[2], num_classes, bias=False))
+def airbench_reference(num_classes: int = 10) -> nn.Module:
+    """airbench94's dense net (Jordan 2024), now the zoo's `airbench94` (model.AirbenchNet)."""
+    return build_model("airbench94", num_classes)
 
 
 def train_throughput(model: nn.Module, device: torch.device, bf16: bool, channels_last: bool,
@@ -204,21 +199,22 @@ def _sweep_names() -> set[str]:
     return set(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
 
 
-def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0) -> list[dict]:
-    """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench reference
-    measured in the same run (the ratio is what survives a noisy machine)."""
+def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0,
+                   batch_size: int = 256) -> list[dict]:
+    """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench94 reference
+    (the zoo's dense `airbench94`) measured in the same run (the ratio is what survives a noisy machine)."""
     rows = []
     variants = [(bf, cl, False) for bf in (False, True) for cl in (False, True)]
     if compiled:
         variants.append((True, True, True))
-    for name in ["airbench94 reference (dense)"] + models:
+    for name in ["airbench94"] + [m for m in models if m != "airbench94"]:
         for bf, cl, comp in variants:
             torch.manual_seed(0)
-            m = airbench_reference() if name.startswith("airbench") else build_model(name)
-            ips = train_throughput(m, device, bf, cl, comp, budget_s=budget_s)
+            m = build_model(name)
+            ips = train_throughput(m, device, bf, cl, comp, batch_size=batch_size, budget_s=budget_s)
             rows.append({"model": name, "params": sum(p.numel() for p in m.parameters()), "bf16": bf,
                          "channels_last": cl, "compiled": comp, "images_per_s": ips})
-    ref = {(r["bf16"], r["channels_last"], r["compiled"]): r["images_per_s"] for r in rows if r["model"].startswith("airbench")}
+    ref = {(r["bf16"], r["channels_last"], r["compiled"]): r["images_per_s"] for r in rows if r["model"] == "airbench94"}
     for r in rows:
         r["ratio_to_reference"] = r["images_per_s"] / ref[(r["bf16"], r["channels_last"], r["compiled"])]
     return rows
@@ -272,14 +268,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train", action="store_true", help="training img/s of the fast models vs a dense reference")
     ap.add_argument("--models", default=None, help="comma-separated models for --train (default: fast family)")
     ap.add_argument("--compile", action="store_true", help="--train: also time torch.compile")
+    ap.add_argument("--batch-size", type=int, default=256, help="--train: batch size (the fast recipe uses 1024)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.train:
         names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"
                                                            and n not in _sweep_names()]
-        rows = training_table(device, names, compiled=args.compile)
+        rows = training_table(device, names, compiled=args.compile, batch_size=args.batch_size)
         print(json.dumps(rows, indent=1) if args.json else
-              f"Device: {device} ({torch.get_num_threads()} torch threads), batch 256\n\n" + training_report(rows))
+              f"Device: {device} ({torch.get_num_threads()} torch threads), batch {args.batch_size}\n\n"
+              + training_report(rows))
         return {"train": rows}
     path = Path(args.weights)
     if not path.is_file():  # still benchmark the architecture: an untrained default-sized model

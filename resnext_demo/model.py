@@ -8,6 +8,7 @@ This file imports nothing else of the project.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -27,7 +28,9 @@ class ResNeXtConfig:
     cardinality: int = 8  # C: groups of the 3x3 conv
     base_width: int = 64  # d: channels per group in stage 1; doubles each stage like the widths
     num_classes: int = 10
-    family: str = "cifar"  # "cifar" (ResNeXt-29), "fast" (FastResNeXt) or "torchvision" (the resnext50 seed)
+    family: str = "cifar"  # "cifar" (ResNeXt-29), "fast" (FastResNeXt), "airbench" (airbench94's dense net),
+    # "airbench_x" (its ResNeXt counterpart, AirbenchNet) or "torchvision" (the resnext50 seed)
+    group_widths: tuple[int, ...] = ()  # d of each stage when set (airbench_x); else base_width doubling per stage
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (tuples become lists)."""
@@ -37,14 +40,14 @@ class ResNeXtConfig:
     def from_dict(cls, d: dict) -> "ResNeXtConfig":
         """Inverse of to_dict; unknown keys are an error so a foreign config is not half-read."""
         d = dict(d)
-        for k in ("depths", "widths"):
+        for k in ("depths", "widths", "group_widths"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
 
     def group_width(self, stage: int) -> int:
         """Channels per group in the grouped 3x3 conv of `stage` (0-based)."""
-        return self.base_width * 2**stage
+        return self.group_widths[stage] if self.group_widths else self.base_width * 2**stage
 
     def bottleneck_width(self, stage: int) -> int:
         """Channels of the grouped conv (C x d) in `stage`."""
@@ -56,26 +59,32 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class Bottleneck(nn.Module):
-    """ResNeXt block (form (c) of the paper's Fig. 3): 1x1 -> grouped 3x3 (stride here) -> 1x1, BN after each."""
+def _relu() -> nn.Module:
+    return nn.ReLU(inplace=False)
 
-    def __init__(self, in_ch: int, out_ch: int, cardinality: int, group_width: int, stride: int = 1):
+
+class Bottleneck(nn.Module):
+    """ResNeXt block (form (c) of the paper's Fig. 3): 1x1 -> grouped 3x3 (stride here) -> 1x1, BN after each.
+    `act` makes each activation module (ReLU; GELU in the airbench families)."""
+
+    def __init__(self, in_ch: int, out_ch: int, cardinality: int, group_width: int, stride: int = 1,
+                 act: Callable[[], nn.Module] = _relu):
         super().__init__()
         width = cardinality * group_width
         self.conv1 = conv1x1(in_ch, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=False)
+        self.act1 = act()
         # The aggregated transformations: C groups of `group_width` channels each; output channels
         # [g*group_width, (g+1)*group_width) belong to group g (the per-group views rely on this).
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=cardinality, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.act2 = nn.ReLU(inplace=False)
+        self.act2 = act()
         self.conv3 = conv1x1(width, out_ch)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
-        self.act3 = nn.ReLU(inplace=False)
+        self.act3 = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -148,12 +157,12 @@ class Downsample(nn.Module):
     quarter of the pixels, which is where the CPU time goes at this model size (memory-bound BN/ReLU).
     """
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, act: Callable[[], nn.Module] = _relu):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.bn = nn.BatchNorm2d(out_ch)
-        self.act = nn.ReLU(inplace=False)
+        self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.pool(self.conv(x))))
@@ -172,6 +181,78 @@ class FastResNeXt(ResNeXt):
         """Stage i's blocks: the Downsample, then `depth` bottlenecks with identity shortcuts."""
         return [Downsample(cin, cout)] + [Bottleneck(cout, cout, self.config.cardinality, self.config.group_width(i))
                                           for _ in range(depth)]
+
+
+def _gelu() -> nn.Module:
+    return nn.GELU()
+
+
+class PlainBlock(nn.Module):
+    """airbench94's second conv of a stage: 3x3 conv (dense at C=1), BN, GELU. Named like a bottleneck's middle
+    (conv2, bn2, act2) so the per-group views find it. No shortcut: airbench's identity init is its residual."""
+
+    def __init__(self, ch: int, cardinality: int = 1):
+        super().__init__()
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.act2 = _gelu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.bn2(self.conv2(x)))
+
+
+class AirbenchNet(ResNeXt):
+    """airbench94's skeleton (Jordan 2024, `airbench94.py`) with this family's interface and module names.
+
+    `conv1`: 2x2 conv without padding (3 -> stem_width, with a bias; the fast recipe sets its weight to patch
+    whitening) + GELU at 31x31; stages `layerN` = Downsample (3x3 conv, 2x2 max-pool, BN, GELU: 15, 7, 3) and
+    `depths[N]` blocks; global max-pool; `fc` without bias; logits x 1/9 (airbench's output scale, which its
+    learning rates assume). Family "airbench": each block is a PlainBlock (airbench94 itself at depths 1,1,1).
+    Family "airbench_x": ResNeXt bottlenecks (1x1 -> grouped 3x3 -> 1x1, identity shortcut, GELU), so every
+    grouped conv is followed by a 1x1 that mixes its groups' channels (a grouped conv feeding another grouped
+    conv would only make C separate thin networks). PyTorch's default conv init, as airbench.
+    """
+
+    logit_scale = 1 / 9
+
+    def __init__(self, config: ResNeXtConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self.conv1 = nn.Conv2d(3, config.stem_width, 2, bias=True)
+        self.act1 = _gelu()
+        cin = config.stem_width
+        self.stage_names = []
+        for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
+            self.add_module(f"layer{i + 1}", nn.Sequential(*self.stage_blocks(i, cin, cout, depth)))
+            self.stage_names.append(f"layer{i + 1}")
+            cin = cout
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(cin, config.num_classes, bias=False)
+
+    def stage_blocks(self, i: int, cin: int, cout: int, depth: int) -> list[nn.Module]:
+        """Stage i: the Downsample, then `depth` plain blocks (airbench) or bottlenecks (airbench_x)."""
+        c = self.config
+        if c.family == "airbench":
+            return [Downsample(cin, cout, _gelu)] + [PlainBlock(cout, c.cardinality) for _ in range(depth)]
+        return [Downsample(cin, cout, _gelu)] + [Bottleneck(cout, cout, c.cardinality, c.group_width(i), act=_gelu)
+                                                 for _ in range(depth)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and all stages: N x widths[-1] x 3 x 3 on a 32x32 input."""
+        x = self.act1(self.conv1(x))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global max-pool and the scaled classifier (or the pooled features if `pre_logits`)."""
+        x = torch.flatten(self.pool(x), 1)
+        return x if pre_logits else self.fc(x) * self.logit_scale
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh bias-free head, the config kept in step."""
+        self.fc = nn.Linear(self.fc.in_features, num_classes, bias=False).to(self.fc.weight.device)
+        self.config = replace(self.config, num_classes=num_classes)
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
@@ -392,6 +473,44 @@ _CONFIGS.update({
 })
 # The cardinality sweep of the fast family at the default's budget (C=32 would miss it by 9-10 %).
 _CONFIGS.update(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
+# airbench94's dense net (`bench --train`'s reference, the fast recipe's anchor: 1.97 M parameters, 118 M MACs)
+# and its ResNeXt counterparts at the same budget: each stage's plain 3x3 conv becomes a bottleneck with a
+# grouped 3x3 of C groups of d channels (d of stage 1, stages 2 and 3). The d's come from
+# `airbench_x_widths(C)`; tests/test_speedrun.py checks parameters and MACs within 5 % of airbench94.
+AIRBENCH94 = ResNeXtConfig(depths=(1, 1, 1), stem_width=24, widths=(64, 256, 256), cardinality=1, base_width=64,
+                           family="airbench")
+_AIRBENCH_X = {"airbench94x_1x229d": (1, 57, 229), "airbench94x_2x155d": (2, 38, 155),
+               "airbench94x_4x102d": (4, 27, 102), "airbench94x_8x66d": (8, 17, 66),
+               "airbench94x_16x41d": (16, 11, 41), "airbench94x_32x25d": (32, 6, 25)}
+_CONFIGS["airbench94"] = AIRBENCH94
+_CONFIGS.update({name: replace(AIRBENCH94, family="airbench_x", cardinality=c, base_width=d1, group_widths=(d1, d, d))
+                 for name, (c, d1, d) in _AIRBENCH_X.items()})
+
+
+def airbench_family() -> dict[int, str]:
+    """The equal-budget airbench94x models by cardinality C (the fast sweep's members)."""
+    return {c: name for name, (c, _, _) in _AIRBENCH_X.items()}
+
+
+def airbench_x_widths(cardinality: int) -> tuple[int, int]:
+    """(d of stage 1, d of stages 2-3) giving airbench94's parameters and MACs at `cardinality`: each stage's
+    bottleneck (2*w*cout + 9*w*w/C, w = C*d) near the dense 3x3's 9*cout^2, then the neighbours checked on the
+    whole network for the smaller of the larger relative misses."""
+    p0, m0 = config_params(AIRBENCH94), config_macs(AIRBENCH94)
+
+    def near(cout: int) -> int:
+        return min(range(1, 4 * cout), key=lambda d: abs(2 * cout * cardinality * d + 9 * cardinality * d * d
+                                                         - 9 * cout * cout))
+
+    def worst(d1: int, d: int) -> float:
+        c = replace(AIRBENCH94, family="airbench_x", cardinality=cardinality, base_width=d1, group_widths=(d1, d, d))
+        return max(abs(config_params(c) - p0) / p0, abs(config_macs(c) - m0) / m0)
+
+    g1, g = near(AIRBENCH94.widths[0]), near(AIRBENCH94.widths[1])
+    return min(((d1, d) for d1 in range(max(1, g1 - 2), g1 + 3) for d in range(max(1, g - 2), g + 3)),
+               key=lambda t: worst(*t))
+
+
 _CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
                                             cardinality=32, base_width=4, family="torchvision")
 
@@ -414,6 +533,8 @@ def build_from_config(config: ResNeXtConfig, zero_init_residual: bool = False, p
         return TorchvisionResNeXt(config, pretrained=pretrained)
     if config.family == "fast":
         return FastResNeXt(config, zero_init_residual=zero_init_residual)
+    if config.family in ("airbench", "airbench_x"):
+        return AirbenchNet(config)
     if config.family != "cifar":
         raise ValueError(f"unknown model family {config.family!r}")
     return ResNeXt(config, zero_init_residual=zero_init_residual)

@@ -5,6 +5,8 @@ different cardinalities C with one recipe, then collect what they reach.
         resnext29_8x8d_tiny --seeds 0 1 -- --epochs 30 --batch-size 512      # flags after -- go to train
     python -m resnext_demo.sweep collect          # weights/sweep/*.safetensors -> results.json (+ table)
     python -m resnext_demo.sweep plot             # results.json -> accuracy_vs_cardinality.png
+    python -m resnext_demo.sweep analyse --runs DIR   # a fast-recipe sweep (tools/gpu_sweep.py's results.json +
+                                                      # predictions.npz) -> results.json with the paired analysis
 
 Each run is `python -m resnext_demo.train` (same recipe, checkpoint metadata and curve JSON), written to
 `<out-dir>/<model>-s<seed>.safetensors`; `collect` reads only those checkpoints' metadata, so a sweep
@@ -20,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, train, weights
-from .model import config_macs, config_params
+from . import data, sweepstats, train, weights
+from .model import ResNeXtConfig, config_macs, config_params
 
 SWEEP_DIR = weights.SWEEP_RESULTS.parent
 RESULTS = weights.SWEEP_RESULTS.name
@@ -91,24 +93,122 @@ def collect(out_dir: Path, rescore: str | None = None) -> dict:
             else "the runs' own end-of-training figures", "rows": rows, "runs": per_run}
 
 
+def _load_runs(runs_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """A gpu_sweep result folder: its finished runs (stopped ones dropped) and predictions (plain, tta, labels)."""
+    runs = json.loads((Path(runs_dir) / "results.json").read_text())["runs"]
+    with np.load(Path(runs_dir) / "predictions.npz", allow_pickle=False) as z:
+        preds = {k: z[k] for k in ("plain", "tta", "labels")}
+    return [r for r in runs if not r.get("stopped")], preds
+
+
+def _model_row(model: str, rs: list[dict], correct: np.ndarray, tta: np.ndarray) -> dict:
+    """One model's row: the collect() keys the About tab reads, plus 95 % CIs (plain and TTA)."""
+    cfg = ResNeXtConfig.from_dict(rs[0]["config"])
+    accs = [r["accuracy"] for r in rs]
+    ci, ci_tta = sweepstats.mean_ci(accs), sweepstats.mean_ci([r["accuracy_tta"] for r in rs])
+    return {"model": model, "C": cfg.cardinality, "d": cfg.group_width(len(cfg.widths) - 1),
+            "params_M": round(rs[0]["params"] / 1e6, 3), "MFLOPs": round(rs[0]["macs"] / 1e6, 1),
+            "top1_mean": round(ci["mean"], 4), "top1_spread": round(float(np.ptp(accs)) / 2, 4),
+            "top1_sd": round(ci["sd"], 5), "top1_ci95": round(ci["ci95"], 5), "seeds": [r["seed"] for r in rs],
+            "top1_per_seed": [round(a, 4) for a in accs], "top1_tta_mean": round(ci_tta["mean"], 4),
+            "top1_tta_ci95": round(ci_tta["ci95"], 5), "epochs": rs[0]["epochs"],
+            "train_seconds": round(float(np.mean([r["train_seconds"] for r in rs])), 1),
+            "device": rs[0].get("device"), "files": [r["name"] for r in rs],
+            "correct": correct, "correct_tta": tta}
+
+
+def _versus(row: dict, base: dict) -> dict:
+    """`row` against `base` (C = 1) on the seeds both have: paired t (plain, TTA), McNemar, detectable difference."""
+    seeds = [s for s in row["seeds"] if s in base["seeds"]]
+    pick = lambda r, key: np.array([r[key][r["seeds"].index(s)] for s in seeds])  # noqa: E731
+    acc = lambda r, k: pick(r, k).mean(axis=1)  # noqa: E731  (per-seed accuracy from the predictions)
+    t, t_tta = sweepstats.paired_t(acc(row, "correct"), acc(base, "correct")), \
+        sweepstats.paired_t(acc(row, "correct_tta"), acc(base, "correct_tta"))
+    mc = sweepstats.mcnemar(pick(row, "correct"), pick(base, "correct"))
+    pairs = len(seeds) * row["correct"].shape[1]
+    return {"vs_C": base["C"], "seeds": seeds, "paired_t": t, "paired_t_tta": t_tta, "mcnemar": mc,
+            "min_detectable_paired": sweepstats.min_detectable(t["sd_diff"], t["n"]),
+            "min_detectable_mcnemar": sweepstats.z_min_detectable((mc["b"] + mc["c"]) / max(1, pairs), pairs)}
+
+
+def _holm(rows: list[dict]) -> None:
+    """Holm-adjusted p of the paired t-tests against C = 1 (several C's are compared at once)."""
+    tested = sorted((r for r in rows if "vs_base" in r), key=lambda r: r["vs_base"]["paired_t"]["p"])
+    running = 0.0
+    for i, r in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - i) * r["vs_base"]["paired_t"]["p"]))
+        r["vs_base"]["paired_t"]["p_holm"] = running
+
+
+def verdict(rows: list[dict]) -> str:
+    """One sentence: which C (if any) differs from C = 1 beyond seed noise (Holm-adjusted paired t, 5 %)."""
+    tested = [r for r in rows if "vs_base" in r]
+    if not tested:
+        return "Too few runs to compare cardinalities."
+    sig = [r for r in tested if r["vs_base"]["paired_t"]["p_holm"] < 0.05]
+    mde = max(r["vs_base"]["min_detectable_paired"] for r in tested)
+    n = min(r["vs_base"]["paired_t"]["n"] for r in tested)
+    if not sig:
+        return (f"No cardinality differs from C = 1 beyond seed noise ({n}+ paired seeds each, Holm-adjusted "
+                f"paired t-test at 5 %; this design detects differences of about {100 * mde:.2f} points or more).")
+    parts = [f"C = {r['C']} ({100 * r['vs_base']['paired_t']['diff']:+.2f} ± {100 * r['vs_base']['paired_t']['ci95']:.2f}"
+             f" points)" for r in sig]
+    return f"Against C = 1, beyond seed noise ({n}+ paired seeds, Holm-adjusted paired t at 5 %): " + ", ".join(parts) + "."
+
+
+def analyse(runs_dir: Path, reference: str = "airbench94") -> dict:
+    """results.json of a fast-recipe sweep: one row per C (mean ± 95 % CI, each against C = 1), the dense
+    `reference` apart, one row per run, and the verdict sentence."""
+    runs, preds = _load_runs(runs_dir)
+    labels = preds["labels"].astype(np.int64)
+    by_model: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: (r["model"], r["seed"])):
+        by_model.setdefault(r["model"], []).append(r)
+    rows = {m: _model_row(m, rs, preds["plain"][[r["index"] for r in rs]] == labels,
+                          preds["tta"][[r["index"] for r in rs]] == labels) for m, rs in by_model.items()}
+    ref = rows.pop(reference, None)
+    ordered = sorted(rows.values(), key=lambda r: r["C"])
+    base = next((r for r in ordered if r["C"] == 1), None)
+    for r in ordered:
+        if base is not None and r is not base and len(r["seeds"]) > 1:
+            r["vs_base"] = _versus(r, base)
+    _holm(ordered)
+    if ref is not None and base is not None:
+        ref["vs_base"] = _versus(ref, base)
+    for r in ordered + ([ref] if ref else []):
+        r.pop("correct"), r.pop("correct_tta")
+    per_run = [{"file": r["name"], "model": r["model"], "C": ResNeXtConfig.from_dict(r["config"]).cardinality,
+                "params": r["params"], "macs": r["macs"], "seed": r["seed"], "top1": round(r["accuracy"], 4),
+                "top1_tta": round(r["accuracy_tta"], 4), "test_images": len(labels), "epochs": r["epochs"],
+                "train_seconds": r["train_seconds"], "device": r.get("device")}
+               for r in sorted(runs, key=lambda r: (r["model"], r["seed"]))]
+    return {"description": "CIFAR-10 top-1 (single crop; TTA in top1_tta_*) of the equal-budget airbench94x family at "
+                           "cardinality C, fast recipe, same epochs and seeds; ± = 95 % CI of the mean over seeds; "
+                           "vs_base: paired over seeds against C = 1 (t-test, McNemar on pooled predictions)",
+            "measured": "the runs' own end-of-training predictions on the full test split",
+            "recipe": runs[0].get("recipe") if runs else None, "rows": ordered, "reference": ref, "runs": per_run,
+            "verdict": verdict(ordered)}
+
+
 def markdown(results: dict) -> str:
-    """The README table."""
+    """The README table (± the 95 % CI where the analysis computed one, else half the range over seeds)."""
     lines = ["| C | d | model | params (M) | MFLOPs | top-1 (%) | seeds | train s/run |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
-        spread = f" ± {100 * r['top1_spread']:.2f}" if len(r["seeds"]) > 1 else ""
+        spread = f" ± {100 * r.get('top1_ci95', r['top1_spread']):.2f}" if len(r["seeds"]) > 1 else ""
         lines.append(f"| {r['C']} | {r['d']} | `{r['model']}` | {r['params_M']:.3f} | {r['MFLOPs']:.1f} | "
                      f"{100 * r['top1_mean']:.2f}{spread} | {len(r['seeds'])} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m resnext_demo.sweep {train,collect,plot}` (see the module docstring)."""
+    """`python -m resnext_demo.sweep {train,collect,plot,analyse}` (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=("train", "collect", "plot"))
+    ap.add_argument("action", choices=("train", "collect", "plot", "analyse"))
+    ap.add_argument("--runs", default=None, help="analyse: a tools/gpu_sweep.py result folder")
     ap.add_argument("--models", nargs="+", default=["resnet29_tiny", "resnext29_2x20d_tiny", "resnext29_4x13d_tiny",
                                                     "resnext29_8x8d_tiny"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -125,7 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         results = collect(out_dir, (args.rescore or data.default_source()) if args.rescore is not None else None)
         (out_dir / RESULTS).write_text(json.dumps(results, indent=1))
         print(markdown(results))
-    if args.action == "plot":
+    if args.action == "analyse":
+        results = analyse(Path(args.runs))
+        (out_dir / RESULTS).write_text(json.dumps(results, indent=1))
+        print(markdown(results) + "\n\n" + results["verdict"])
+    if args.action in ("plot", "analyse"):
         from . import visualize
         results = json.loads((out_dir / RESULTS).read_text())
         visualize.sweep_figure(results).save(out_dir / PLOT)

@@ -316,22 +316,12 @@ def compact_resume(path: str | Path) -> Path:
                                    extra_tensors={k: (v.half() if v.is_floating_point() else v) for k, v in ema.items()})
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A class-balanced random subset of n examples (all of them if n is None)."""
-    if n is None or n >= len(y):
-        return x, y
-    g = torch.Generator().manual_seed(seed)
-    classes = y.unique()
-    per = [torch.nonzero(y == c).flatten() for c in classes]
-    k = max(1, n // len(classes))
-    idx = torch.cat([p[torch.randperm(len(p), generator=g)[:k]] for p in per])
-    idx = idx[torch.randperm(len(idx), generator=g)]
-    return x[idx], y[idx]
+subset = data.balanced_subset  # moved to data (the fast recipe uses it too); kept under its old name
 
 
 def _parser() -> argparse.ArgumentParser:
     """The CLI's flags: the run's own (data, output, resume, validation) and one per TrainConfig field."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (--recipe fast: see speedrun)")
     d = TrainConfig()
     ap.add_argument("--model", default=d.model)
     ap.add_argument("--data", default=None, help="CIFAR-10 source (torchvision root, image folder or .tar.gz); "
@@ -406,12 +396,7 @@ def _resume(model: nn.Module, resume_path: Path, cfg: TrainConfig) -> tuple[int,
     return meta["epoch"], weights.load_extra_tensors(resume_path), meta["history"]
 
 
-def _data_record(source: str | None, n_train: int, n_test: int, n_val: int) -> dict:
-    """The data a run read: its source, the archive's sha256 (or a folder's id) and the split sizes."""
-    p = Path(source) if source else None
-    digest = data.sha256_file(p) if p and p.is_file() else (data.source_id(p) if p and p.exists() else None)
-    return {"source": str(source), "sha256": digest, "train_images": n_train, "test_images": n_test,
-            "val_images": n_val}
+_data_record = data.source_record
 
 
 def _report(events: Iterator[Progress], cfg: TrainConfig, model: nn.Module, resume_path: Path, meta: dict,
@@ -444,7 +429,15 @@ def _report(events: Iterator[Progress], cfg: TrainConfig, model: nn.Module, resu
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: train a named model on CIFAR-10 and write a safetensors checkpoint (+ .curve.json)."""
+    """CLI: train a named model on CIFAR-10 and write a safetensors checkpoint (+ .curve.json).
+    `--recipe fast` hands the other flags to the fast (airbench) recipe, `speedrun.main`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", choices=("standard", "fast"), default="standard")
+    recipe, argv = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if recipe.recipe == "fast":
+        from . import speedrun  # its own module and flags (python -m resnext_demo.train --recipe fast --help)
+        speedrun.main(argv)
+        return
     args = _parser().parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     out = Path(args.out)

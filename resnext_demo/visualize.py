@@ -455,7 +455,7 @@ def finetune_curve_figure(rows: list[dict]) -> Image.Image:
 
 
 def sweep_figure(results: dict) -> Image.Image:
-    """Top-1 vs cardinality C (log2 axis) of a sweep's results.json, ± the spread over seeds, each point
+    """Top-1 vs cardinality C (log2 axis) of a sweep's results.json, ± the 95 % CI (or the spread) over seeds, each point
     labelled with its bottleneck width d and parameters."""
     rows = results.get("rows", [])
     fig = Figure(figsize=(5.6, 3.4))
@@ -463,7 +463,8 @@ def sweep_figure(results: dict) -> Image.Image:
     if rows:
         c = np.array([r["C"] for r in rows], dtype=float)
         acc = np.array([100 * r["top1_mean"] for r in rows])
-        err = np.array([100 * r.get("top1_spread", 0.0) for r in rows])
+        ci = all("top1_ci95" in r for r in rows)  # the paired analysis (sweep analyse): 95 % CI of the mean
+        err = np.array([100 * (r["top1_ci95"] if ci else r.get("top1_spread", 0.0)) for r in rows])
         ax.errorbar(c, acc, yerr=err, fmt="o-", ms=4, capsize=3)
         for r, x, y in zip(rows, c, acc):
             ax.annotate(f"{r['C']}×{r['d']}d\n{r['params_M']:.2f} M", (x, y), fontsize=7, xytext=(6, -18),
@@ -473,7 +474,7 @@ def sweep_figure(results: dict) -> Image.Image:
         mflops = [r["MFLOPs"] for r in rows]
         seeds = max(len(r.get("seeds", [])) for r in rows)
         ax.set_title(f"same budget ({min(mflops):.0f}–{max(mflops):.0f} MFLOPs), same recipe; mean of {seeds} "
-                     f"seed(s), bars: half the range", fontsize=8)
+                     f"seed(s), bars: {'95 % CI' if ci else 'half the range'}", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no sweep results", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("cardinality C (groups)", fontsize=8)

@@ -51,8 +51,9 @@ def test_equal_budget_variants_have_equal_complexity() -> None:
     assert get_config("resnet29_tiny").cardinality == get_config("resnet29_small").cardinality == 1
 
 
-def _relus(model: nn.Module) -> list[nn.ReLU]:
-    return [m for m in model.modules() if isinstance(m, nn.ReLU)]
+def _relus(model: nn.Module) -> list[nn.Module]:
+    """The activation modules: ReLU, or GELU in the airbench families."""
+    return [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.GELU))]
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if get_config(n).family != "torchvision"])
@@ -60,7 +61,7 @@ def test_every_relu_distinct_non_inplace_and_called_once(name: str) -> None:
     model = build_model(name).eval()
     relus = _relus(model)
     assert len(relus) > 0 and len({id(r) for r in relus}) == len(relus)
-    assert not any(r.inplace for r in relus)
+    assert not any(getattr(r, "inplace", False) for r in relus)
     calls = {id(r): 0 for r in relus}
     hooks = [r.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls[id(m)] + 1)) for r in relus]
     with torch.no_grad():
