@@ -513,7 +513,7 @@ class Handlers:
         """Checkpoints to compare with: the shared model, the session's, an upload, and every other shipped
         checkpoint (e.g. the interim micro model, the sweep's models), by its path under weights/."""
         shipped = sorted(str(p.relative_to(weights.WEIGHTS_DIR)) for p in
-                         [*weights.WEIGHTS_DIR.glob("*.safetensors"), *(weights.WEIGHTS_DIR / "sweep").glob("*.safetensors")]
+                         [*weights.WEIGHTS_DIR.glob("*.safetensors"), *(weights.WEIGHTS_DIR / "sweep").rglob("*.safetensors")]
                          if p != weights.DEFAULT_WEIGHTS and not p.name.endswith(".resume.safetensors"))
         return ["shared model", "this session's model", "uploaded checkpoint"] + shipped
 

@@ -445,16 +445,26 @@ def read_sweep(path: str | Path = weights.SWEEP_RESULTS) -> dict | None:
 
 
 def sweep_table(results: dict) -> pd.DataFrame:
-    """One row per C of a sweep's results (read_sweep's dict)."""
-    return pd.DataFrame([{"C": r["C"], "d": r["d"], "model": r["model"], "params (M)": r["params_M"],
-                          "MFLOPs": r["MFLOPs"], "top-1 % (mean ± half-range)":
-                          f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_spread']:.2f}",
-                          "seeds": len(r["seeds"]), "epochs": r["epochs"]} for r in results["rows"]])
+    """One row per C of a sweep's results (read_sweep's dict): mean ± its 95 % CI over seeds when the analysis
+    computed one (else ± half the range), and the paired difference to C = 1."""
+    def row(r: dict) -> dict:
+        ci = "top1_ci95" in r
+        vs = (r.get("vs_base") or {}).get("paired_t")
+        return {"C": r["C"], "d": r["d"], "model": r["model"], "params (M)": r["params_M"], "MFLOPs": r["MFLOPs"],
+                "top-1 % (mean ± 95 % CI)" if ci else "top-1 % (mean ± half-range)":
+                f"{100 * r['top1_mean']:.2f} ± {100 * r.get('top1_ci95', r['top1_spread']):.2f}",
+                "vs C = 1 (paired, points)": f"{100 * vs['diff']:+.2f} ± {100 * vs['ci95']:.2f}" if vs else "",
+                "seeds": len(r["seeds"]), "epochs": r["epochs"]}
+    return pd.DataFrame([row(r) for r in results["rows"]])
 
 
 def sweep_md(results: dict) -> str:
     """The words above the sweep table: what was trained, how, and what it shows against its noise."""
     rows = results["rows"]
     how = f", {rows[0]['epochs']} epochs each on {rows[0].get('device') or 'an unrecorded device'}"
+    verdict = f"**{results['verdict']}**" if results.get("verdict") else verdicts.sweep_md(results)
+    ref = results.get("reference")
+    dense = (f" The dense net these widths are matched to (`{ref['model']}`, plain 3×3 convs) scores "
+             f"{100 * ref['top1_mean']:.2f} % with the same recipe." if ref else "")
     return ("**Cardinality sweep** (`weights/sweep/results.json`): models of one parameter and FLOP budget at "
-            f"different C, trained with the same recipe{how}. " + verdicts.sweep_md(results))
+            f"different C, trained with the same recipe{how}. " + verdict + dense)

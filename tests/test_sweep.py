@@ -70,19 +70,36 @@ def test_sweep_figure_without_rows():
     assert visualize.sweep_figure({"rows": []}).size[0] > 100
 
 
-SHIPPED = sorted(p for p in sweep.SWEEP_DIR.glob("*.safetensors") if not p.name.endswith(".resume.safetensors"))
+OLD_SWEEP = sweep.SWEEP_DIR / "resnext20-23ep"  # the first sweep (2 seeds, within noise): its checkpoints stay
+SHIPPED = sorted(p for p in OLD_SWEEP.glob("*.safetensors") if not p.name.endswith(".resume.safetensors"))
+OLD = json.loads((OLD_SWEEP / sweep.RESULTS).read_text()) if (OLD_SWEEP / sweep.RESULTS).is_file() else {}
 RESULTS = json.loads((sweep.SWEEP_DIR / sweep.RESULTS).read_text()) if (sweep.SWEEP_DIR / sweep.RESULTS).is_file() else {}
+FAST_RUNS = sweep.SWEEP_DIR / "fast-7.6ep"  # tools/gpu_sweep.py's record of the shipped sweep (no checkpoints)
 
 
-def test_the_sweep_is_shipped_whole():
-    """results.json lists every shipped checkpoint once, two seeds per cardinality, C = 1 (a plain ResNet
-    bottleneck) up to 16, all within 5 % of the default's parameters and multiply-adds, one recipe."""
-    assert SHIPPED, "weights/sweep/ holds no checkpoints"
-    assert sorted(r["file"] for r in RESULTS["runs"]) == [p.name for p in SHIPPED]
-    assert sorted({r["C"] for r in RESULTS["runs"]}) == [1, 2, 4, 8, 16]
-    assert all(len(r["seeds"]) == 2 for r in RESULTS["rows"])
-    ref = get_config("resnext20_8x8d_fast")
+def test_the_fast_sweep_is_shipped_whole_and_reproducible():
+    """results.json is the fast-recipe sweep: six cardinalities (1-32) x 10 seeds, every member within 5 % of
+    airbench94's parameters and multiply-adds, one epoch count; and `sweep analyse` on the shipped per-run
+    record (accuracies and every test image's predicted class) gives exactly it."""
+    assert sorted(r["C"] for r in RESULTS["rows"]) == [1, 2, 4, 8, 16, 32]
+    assert all(len(r["seeds"]) >= 10 for r in RESULTS["rows"])
+    ref = get_config("airbench94")
     for r in RESULTS["runs"]:
+        assert abs(r["params"] / config_params(ref) - 1) <= 0.05 and abs(r["macs"] / config_macs(ref) - 1) <= 0.05
+    assert len({r["epochs"] for r in RESULTS["runs"]}) == 1
+    assert json.loads(json.dumps(sweep.analyse(FAST_RUNS))) == RESULTS
+    assert RESULTS["verdict"] and all("vs_base" in r for r in RESULTS["rows"] if r["C"] != 1)
+
+
+def test_the_first_sweep_is_shipped_whole():
+    """The first sweep's results.json lists every one of its checkpoints once, two seeds per cardinality, C = 1
+    (a plain ResNet bottleneck) up to 16, all within 5 % of the default's parameters and multiply-adds, one recipe."""
+    assert SHIPPED, "weights/sweep/resnext20-23ep/ holds no checkpoints"
+    assert sorted(r["file"] for r in OLD["runs"]) == [p.name for p in SHIPPED]
+    assert sorted({r["C"] for r in OLD["runs"]}) == [1, 2, 4, 8, 16]
+    assert all(len(r["seeds"]) == 2 for r in OLD["rows"])
+    ref = get_config("resnext20_8x8d_fast")
+    for r in OLD["runs"]:
         assert abs(r["params"] / config_params(ref) - 1) <= 0.05 and abs(r["macs"] / config_macs(ref) - 1) <= 0.05
     assert len({json.dumps({k: v for k, v in weights.read_metadata(p)["recipe"].items() if k not in ("seed", "model")},
                            sort_keys=True) for p in SHIPPED}) == 1
@@ -95,7 +112,7 @@ def test_shipped_sweep_checkpoint(path, cifar_test):
     from resnext_demo.model import count_macs, count_params
     from resnext_demo.predict import predict_batch
     model, meta = weights.load_checkpoint(path)
-    run = next(r for r in RESULTS["runs"] if r["file"] == path.name)
+    run = next(r for r in OLD["runs"] if r["file"] == path.name)
     assert model.config.cardinality == run["C"] and model.config.base_width == run["d"]
     assert count_params(model) == run["params"] and count_macs(model) == run["macs"]
     images, labels = cifar_test
