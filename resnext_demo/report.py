@@ -231,7 +231,8 @@ def groups_md(layer: str, pred: Prediction, gi: GroupImportance, ab: GroupAblati
     top_after = ab.probs.argmax(1)
     what = f"**{classes[target]}**" + (f" rather than **{classes[contrast]}**" if contrast is not None else "")
     g_for, g_against = int(np.argmax(gi.values)), int(np.argmin(gi.values))
-    flips = [i for i in range(len(top_after)) if top_after[i] != target]
+    # against the model's own top-1 without knock-out, not the explained class (which may not be the prediction)
+    flips = [i for i in range(len(top_after)) if top_after[i] != int(ab.base.argmax())]
     md = [f"**{layer}** · {len(gi.values)} groups · explaining {what} · prediction: {pred.top_class} "
           f"({pred.probs[pred.top_class]:.2f})",
           f"**Importance** ({method}): strongest evidence for it **g{g_for}** ({gi.values[g_for]:+.3g}), "

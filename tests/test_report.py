@@ -115,6 +115,26 @@ def test_groups_table_and_text_follow_the_numbers():
     assert "3 non-empty group maps: 2 beat random orders, 1 also" in md
 
 
+def test_knockout_sentence_compares_with_the_prediction_not_the_explained_class():
+    """Issue 28.1: explaining dog on an image predicted cat, no knock-out changes the top-1 (cat stays): the
+    sentence must not say that every group 'changes the top-1 class' because none of them makes it dog."""
+    g, cat, dog = 4, 3, 5
+    base = np.full(10, 0.02)
+    base[cat], base[dog] = 0.7, 0.14
+    probs = np.tile(base, (g, 1))
+    probs[:, cat] -= 0.05
+    probs[2, dog] = 0.69  # only g2's knock-out turns the prediction into dog
+    ab = GroupAblation(base, probs, dog, "mean")
+    gi = GroupImportance(np.ones(g), float(g), "Integrated Gradients", "layer1.1.conv2", dog, None)
+    md = report.groups_md("layer1.1.conv2", _prediction({"cat": 0.7, "dog": 0.14}), gi, ab, [None] * g, CLASSES,
+                          dog, None, "Integrated Gradients", "mean", 0.05)
+    assert "knocking out g2 alone changes the top-1 class" in md
+    ab_none = GroupAblation(base, np.tile(base, (g, 1)), dog, "mean")
+    md = report.groups_md("layer1.1.conv2", _prediction({"cat": 0.7, "dog": 0.14}), gi, ab_none, [None] * g,
+                          CLASSES, dog, None, "Integrated Gradients", "mean", 0.05)
+    assert "no single group changes the top-1 class" in md
+
+
 def test_attribution_md_shows_the_range_it_draws():
     values = np.array([[-2.0, 0.5], [1.0, 3.0]], dtype=np.float32)
     a = Attribution(values, -5.0, 7.0, "Saliency", 3, {"abs": None, "steps": 8}, note="repaired")
