@@ -109,7 +109,8 @@ def predict_tab(p: Page) -> SimpleNamespace:
                                height=320, elem_id="predict-image")
             # The API accepts k up to a fine-tuned model's class count; the page shows the model's own
             # (set on load and on every model switch, see model_controls).
-            k = gr.Slider(1, len(p.classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown")
+            k = gr.Slider(1, len(p.classes) + finetune.MAX_NEW_CLASSES, value=3, step=1, label="Top-k classes shown",
+                          elem_id="predict-k")
             with gr.Row():
                 predict_btn = gr.Button("Classify", variant="primary", elem_id="predict-btn")
                 random_btn = gr.Button("Random test image", elem_id="random-btn")
@@ -141,6 +142,8 @@ def predict_tab(p: Page) -> SimpleNamespace:
     # any user change (upload, paste, webcam snapshot, clear) forgets the sample's true label and re-predicts
     image.input(lambda: None, None, truth, **PRIVATE, queue=False) \
         .then(p.gpu(h.auto_predict, QUICK), inputs, outputs, **PRIVATE, **PREDICT_EVENT)
+    # a new top-k (slider, its number box, a model switch) re-classifies the image shown (nothing without one)
+    k.change(p.gpu(h.auto_predict, QUICK), inputs, outputs, **PRIVATE, **PREDICT_EVENT)
     api_btn.click(p.gpu(h.predict_label, QUICK), [image, k, p.session], label, api_name="predict", **PREDICT_EVENT,
                   api_description="Classify one image: image file in, the top-k {class: probability} out "
                                   "(k defaults to 3). Stable endpoint for gradio_client.")

@@ -47,6 +47,13 @@ def test_browser_every_tab_and_finetune(app_url):
         top = info.split(" ")[0].strip()
         assert top in data.CLASSES and top in label and re.search(r"\d+%", label)
         screenshots.wait_image(page, "predict-seen")
+        # issue 28.7: a new top-k re-classifies at once (it used to wait for the next click)
+        k = page.locator("#predict-k input[type=number]")
+        k.fill("10")
+        k.press("Enter")
+        page.wait_for_function(
+            "() => (document.querySelector('#predict-label').innerText.match(/\\d+%/g) || []).length >= 10",
+            timeout=60_000)
 
         screenshots.open_tab(page, "groups")  # the Predict image was copied here
         page.locator("#gr-btn").click()
