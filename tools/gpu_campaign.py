@@ -165,8 +165,9 @@ def _stop(procs: dict[str, subprocess.Popen]) -> list[str]:
     return alive
 
 
-def _pack(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: int = 7) -> list[str]:
-    """Greedy bin packing of files into <= `most` tar files of <= `limit` bytes; names of what was left out."""
+def _pack(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: int = 7, stem: str = "runs") -> list[str]:
+    """Greedy bin packing of files into <= `most` tar files `<stem><i>.tar` of <= `limit` bytes; names of what
+    was left out (tools/gpu_sweep.py packs its checkpoints with it too)."""
     bins: list[list[Path]] = []
     sizes: list[int] = []
     left = []
@@ -183,7 +184,7 @@ def _pack(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: in
         bins[i].append(f)
         sizes[i] += s
     for i, b in enumerate(bins):
-        with tarfile.open(out / f"runs{i}.tar", "w") as t:
+        with tarfile.open(out / f"{stem}{i}.tar", "w") as t:
             for f in b:
                 t.add(f, arcname=f.name)
     return left

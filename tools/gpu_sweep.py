@@ -28,12 +28,13 @@ import os
 import queue
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tools.gpu_campaign import _pack  # noqa: E402  (the same packing for the trip back)
 
 DENSE = "airbench94"
 
@@ -161,30 +162,6 @@ def size_epochs(step_s: dict[str, float], jobs: list[tuple[str, int]], steps_per
     return min(args.max_epochs, max(args.min_epochs, math.floor(fit * 10) / 10))
 
 
-def _pack_checkpoints(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: int = 4) -> list[str]:
-    """Greedy packing of checkpoints into <= `most` tar files of <= `limit` bytes; the names left out."""
-    bins: list[list[Path]] = []
-    sizes: list[int] = []
-    left = []
-    for f in sorted(files, key=lambda f: -f.stat().st_size):
-        s = f.stat().st_size + 4096
-        i = next((i for i, used in enumerate(sizes) if used + s <= limit), None)
-        if i is None and len(bins) < most and s <= limit:
-            bins.append([])
-            sizes.append(0)
-            i = len(bins) - 1
-        if i is None:
-            left.append(f.name)
-            continue
-        bins[i].append(f)
-        sizes[i] += s
-    for i, b in enumerate(bins):
-        with tarfile.open(out / f"checkpoints{i}.tar", "w") as t:
-            for f in b:
-                t.add(f, arcname=f.name)
-    return left
-
-
 def collect(work: Path, out: Path, test_labels, summary: dict) -> dict:
     """Merge the workers' rows and predictions into results.json + predictions.npz; pack the checkpoints."""
     import numpy as np
@@ -199,7 +176,7 @@ def collect(work: Path, out: Path, test_labels, summary: dict) -> dict:
     tta = np.stack([p[1] for p in preds]) if preds else np.zeros((0, n), np.uint8)
     np.savez_compressed(out / "predictions.npz", plain=plain, tta=tta, labels=np.asarray(test_labels, np.uint8),
                         names=np.array([r["name"] for r in rows]))
-    summary["left_out"] = _pack_checkpoints(sorted(work.glob("*.safetensors")), out)
+    summary["left_out"] = _pack(sorted(work.glob("*.safetensors")), out, most=4, stem="checkpoints")
     (out / "results.json").write_text(json.dumps({**summary, "runs": rows}, indent=1))
     for m in dict.fromkeys(r["model"] for r in rows):  # a glance in the call's output; the analysis is sweep's
         done = [r for r in rows if r["model"] == m and not r["stopped"]]
