@@ -399,11 +399,10 @@ def about_tab(p: Page) -> None:
                           visible=False, elem_id="ab-sweep-plot")
     with gr.Accordion("How far to believe an answer: calibration and unfamiliar images", open=True):
         trust_md = gr.Markdown(elem_id="ab-trust-md")
-        with gr.Row():
-            reliability = gr.Image(label="Reliability on the reporting images, before and after calibration",
-                                   interactive=False, elem_id="ab-reliability")
-            ood = gr.Dataframe(label="Unfamiliar-image check, measured per image set", interactive=False,
-                               wrap=True, elem_id="ab-ood")
+        reliability = gr.Image(label="Reliability on the reporting images, before and after calibration",
+                               interactive=False, elem_id="ab-reliability", height=420)
+        ood = gr.Dataframe(label="Unfamiliar-image check, measured per image set", interactive=False,
+                           wrap=True, max_height=600, elem_id="ab-ood")
     btn = gr.Button("Refresh", elem_id="ab-btn")
 
     p.demo.load(h.sweep, None, [sweep, sweep_md, sweep_plot], **PRIVATE)

@@ -548,7 +548,7 @@ def reliability_figure(before: dict, after: dict, title: str = "") -> Image.Imag
     """Reliability diagram of a checkpoint's reporting images before and after calibration (Reliability dicts,
     as `calibration.Reliability.to_dict` stores them): accuracy per confidence bin against the diagonal, and
     how many images each bin holds."""
-    fig = Figure(figsize=(8, 3.4))
+    fig = Figure(figsize=(8, 3.8))
     axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for ax, rel, name in zip(axes, (before, after), ("bare softmax", "calibrated")):
         n = len(rel["bin_counts"])
@@ -557,18 +557,20 @@ def reliability_figure(before: dict, after: dict, title: str = "") -> Image.Imag
         conf = np.array([np.nan if v is None else v for v in rel["bin_confidence"]], dtype=float)
         ax.bar(edges[:-1], np.nan_to_num(acc), width=1 / n, align="edge", color="#4c72b0", edgecolor="white",
                label="accuracy in the bin")
-        ax.bar(edges[:-1], np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=1 / n, align="edge",
-               color="#dd8452", alpha=0.5, edgecolor="white", label="gap to mean confidence")
+        lo, hi = np.fmin(acc, conf), np.fmax(acc, conf)  # the gap, whichever way it goes
+        ax.bar(edges[:-1], np.nan_to_num(hi - lo), bottom=np.nan_to_num(lo), width=1 / n, align="edge",
+               facecolor="none", edgecolor="#c44e52", hatch="////", linewidth=0.8,
+               label="gap to the bin's mean confidence")  # hatched: readable over the accuracy bar too
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("top-1 probability shown")
         ax.set_ylabel("share right")
-        ax.set_title(f"{name}: ECE {100 * rel['ece']:.1f} %, confidence {100 * rel['confidence']:.1f} % "
-                     f"vs accuracy {100 * rel['accuracy']:.1f} %", fontsize=8.5)
+        ax.set_title(f"{name}: ECE {100 * rel['ece']:.1f} %\nmean confidence {100 * rel['confidence']:.1f} % "
+                     f"vs accuracy {100 * rel['accuracy']:.1f} %", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(wspace=0.28, bottom=0.15, top=0.84 if title else 0.9)
+    fig.subplots_adjust(wspace=0.28, bottom=0.14, top=0.8 if title else 0.86)
     return figure_to_image(fig)
