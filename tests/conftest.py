@@ -67,3 +67,16 @@ def shipped_checkpoint() -> Path:
     if not weights.DEFAULT_WEIGHTS.is_file():
         pytest.fail(f"no shipped checkpoint at {weights.DEFAULT_WEIGHTS}: the app ships one")
     return weights.DEFAULT_WEIGHTS
+
+
+# The slow tier (`pytest -m "not slow"` skips it; CI and the README run everything): whatever needs a real
+# server or browser, the whole CIFAR-10 archive, or the shipped checkpoint's own measurements. Marked here
+# by the fixtures a test uses, so a new test of that kind lands in the right tier without remembering to.
+SLOW_FIXTURES = {"server", "app_url", "space", "cifar_test", "cifar_source", "shipped_checkpoint", "shipped"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test that uses one of SLOW_FIXTURES as `slow`."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -148,6 +148,7 @@ def test_finetune_is_per_session(server):
     assert "robot" in [x["label"] for x in carol.predict(img, 11, api_name="/predict")["confidences"]]
 
 
+@pytest.mark.slow
 def test_app_starts_without_weights(tmp_path):
     proc, url = launch(["--weights", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "nodata")],
                        tmp_path / "app.log")

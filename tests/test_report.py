@@ -18,6 +18,7 @@ from resnext_demo.predict import Prediction
 CLASSES = list(data.CLASSES)
 
 
+@pytest.mark.slow
 def test_report_runs_without_gradio():
     """Tests and tools read the views' text without the UI stack: importing report must not import gradio."""
     code = "import sys, resnext_demo.report; sys.exit('gradio' in sys.modules)"

@@ -27,6 +27,7 @@ def test_student_t_known_values() -> None:
     assert sweepstats.t_sf2(0.0, 7) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_mean_ci_covers_the_truth_about_95_percent() -> None:
     rng = np.random.default_rng(0)
     hits = 0
@@ -37,6 +38,7 @@ def test_mean_ci_covers_the_truth_about_95_percent() -> None:
     assert 0.93 < hits / 2000 < 0.97
 
 
+@pytest.mark.slow
 def test_paired_t_false_positive_rate_and_power() -> None:
     """Under the null, p < 0.05 about 5 % of the time; a shift of the design's detectable size is found ~80 %."""
     rng = np.random.default_rng(1)

@@ -144,6 +144,7 @@ def _image_tree(root, per_class: int, seed: int) -> None:
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_two_processes_match_their_checkpoint(tmp_path) -> None:
     """2-process DistributedDataParallel on CPU (gloo): both ranks end identical, and equal to the file."""
     _image_tree(tmp_path / "tree", per_class=4, seed=0)

@@ -85,6 +85,7 @@ def test_gpu_wrapper_books_only_on_zero_gpu_and_only_what_needs_a_model(zero_gpu
     assert serving.spaces is None and not serving.on_zero_gpu() and serving.gpu(fn, 42) is fn
 
 
+@pytest.mark.slow
 def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu, tiny_model, class_files, tmp_path,
                                                                       monkeypatch):
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
