@@ -326,7 +326,7 @@ def adapt_trust(base: nn.Module, new: nn.Module, train: Dataset, hold: Dataset, 
     Temperature: re-fitted (NLL) on the held-out images when there are at least MIN_REFIT, else the base
     model's. Detector: kept when only the head trained (the features it reads did not change), with the new
     classes' training images added; dropped otherwise (it would describe other features)."""
-    from . import calibration, familiarity
+    from . import calibration
     from .evaluate import predict_logits
 
     lines = []

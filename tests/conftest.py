@@ -46,6 +46,22 @@ def tiny_checkpoint(tmp_path: Path, tiny_model: ResNeXt) -> Path:
     return weights.save_checkpoint(tmp_path / "tiny.safetensors", tiny_model, {"accuracy": None})
 
 
+def make_image_folder(root: Path, n_train: int, n_test: int = 1) -> Path:
+    """A tiny image-folder CIFAR stand-in under `root` (no CIFAR data): per class, n_train training and n_test
+    test PNGs whose mean colour depends on the class, so a model can learn something."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, c in enumerate(data.CLASSES):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(rng.normal(25 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(root / split / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def cifar_source() -> str:
     """The CIFAR-10 source (shared archive or $RESNEXT_DEMO_DATA); skips when there is none."""

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from resnext_demo import data, speedrun, train, weights
 from resnext_demo.model import (AIRBENCH94, AirbenchNet, Bottleneck, Downsample, PlainBlock, airbench_family,
                                 airbench_x_widths, build_from_config, build_model, config_macs, config_params,
                                 count_macs, count_params, get_config)
+from tests.conftest import make_image_folder
 
 TINY_X = replace(AIRBENCH94, widths=(8, 16, 16), family="airbench_x", cardinality=2, base_width=2, group_widths=(2, 4, 4))
 
@@ -160,16 +160,8 @@ def test_fit_fast_events_and_result() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A tiny image-folder CIFAR stand-in (no CIFAR data): 4 train and 1 test image per class."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 1)):
-        for k, c in enumerate(data.CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(np.clip(rng.normal(25 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
-                    root / split / c / f"{i}.png")
-    return root
+    """A tiny image-folder CIFAR stand-in: 4 train and 1 test image per class (no CIFAR data)."""
+    return make_image_folder(tmp_path_factory.mktemp("folder"), 4)
 
 
 def test_train_cli_runs_the_fast_recipe(folder, tmp_path, monkeypatch) -> None:

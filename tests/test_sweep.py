@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, handlers, sweep, visualize, weights
+from resnext_demo import handlers, sweep, visualize, weights
 from resnext_demo.model import config_macs, config_params, get_config
+from tests.conftest import make_image_folder
 
 MODELS = ["resnext29_8x4d_micro"]  # the cheapest named model: the command is tested, not the result
 
@@ -17,15 +18,7 @@ MODELS = ["resnext29_8x4d_micro"]  # the cheapest named model: the command is te
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A tiny image-folder CIFAR stand-in: 2 train and 1 test image per class (no CIFAR data)."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 2), ("test", 1)):
-        for k, c in enumerate(data.CLASSES):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                a = np.clip(rng.normal(25 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(root / split / c / f"{i}.png")
-    return root
+    return make_image_folder(tmp_path_factory.mktemp("folder"), 2)
 
 
 def test_train_collect_plot(folder, tmp_path, monkeypatch):
