@@ -106,7 +106,7 @@ def test_predict_many_gives_each_image_what_predict_gives_it_alone(tiny_model):
 def test_batcher_runs_concurrent_requests_together_and_a_bad_image_fails_alone(tiny_model):
     import threading
 
-    from resnext_demo.serving import PredictBatcher
+    from resnext_demo.ui.serving import PredictBatcher
 
     batcher = PredictBatcher(max_batch=16, wait_s=0.05)
     rng = np.random.default_rng(2)
@@ -138,7 +138,7 @@ def test_batcher_never_mixes_models(tiny_model):
     import copy
     import threading
 
-    from resnext_demo.serving import PredictBatcher
+    from resnext_demo.ui.serving import PredictBatcher
 
     other = copy.deepcopy(tiny_model)
     with torch.no_grad():

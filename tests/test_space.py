@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from resnext_demo import data, finetune, serving
+from resnext_demo import data, finetune
+from resnext_demo.ui import finetune_tab, serving
 from resnext_demo.launch import free_port, start, stop
 from tests.test_e2e import ROOT, _png
 
@@ -148,9 +149,9 @@ def test_zerogpu_books_and_round_trips_through_the_forked_worker(space, tmp_path
             stop(proc)
         log = (tmp_path / "app.log").read_text()
         booked = [int(q["durationSeconds"]) for q in standin.of("/schedule")]
-        train = max(serving.FINETUNE_MIN_SECONDS, 2 * 3 * serving.TRAIN_SECONDS_PER_IMAGE["head"])
+        train = max(finetune_tab.FINETUNE_MIN_SECONDS, 2 * 3 * finetune_tab.TRAIN_SECONDS_PER_IMAGE["head"])
         assert booked == [serving.GPU_SECONDS_QUICK, serving.GPU_SECONDS, serving.GPU_SECONDS,
-                          int(train + serving.FINETUNE_GPU_MARGIN), serving.GPU_SECONDS_QUICK], log
+                          int(train + finetune_tab.FINETUNE_GPU_MARGIN), serving.GPU_SECONDS_QUICK], log
         releases = standin.of("/release")
         assert len(releases) == len(booked) and all(r["fail"] == "false" for r in releases), log
         assert 1 <= len(standin.of("/allow")) <= len(booked)  # one per new worker; an idle live one is reused

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import handlers, sweep, visualize, weights
+from resnext_demo import sweep, visualize, weights
+from resnext_demo.ui import about_tab
 from resnext_demo.model import config_macs, config_params, get_config
 from tests.conftest import make_image_folder
 
@@ -41,7 +42,7 @@ def test_train_collect_plot(folder, tmp_path, monkeypatch):
     assert (out / row["files"][0]).stat().st_mtime == mtime  # finished runs are not redone
     sweep.main(["plot", "--out-dir", str(out)])
     assert Image.open(out / sweep.PLOT).size[0] > 100
-    table, md, plot = handlers.Handlers.sweep(out / sweep.RESULTS)  # the About tab shows table and plot
+    table, md, plot = about_tab.sweep(out / sweep.RESULTS)  # the About tab shows table and plot
     assert table["visible"] and plot["visible"] and list(table["value"]["C"]) == [cfg.cardinality]
     assert [r["seed"] for r in results["runs"]] == [0, 1] and "Too few cardinalities" in md
     assert "| 8 | 4 | `resnext29_8x4d_micro` |" in sweep.markdown(results)

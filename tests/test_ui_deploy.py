@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, finetune, handlers, serving, ui
+from resnext_demo import data, finetune
+from resnext_demo.ui import demo as ui, finetune_tab, groups_tab, serving
+from resnext_demo.ui.context import Context
 
 
 # Free ZeroGPU quotas (issue 12): about 2 min of GPU a day for an anonymous visitor, 5 min with a free account;
@@ -90,7 +92,6 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
                                                                       monkeypatch):
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
     demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=120)
-    h = demo.handlers
     by_name = {f.api_name: f.fn for f in demo.fns.values()}
     img = class_files[data.CLASSES.index("cat")][0]
     no_progress = {"progress": lambda *a, **k: None}
@@ -106,7 +107,7 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
         "groups": ((img, layer), {}, serving.GPU_SECONDS),
         "compare_models": ((img, "shared model"), {}, serving.GPU_SECONDS),
         "misclassified": ((None,), no_progress, serving.GPU_SECONDS),
-        "specialization": ((layer, None), no_progress, serving.SPECIALIZATION_GPU_SECONDS),  # not cached yet
+        "specialization": ((layer, None), no_progress, groups_tab.SPECIALIZATION_GPU_SECONDS),  # not cached yet
     }
     for name, (args, kwargs, seconds) in calls.items():
         zero_gpu.clear()
@@ -117,9 +118,9 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
     assert zero_gpu == [serving.GPU_SECONDS]
     # a fine-tune books its estimate: 2 epochs x 4 images, at least FINETUNE_MIN_SECONDS, plus the margin
     zero_gpu.clear()
-    *_, (status, _, result_md, path, pending) = by_name["finetune"](None, serving.StopFlag(), 0, "head", 2, 0.05, 8,
+    *_, (status, _, result_md, path, pending) = by_name["finetune"](None, None, serving.StopFlag(), 0, "head", 2, 0.05, 8,
                                                                     *class_files)
-    assert zero_gpu == [serving.FINETUNE_MIN_SECONDS + serving.FINETUNE_GPU_MARGIN] and "Finished" in result_md
+    assert zero_gpu == [finetune_tab.FINETUNE_MIN_SECONDS + finetune_tab.FINETUNE_GPU_MARGIN] and "Finished" in result_md
     assert next(pending.model.parameters()).device.type == "cpu"  # what leaves a GPU worker is on the CPU
     # requests that need no model book nothing: no image, a fine-tune with nothing to train or stopped in the queue
     zero_gpu.clear()
@@ -129,11 +130,11 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
     assert by_name["auto_predict"](None, 3, None, None) == (None, None, "")
     nothing = [None] * len(data.CLASSES) + [""] * finetune.MAX_NEW_CLASSES + [None] * finetune.MAX_NEW_CLASSES
     with pytest.raises(gr.Error, match="No training images"):
-        list(by_name["finetune"](None, serving.StopFlag(), 0, "head", 1, 0.05, 8, *nothing))
+        list(by_name["finetune"](None, None, serving.StopFlag(), 0, "head", 1, 0.05, 8, *nothing))
     flag = serving.StopFlag()
-    h.arm(flag)
-    h.stop(flag)
-    assert "Stopped before training" in list(by_name["finetune"](None, flag, 0, "head", 1, 0.05, 8, *class_files))[0][0]
+    finetune_tab.arm(flag)
+    finetune_tab.stop(flag)
+    assert "Stopped before training" in list(by_name["finetune"](None, None, flag, 0, "head", 1, 0.05, 8, *class_files))[0][0]
     # events that run no model never book one
     by_name["random_sample"]()
     by_name["about"](None, 0)
@@ -156,35 +157,35 @@ def test_no_data_books_no_gpu(zero_gpu, tiny_model):
 def test_bookings_fit_an_anonymous_visitors_daily_quota(zero_gpu, tiny_model):
     """Every booking, the largest fine-tune included, fits 2 min of quota even at 1.5x on the newest cards."""
     demo = ui.build_demo(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source())
-    h = demo.handlers
-    assert h.max_seconds == serving.ZERO_GPU_TRAIN_SECONDS  # the fine-tune's cap is lowered on ZeroGPU
+    h = demo.ctx
+    assert h.max_seconds == finetune_tab.ZERO_GPU_TRAIN_SECONDS  # the fine-tune's cap is lowered on ZeroGPU
     biggest = [["x.png"] * finetune.MAX_IMAGES] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
         + [None] * finetune.MAX_NEW_CLASSES
-    most = h.finetune_seconds(None, serving.StopFlag(), finetune.MAX_CIFAR_PER_CLASS, "all", finetune.MAX_EPOCHS, 0.01, 8,
+    most = finetune_tab.finetune_seconds(h, None, None, serving.StopFlag(), finetune.MAX_CIFAR_PER_CLASS, "all", finetune.MAX_EPOCHS, 0.01, 8,
                               *biggest)
-    bookings = [serving.GPU_SECONDS_QUICK, serving.GPU_SECONDS, serving.SPECIALIZATION_GPU_SECONDS, most]
-    assert most == serving.ZERO_GPU_TRAIN_SECONDS + serving.FINETUNE_GPU_MARGIN
+    bookings = [serving.GPU_SECONDS_QUICK, serving.GPU_SECONDS, groups_tab.SPECIALIZATION_GPU_SECONDS, most]
+    assert most == finetune_tab.ZERO_GPU_TRAIN_SECONDS + finetune_tab.FINETUNE_GPU_MARGIN
     assert all(NEWEST_CARD_FACTOR * b <= ANONYMOUS_QUOTA_S for b in bookings), bookings
 
 
 def test_fine_tune_booking_grows_with_epochs_and_images(tiny_model):
     """The estimate (hence the booking and, on ZeroGPU, the training cap) follows epochs x images x rate."""
-    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=300)
+    h = Context(tiny_model, {"classes": list(data.CLASSES)}, data.sample_source(), max_seconds=300)
 
     def uploads(n):
         return [["x.png"] * n] + [None] * (len(data.CLASSES) - 1) + [""] * finetune.MAX_NEW_CLASSES \
             + [None] * finetune.MAX_NEW_CLASSES
 
-    rate = serving.TRAIN_SECONDS_PER_IMAGE
-    assert h.train_seconds(0, "head", 3, uploads(0)) == 0
-    assert h.train_seconds(0, "all", 20, uploads(400)) == pytest.approx(20 * 400 * rate["all"])
-    assert h.train_seconds(0, "all", 10, uploads(400)) == pytest.approx(10 * 400 * rate["all"])
-    assert h.train_seconds(0, "head", 20, uploads(400)) < h.train_seconds(0, "all", 20, uploads(400))
+    rate = finetune_tab.TRAIN_SECONDS_PER_IMAGE
+    assert finetune_tab.train_seconds(h, 0, "head", 3, uploads(0)) == 0
+    assert finetune_tab.train_seconds(h, 0, "all", 20, uploads(400)) == pytest.approx(20 * 400 * rate["all"])
+    assert finetune_tab.train_seconds(h, 0, "all", 10, uploads(400)) == pytest.approx(10 * 400 * rate["all"])
+    assert finetune_tab.train_seconds(h, 0, "head", 20, uploads(400)) < finetune_tab.train_seconds(h, 0, "all", 20, uploads(400))
     # CIFAR-10 images count too, as many as the sample pack has (10 per class)
-    assert h.train_seconds(50, "all", 20, uploads(0)) == pytest.approx(20 * 100 * rate["all"])
-    assert h.train_seconds(0, "head", 1, uploads(2)) == serving.FINETUNE_MIN_SECONDS
-    assert h.train_seconds(0, "all", 20, uploads(500)) == 200.0 < h.max_seconds
-    assert handlers.Handlers(tiny_model, None, None, max_seconds=30).train_seconds(5, "all", 20, uploads(500)) == 30
+    assert finetune_tab.train_seconds(h, 50, "all", 20, uploads(0)) == pytest.approx(20 * 100 * rate["all"])
+    assert finetune_tab.train_seconds(h, 0, "head", 1, uploads(2)) == finetune_tab.FINETUNE_MIN_SECONDS
+    assert finetune_tab.train_seconds(h, 0, "all", 20, uploads(500)) == 200.0 < h.max_seconds
+    assert finetune_tab.train_seconds(Context(tiny_model, None, None, max_seconds=30), 5, "all", 20, uploads(500)) == 30
 
 
 def test_train_click_arms_the_stop_flag_unqueued_before_the_queued_finetune(tiny_model):
@@ -192,7 +193,7 @@ def test_train_click_arms_the_stop_flag_unqueued_before_the_queued_finetune(tiny
     deps = {d["id"]: d for d in demo.config["dependencies"]}
     ft = next(d for d in deps.values() if d["api_name"] == "finetune")
     arm = deps[ft["trigger_after"]]
-    assert arm["queue"] is False and demo.fns[arm["id"]].fn == demo.handlers.arm
+    assert arm["queue"] is False and demo.fns[arm["id"]].fn == finetune_tab.arm
     assert not ft["trigger_only_on_success"]
 
 
@@ -209,25 +210,25 @@ def class_files(tmp_path) -> list:
 
 
 def test_stop_pressed_while_queued_is_kept(tiny_model, class_files):
-    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
+    h = Context(tiny_model, {"classes": list(data.CLASSES)}, None)
     flag = serving.StopFlag()
-    h.arm(flag)  # the Train click
-    h.stop(flag)  # Stop while the job still waits in the queue
-    outs = list(h.finetune(None, flag, 0, "head", 1, 0.05, 8, *class_files))
+    finetune_tab.arm(flag)  # the Train click
+    finetune_tab.stop(flag)  # Stop while the job still waits in the queue
+    outs = list(finetune_tab.run_finetune(h, None, None, flag, 0, "head", 1, 0.05, 8, *class_files))
     assert len(outs) == 1 and "Stopped before training started" in outs[0][0] and outs[0][4] is None
     assert not flag.armed
     # the next Train click starts afresh and trains
-    h.arm(flag)
-    status, _, result_md, path, pending = list(h.finetune(None, flag, 0, "head", 1, 0.05, 8, *class_files))[-1]
+    finetune_tab.arm(flag)
+    status, _, result_md, path, pending = list(finetune_tab.run_finetune(h, None, None, flag, 0, "head", 1, 0.05, 8, *class_files))[-1]
     assert pending is not None and "Finished" in result_md
 
 
 def test_finetune_without_arm_clears_an_old_stop(tiny_model, class_files):
     """gradio_client's /finetune has no arm step: a Stop from an earlier run must not stop the new one."""
-    h = handlers.Handlers(tiny_model, {"classes": list(data.CLASSES)}, None)
+    h = Context(tiny_model, {"classes": list(data.CLASSES)}, None)
     flag = serving.StopFlag()
-    h.stop(flag)
-    *_, (status, _, result_md, path, pending) = h.finetune(None, flag, 0, "head", 1, 0.05, 8, *class_files)
+    finetune_tab.stop(flag)
+    *_, (status, _, result_md, path, pending) = finetune_tab.run_finetune(h, None, None, flag, 0, "head", 1, 0.05, 8, *class_files)
     assert pending is not None and "Finished" in result_md
 
 

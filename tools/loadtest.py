@@ -100,7 +100,7 @@ def _queue_max() -> int:
 def _serving(name: str, default: int) -> int:
     """An int setting of the app's serving module, or `default` when it cannot be imported."""
     try:
-        from resnext_demo import serving
+        from resnext_demo.ui import serving
         return int(getattr(serving, name))
     except Exception:  # gradio missing or serving broken: the documented default
         return default

@@ -1,6 +1,6 @@
 """How the app is served: queues and caps, ZeroGPU bookings, per-session state, errors shown as toasts.
 
-The plumbing shared by `ui` (which wires events with it) and `handlers` (which run in it); no view code here.
+The plumbing every tab module shares (events are wired and handlers run through it); no view code here.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import threading
 from collections.abc import Callable
 from types import ModuleType
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gradio as gr
 import torch.nn as nn
 
-from . import data, weights
+from .. import data, weights
+from ..predict import predict_many
 
 
 def import_spaces() -> ModuleType | None:
@@ -59,15 +59,6 @@ SESSION_TTL = 3600  # seconds a session's fine-tuned model is kept after its las
 # booking may be aborted. So: short bookings, and none for a request that needs no model (no image, no data).
 GPU_SECONDS_QUICK = 10  # one forward pass: classify, predict, a live knock-out
 GPU_SECONDS = 20  # an explanation (feature maps, attributions, the Groups analysis, compare) or a test-image scan
-SPECIALIZATION_GPU_SECONDS = 60  # group statistics over the test images when not cached yet (seconds on a GPU)
-# A fine-tune books its training estimate (epochs x images x the rate below, at least FINETUNE_MIN_SECONDS)
-# plus FINETUNE_GPU_MARGIN for what happens outside the training loop (decoding uploads, before/after scores,
-# export), and its training stops at that estimate. The rates are ~5x what the default model takes per image
-# and epoch on the 2-core development CPU (1.4 ms head, 4 ms all), so a run normally ends well within them.
-TRAIN_SECONDS_PER_IMAGE = {"head": 0.01, "last_stage": 0.015, "all": 0.02}
-FINETUNE_MIN_SECONDS = 10
-FINETUNE_GPU_MARGIN = 20
-ZERO_GPU_TRAIN_SECONDS = 60  # training cap on ZeroGPU: the largest booking, 80 s, costs 120 s on the newest cards
 NEEDS_IMAGE = "Upload an image first (or classify one in the Predict tab)."  # the analysis tabs without an image
 
 
@@ -154,12 +145,6 @@ def gpu(fn: Callable, duration: int | Callable[..., float], before: Callable | N
     return functools.wraps(fn)(call)  # Gradio reads fn's signature (progress, gr.SelectData) through wraps
 
 
-def delete_pending(sm: SessionModel | None) -> None:
-    """gr.State delete_callback: remove the exported file of an expired session's fine-tune."""
-    if sm is not None and sm.path:
-        Path(sm.path).unlink(missing_ok=True)
-
-
 def friendly(fn: Callable) -> Callable:
     """Turn the package's user-facing errors into gr.Error (a toast), never a server crash."""
     @functools.wraps(fn)
@@ -236,8 +221,6 @@ class PredictBatcher:
         return job.result
 
     def _loop(self) -> None:
-        from .predict import predict_many
-
         while True:
             with self._cond:
                 while not self._pending:

@@ -1,0 +1,105 @@
+"""The whole page: one builder per tab (each in its own module, with its handlers) and the links between tabs,
+made here in one place: the Predict image copied to the analysis tabs, a model switch re-fitting every tab's
+layer, class and group lists, the page's model banner."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import torch.nn as nn
+
+from .. import data, finetune, report
+from . import about_tab, attributions_tab, features_tab, finetune_tab, groups_tab, predict_tab
+from .context import PRIVATE, Context, Page, block_choices, layer_choices
+from .serving import QUEUE_MAX, SESSION_TTL, HEAVY_LIMIT, SessionModel, StopFlag, on_zero_gpu
+
+# Pass to launch(css=...) (Gradio 6 takes css there): 32x32 pictures are drawn large and with sharp pixels.
+CSS = """
+#predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
+}
+#ft-curve { display: none; }  /* the fine-tune endpoint's table: drawn as #ft-plot instead */
+/* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn"; 190 px tall
+   (finetune_tab) shows three files before the list scrolls, and the count line below gives the totals. */
+.ft-zone .download { display: none !important; }
+.ft-zone .file-preview td { padding-top: 2px !important; padding-bottom: 2px !important; }
+/* Table headers break between words only ("importance", not "importanc e"). */
+#gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
+"""
+
+
+def share_image(image):
+    """The Predict tab's image for the Groups, Feature maps and Attributions tabs (unreadable files stay out)."""
+    if image is None:
+        return None, None, None
+    try:
+        data.open_image(image)
+    except data.ImageError:  # the Predict handler already told the user why
+        return gr.update(), gr.update(), gr.update()
+    return image, image, image
+
+
+def model_controls(ctx: Context, session: SessionModel | None):
+    """Every control that depends on the session's model, re-fitted after a model switch: Feature maps layer,
+    Grad-CAM layer, attribution target, Groups block, Groups target, Groups contrast, the knock-out boxes (the
+    block keeps its name across models with other cardinalities), the Predict tab's top-k slider (at most the
+    model's number of classes), then the Fine-tune tab's new-class names."""
+    n_out = 8 + finetune.MAX_NEW_CLASSES
+    if session is None and ctx.base is None:
+        return (gr.update(),) * n_out
+    sm = ctx.active(session)
+    layers, blocks = layer_choices(sm.model), block_choices(sm.model)
+    block = blocks[-1][1] if blocks else None
+    classes = ["predicted"] + list(sm.classes)
+    return (gr.update(choices=layers, value=layers[0][1] if layers else None),
+            gr.update(choices=layers, value=layers[-1][1] if layers else None),  # Grad-CAM's default layer
+            gr.update(choices=classes, value="predicted"),
+            gr.update(choices=blocks, value=block),
+            gr.update(choices=classes, value="predicted"),
+            gr.update(choices=["none", "runner-up"] + list(sm.classes), value="none"),
+            groups_tab.group_choices(ctx, block, session),
+            gr.update(maximum=len(sm.classes), value=min(3, len(sm.classes))),
+            *finetune_tab.new_class_names(ctx, session))
+
+
+def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | None,
+               weights_path: str | Path | None = None, load_error: str | None = None,
+               max_seconds: float = finetune.MAX_SECONDS) -> gr.Blocks:
+    """The whole app; `model` None shows how to get a checkpoint and keeps every tab alive."""
+    if on_zero_gpu():
+        max_seconds = min(max_seconds, finetune_tab.ZERO_GPU_TRAIN_SECONDS)
+    ctx = Context(model, meta, data_source, weights_path, load_error, max_seconds)
+    ctx.test_split()  # read once, before any ZeroGPU worker is forked (workers then inherit it)
+
+    with gr.Blocks(title="ResNeXt on CIFAR-10") as demo:
+        # every gr.State first: component ids name unlabeled outputs on the API page (the banner is `value_7`)
+        states = dict(session=gr.State(None, time_to_live=SESSION_TTL),
+                      pending=gr.State(None, time_to_live=SESSION_TTL, delete_callback=finetune_tab.delete_export),
+                      stop_flag=gr.State(StopFlag()), truth=gr.State(None), mis_indices=gr.State([]))
+        gr.Markdown(report.INTRO)
+        p = Page(demo, ctx, **states, banner=gr.Markdown(ctx.model_banner(None), elem_id="model-banner"))
+        with gr.Tabs():
+            with gr.Tab("Predict", id="predict"):
+                pr = predict_tab.build(p)
+            with gr.Tab("Groups (cardinality)", id="groups"):
+                gp = groups_tab.build(p, k=pr.k)  # the live knock-out shows the Predict tab's top-k
+            with gr.Tab("Feature maps (per group)", id="features"):
+                fm = features_tab.build(p)
+            with gr.Tab("Attributions", id="attributions"):
+                at = attributions_tab.build(p)
+            with gr.Tab("Fine-tune", id="finetune"):
+                ft = finetune_tab.build(p)  # its model switches write this session's model and the banner above
+            with gr.Tab("About the architecture", id="about"):
+                about_tab.build(p)
+
+        # ---------------------------------------------------------------- the links between tabs
+        # one input image for the three analysis tabs: copy it over whenever it changes
+        pr.image.change(share_image, pr.image, [gp.image, fm.image, at.image], **PRIVATE, queue=False)
+        # after a model switch every control that depends on the model fits the session's model
+        controls = [fm.layer, at.layer, at.target, gp.layer, gp.target, gp.contrast, gp.knock, pr.k, *ft.new_names]
+        for switch in ft.model_switches:
+            switch.success(p.bind(model_controls), p.session, controls, **PRIVATE)
+
+    demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=HEAVY_LIMIT)
+    demo.ctx = ctx  # for tests and the screenshot script
+    return demo
