@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training set (the usual values, as used by the paper's code).
@@ -44,7 +46,7 @@ HUB_PREFIX = "hf://datasets/"  # a dataset on the Hugging Face Hub, e.g. hf://da
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An input image that cannot be used; the message is meant for the user."""
 
 

@@ -17,6 +17,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
 from . import data
+from .errors import UserError
 from .predict import eval_view
 from .model import device_of
 
@@ -67,7 +68,7 @@ def groups_of(model: nn.Module, layer: str) -> int:
     try:
         m = model.get_submodule(layer)
     except AttributeError as e:
-        raise ValueError(f"unknown layer {layer!r}; choose one of {layer_choices(model)}") from e
+        raise UserError(f"unknown layer {layer!r}; choose one of {layer_choices(model)}") from e
     return m.groups if isinstance(m, nn.Conv2d) else 1
 
 
@@ -77,7 +78,7 @@ def check_image(model: nn.Module, x: torch.Tensor, target: int | None = None) ->
         raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
     k = getattr(getattr(model, "config", None), "num_classes", None)
     if target is not None and (not isinstance(target, (int, np.integer)) or target < 0 or (k and target >= k)):
-        raise ValueError(f"target must be a class index in [0, {k}), not {target!r}")
+        raise UserError(f"target must be a class index in [0, {k}), not {target!r}")
 
 
 def activation_node(model: nn.Module, layer: str) -> str:
@@ -125,7 +126,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
     try:
         extractor = create_feature_extractor(view, return_nodes=nodes)
     except ValueError as e:  # torchvision's message lists no valid names; ours does
-        raise ValueError(f"{e}\nValid layers: {layer_choices(model)} or any FX node name "
+        raise UserError(f"{e}\nValid layers: {layer_choices(model)} or any FX node name "
                          "(torchvision.models.feature_extraction.get_graph_node_names)") from e
     extractor.eval()
     with torch.inference_mode():
@@ -238,7 +239,7 @@ class Attribution:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def _baseline(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +253,7 @@ def _baseline(kind: str, x: torch.Tensor) -> torch.Tensor:
     if kind == "noise":  # uniform pixel noise; a local seeded generator so results are reproducible
         gen = torch.Generator().manual_seed(0)
         return data.normalize(torch.rand(x.shape, generator=gen)).to(x.device)
-    raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+    raise UserError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
 
 
 def _params(model: nn.Module, method: str, params: dict) -> dict:
@@ -260,29 +261,29 @@ def _params(model: nn.Module, method: str, params: dict) -> dict:
     p = default_params(method)
     unknown = set(params) - set(p)
     if unknown:
-        raise ValueError(f"{method} has no parameter(s) {', '.join(sorted(unknown))}; "
+        raise UserError(f"{method} has no parameter(s) {', '.join(sorted(unknown))}; "
                          f"it takes {', '.join(p) or 'none'}")
     p.update(params)
     for k in ("steps", "samples", "window", "stride"):
         if k in p and (not isinstance(p[k], (int, np.integer)) or p[k] < 1):
-            raise ValueError(f"{method}: {k} must be a positive integer, not {p[k]!r}")
+            raise UserError(f"{method}: {k} must be a positive integer, not {p[k]!r}")
     if p.get("internal_batch_size") is not None and int(p["internal_batch_size"]) < 1:
-        raise ValueError(f"{method}: internal_batch_size must be a positive integer or None")
+        raise UserError(f"{method}: internal_batch_size must be a positive integer or None")
     if "baseline" in p and p["baseline"] not in BASELINES:
-        raise ValueError(f"{method}: unknown baseline {p['baseline']!r}; choose one of {', '.join(BASELINES)}")
+        raise UserError(f"{method}: unknown baseline {p['baseline']!r}; choose one of {', '.join(BASELINES)}")
     if "noise" in p and not (0 <= float(p["noise"]) <= 10):
-        raise ValueError(f"{method}: noise must be between 0 and 10 (fraction of the input range)")
+        raise UserError(f"{method}: noise must be between 0 and 10 (fraction of the input range)")
     if "window" in p and p["window"] > data.IMAGE_SIZE:
-        raise ValueError(f"{method}: window must be at most {data.IMAGE_SIZE}")
+        raise UserError(f"{method}: window must be at most {data.IMAGE_SIZE}")
     if "upsample" in p and p["upsample"] not in ("bilinear", "nearest"):
-        raise ValueError(f"{method}: upsample must be 'bilinear' or 'nearest'")
+        raise UserError(f"{method}: upsample must be 'bilinear' or 'nearest'")
     if "layer" in p:
         if p["layer"] is None:
             p["layer"] = layer_choices(model)["stages"][-1]
         try:
             model.get_submodule(_node(model, p["layer"]))
         except AttributeError as e:
-            raise ValueError(f"{method}: unknown layer {p['layer']!r}; choose one of {layer_choices(model)}") from e
+            raise UserError(f"{method}: unknown layer {p['layer']!r}; choose one of {layer_choices(model)}") from e
     return p
 
 
@@ -295,7 +296,7 @@ def attribute(model: nn.Module, x: torch.Tensor, method: str, target: int, **par
     p = _params(model, method, params)
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     if not isinstance(target, (int, np.integer)) or target < 0 or (num_classes and target >= num_classes):
-        raise ValueError(f"target must be a class index in [0, {num_classes}), not {target!r}")
+        raise UserError(f"target must be a class index in [0, {num_classes}), not {target!r}")
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one normalized image 1 x 3 x H x W, got shape {tuple(x.shape)}")
     target = int(target)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import data, weights
+from .errors import UserError
 from .predict import predict_batch
 from .train import TrainConfig, fit, subset
 from .model import device_of
@@ -61,14 +62,14 @@ def target_classes(base_classes: Sequence[str], new_names: Sequence[str]) -> lis
     base = list(base_classes)
     new = [_clean_name(n) for n in new_names if n and _clean_name(n)]
     if len(new) > MAX_NEW_CLASSES:
-        raise ValueError(f"At most {MAX_NEW_CLASSES} new classes per run.")
+        raise UserError(f"At most {MAX_NEW_CLASSES} new classes per run.")
     for n in new:
         if n in base:
-            raise ValueError(f"'{n}' is already a class of the model: put its images in that class's zone.")
+            raise UserError(f"'{n}' is already a class of the model: put its images in that class's zone.")
         if len(n) > 40:
-            raise ValueError(f"Class name '{n[:40]}…' is too long (40 characters at most).")
+            raise UserError(f"Class name '{n[:40]}…' is too long (40 characters at most).")
     if len(set(new)) != len(new):
-        raise ValueError("New class names must be different from each other.")
+        raise UserError("New class names must be different from each other.")
     return base + new
 
 
@@ -78,13 +79,13 @@ def build_dataset(files: dict[str, Sequence[str | Path | bytes]], classes: Seque
     classes = list(classes)
     total = sum(len(v or []) for v in files.values())
     if total > max_images:
-        raise ValueError(f"{total} images uploaded; the limit is {max_images} per run.")
+        raise UserError(f"{total} images uploaded; the limit is {max_images} per run.")
     xs, ys = [], []
     for name, paths in files.items():
         if not paths:
             continue
         if name not in classes:
-            raise ValueError(f"Images given for '{name}', which is not one of the classes {classes}.")
+            raise UserError(f"Images given for '{name}', which is not one of the classes {classes}.")
         for p in paths:
             try:
                 im = data.prepare_image(p)
@@ -94,7 +95,7 @@ def build_dataset(files: dict[str, Sequence[str | Path | bytes]], classes: Seque
             xs.append(data.pil_to_uint8(im))
             ys.append(classes.index(name))
     if not xs:
-        raise ValueError("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
+        raise UserError("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
     return Dataset(torch.cat(xs), torch.tensor(ys, dtype=torch.int64), classes)
 
 
@@ -102,7 +103,7 @@ def cifar_dataset(source: str | Path | None, per_class: int, seed: int = 0) -> D
     """A balanced subset of CIFAR-10's training split (per_class images of each class)."""
     per_class = int(per_class)
     if not 1 <= per_class <= MAX_CIFAR_PER_CLASS:
-        raise ValueError(f"CIFAR-10 subset: 1 to {MAX_CIFAR_PER_CLASS} images per class.")
+        raise UserError(f"CIFAR-10 subset: 1 to {MAX_CIFAR_PER_CLASS} images per class.")
     x, y = data.load_split(source, "train")
     x, y = subset(x, y, per_class * len(data.CLASSES), seed)
     return Dataset(x, y, list(data.CLASSES))
@@ -112,7 +113,7 @@ def merge(a: Dataset | None, b: Dataset | None) -> Dataset:
     """Two datasets over the same class list, concatenated."""
     if a is None or b is None:
         if a is None and b is None:
-            raise ValueError("No training images.")
+            raise UserError("No training images.")
         return a if b is None else b
     if a.classes != b.classes[:len(a.classes)] and b.classes != a.classes[:len(b.classes)]:
         raise ValueError("datasets with different classes")
@@ -164,15 +165,15 @@ class Options:
     seed: int = 0
 
     def check(self) -> None:
-        """Raise ValueError with a user-facing message when an option is out of range."""
+        """Raise UserError with a user-facing message when an option is out of range."""
         if self.train_layers not in TRAIN_LAYERS:
-            raise ValueError(f"What to train must be one of {', '.join(TRAIN_LAYERS)}.")
+            raise UserError(f"What to train must be one of {', '.join(TRAIN_LAYERS)}.")
         if not 1 <= int(self.epochs) <= MAX_EPOCHS:
-            raise ValueError(f"Epochs must be between 1 and {MAX_EPOCHS}.")
+            raise UserError(f"Epochs must be between 1 and {MAX_EPOCHS}.")
         if not 0 < float(self.lr) <= 1.0:
-            raise ValueError("The learning rate must be in (0, 1].")
+            raise UserError("The learning rate must be in (0, 1].")
         if not 1 <= int(self.batch_size) <= MAX_BATCH_SIZE:
-            raise ValueError(f"Batch size must be between 1 and {MAX_BATCH_SIZE}.")
+            raise UserError(f"Batch size must be between 1 and {MAX_BATCH_SIZE}.")
 
 
 @dataclass
@@ -396,10 +397,10 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
     """Fine-tune a copy of `model` on `dataset`, yielding progress; the last Update carries the Result."""
     opts.check()
     if len(dataset) < 2:
-        raise ValueError("Upload at least two images.")
+        raise UserError("Upload at least two images.")
     train_ds, hold_ds = holdout_split(dataset, seed=opts.seed)
     if len(train_ds) == 0:
-        raise ValueError("Every class needs at least two images: one is held out for the before/after score.")
+        raise UserError("Every class needs at least two images: one is held out for the before/after score.")
     device = device_of(model)
     base = model
     new = prepare_model(model, model_classes, dataset.classes)

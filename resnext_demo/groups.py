@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
 from . import calibration, data
+from .errors import UserError
 from .faithfulness import Faithfulness, faithfulness
 from .explain import _baseline, check_image, groups_of, is_torchvision, split_groups
 from .predict import eval_view
@@ -34,7 +35,7 @@ def group_output(model: nn.Module, layer: str) -> str:
     The torchvision seed calls one ReLU module three times per block, so there its per-channel BN
     ('bn2') stands in: hooks on a reused module would fire on all three calls."""
     if layer not in model.grouped_convs():
-        raise ValueError(f"{layer!r} is not a grouped conv; choose one of {', '.join(model.grouped_convs())}")
+        raise UserError(f"{layer!r} is not a grouped conv; choose one of {', '.join(model.grouped_convs())}")
     head = layer.rpartition(".")[0]
     return f"{head}.bn2" if is_torchvision(model) else f"{head}.act2"
 
@@ -45,7 +46,7 @@ def _group_channels(model: nn.Module, layer: str, groups: list[int] | tuple[int,
     g, w = conv.groups, conv.out_channels // conv.groups
     bad = [i for i in groups if not 0 <= int(i) < g]
     if bad:
-        raise ValueError(f"{layer} has groups 0..{g - 1}; got {bad}")
+        raise UserError(f"{layer} has groups 0..{g - 1}; got {bad}")
     mask = torch.zeros(conv.out_channels, dtype=torch.bool)
     for i in groups:
         mask[int(i) * w:(int(i) + 1) * w] = True
@@ -97,12 +98,12 @@ def group_importance(model: nn.Module, x: torch.Tensor, layer: str, target: int,
     tensor. With `contrast`, the explained output is logit[target] - logit[contrast].
     """
     if method not in GROUP_METHODS:
-        raise ValueError(f"unknown group method {method!r}; choose one of {', '.join(GROUP_METHODS)}")
+        raise UserError(f"unknown group method {method!r}; choose one of {', '.join(GROUP_METHODS)}")
     check_image(model, x, target)
     if contrast is not None:
         check_image(model, x, contrast)
     if int(steps) < 2 or int(max_steps) < int(steps):
-        raise ValueError("Conductance needs steps >= 2 and max_steps >= steps")
+        raise UserError("Conductance needs steps >= 2 and max_steps >= steps")
     groups = groups_of(model, layer)
     view = eval_view(model)
     module = view.get_submodule(group_output(model, layer))
@@ -190,7 +191,7 @@ def _ablation_hook(mask: torch.Tensor, mode: str):
 def _ablated_logits(model: nn.Module, x: torch.Tensor, layer: str, masks: torch.Tensor, mode: str) -> torch.Tensor:
     """Logits (B x K) of x repeated once per row of `masks` (B x C), each row knocking out its channels."""
     if mode not in ABLATIONS:
-        raise ValueError(f"unknown ablation {mode!r}; choose one of {', '.join(ABLATIONS)}")
+        raise UserError(f"unknown ablation {mode!r}; choose one of {', '.join(ABLATIONS)}")
     view = eval_view(model)
     handle = view.get_submodule(group_output(model, layer)).register_forward_hook(_ablation_hook(masks, mode))
     device = device_of(model)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import data
+from .errors import UserError
 from .familiarity import TENSOR_PREFIX, Familiarity, embed
 from .model import ResNeXtConfig, build_from_config
 
@@ -28,7 +29,7 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
 SWEEP_RESULTS = WEIGHTS_DIR / "sweep" / "results.json"  # the cardinality sweep's (resnext_demo.sweep)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is not a usable checkpoint; the message is meant for the user."""
 
 

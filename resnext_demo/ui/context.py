@@ -62,7 +62,7 @@ class Context:
                 session.model.to(device)  # in place: the worker holds its own pickled copy
             return session
         if self.base is None:
-            raise gr.Error(self.no_model_help().replace("**", ""), duration=None)
+            raise serving.user_error(self.no_model_help().replace("**", ""), duration=None)
         return self.base
 
     def device(self) -> torch.device:
@@ -92,7 +92,7 @@ class Context:
         """The test split, or a toast saying why there is none."""
         split = self.test_split()
         if split is None:
-            raise gr.Error(self.data_help())
+            raise serving.user_error(self.data_help())
         return split
 
     def source_label(self) -> str:
@@ -221,7 +221,7 @@ def decode(image) -> tuple[Image.Image, torch.Tensor]:
 def require_cifar(sm: SessionModel, what: str) -> None:
     """Views measured on CIFAR-10 need a model with its classes; `what` says why otherwise."""
     if tuple(sm.classes[:10]) != data.CLASSES:
-        raise gr.Error(what)
+        raise serving.user_error(what)
 
 
 def layer_choices(model: nn.Module | None) -> list[tuple[str, str]]:
@@ -246,7 +246,7 @@ def grouped_layer(sm: SessionModel, layer: str | None) -> str:
     if not layer:
         return convs[-1]
     if layer not in convs:
-        raise gr.Error(f"Pick a block from the list ({layer!r} is not a grouped conv of this model).")
+        raise serving.user_error(f"Pick a block from the list ({layer!r} is not a grouped conv of this model).")
     return layer
 
 
@@ -257,7 +257,7 @@ def target_index(sm: SessionModel, target: str | None, pred: Prediction, who: st
         return pred.top_index
     if target not in sm.classes:
         whose = f"Model {who} ({sm.name}) has" if who else "This model has"
-        raise gr.Error(f"{whose} no class {target!r} (its classes: {', '.join(sm.classes)}).")
+        raise serving.user_error(f"{whose} no class {target!r} (its classes: {', '.join(sm.classes)}).")
     return sm.classes.index(target)
 
 
@@ -268,9 +268,9 @@ def contrast_index(sm: SessionModel, contrast: str | None, target: int, probs: d
     if contrast == "runner-up":
         return next(sm.classes.index(c) for c in probs if sm.classes.index(c) != target)
     if contrast not in sm.classes:
-        raise gr.Error(f"{contrast!r} is not a class of this model.")
+        raise serving.user_error(f"{contrast!r} is not a class of this model.")
     if sm.classes.index(contrast) == target:
-        raise gr.Error("The contrast class must differ from the target class.")
+        raise serving.user_error("The contrast class must differ from the target class.")
     return sm.classes.index(contrast)
 
 

@@ -8,7 +8,7 @@ import gradio as gr
 from .. import data, explain, report, visualize
 from ..predict import predict
 from .context import HEAVY_EVENT, SLOW, Context, ImageInput, Page, layer_choices, unfamiliar_note
-from .serving import SessionModel, friendly, require_image
+from .serving import SessionModel, friendly, require_image, user_error
 
 
 @friendly
@@ -19,7 +19,7 @@ def feature_maps(ctx: Context, image, layer: str, view: str = "channels", scale:
     require_image(image)
     sm = ctx.active(session)
     if layer not in [v for _, v in layer_choices(sm.model)]:
-        raise gr.Error(f"Pick a layer from the list ({layer!r} is not a layer of this model).")
+        raise user_error(f"Pick a layer from the list ({layer!r} is not a layer of this model).")
     im32 = data.prepare_image(image)
     groups = explain.groups_of(sm.model, layer)
     node, fmap, stats = explain.shown_maps(sm.model, data.normalize(data.pil_to_uint8(im32)), layer,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from .. import data, finetune, report, visualize, weights
 from .context import PRIVATE, Context, Page
-from .serving import TRAIN_LIMIT, TRAIN_POOL, SessionModel, StopFlag, friendly, friendly_gen, on_zero_gpu
+from .serving import TRAIN_LIMIT, TRAIN_POOL, SessionModel, StopFlag, friendly, friendly_gen, on_zero_gpu, user_error
 
 # A fine-tune books its training estimate on ZeroGPU (epochs x images x the rate below, at least
 # FINETUNE_MIN_SECONDS) plus FINETUNE_GPU_MARGIN for what happens outside the training loop (decoding uploads,
@@ -75,25 +75,25 @@ def training_set(ctx: Context, sm: SessionModel, cifar_per_class: int, uploads: 
     class_files, new_names, new_files = split_uploads(uploads)
     named = [((n or "").strip(), f) for n, f in zip(new_names, new_files) if f]
     if any(not n for n, _ in named):
-        raise gr.Error("Give each new class with images a name.")
+        raise user_error("Give each new class with images a name.")
     classes = finetune.target_classes(sm.classes, [n for n, _ in named if n not in sm.classes])
     files: dict[str, list] = {}
     for name, fl in [*zip(data.CLASSES, class_files), *named]:
         if fl:
             if name not in classes:
-                raise gr.Error(f"This session's model has no class '{name}'.")
+                raise user_error(f"This session's model has no class '{name}'.")
             files[name] = files.get(name, []) + list(fl)
     ds = finetune.build_dataset(files, classes) if files else None
     if cifar_per_class and int(cifar_per_class) > 0:
         if ctx.data_source is None:
-            raise gr.Error("No CIFAR-10 images are available on this server: upload your own images instead.")
+            raise user_error("No CIFAR-10 images are available on this server: upload your own images instead.")
         if tuple(sm.classes[:10]) != data.CLASSES:
-            raise gr.Error("A CIFAR-10 subset needs a model with the CIFAR-10 classes.")
+            raise user_error("A CIFAR-10 subset needs a model with the CIFAR-10 classes.")
         cifar = finetune.cifar_dataset(ctx.data_source, int(cifar_per_class))
         cifar.classes = classes
         ds = finetune.merge(ds, cifar)
     if ds is None:
-        raise gr.Error("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
+        raise user_error("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
     return classes, ds
 
 
@@ -172,7 +172,7 @@ def curve_image(curve: pd.DataFrame | None) -> Image.Image | None:
 def use_model(ctx: Context, pending: SessionModel | None):
     """Make the last fine-tuned model this session's model: (session, banner)."""
     if pending is None:
-        raise gr.Error("Train a model first.")
+        raise user_error("Train a model first.")
     return pending, ctx.model_banner(pending)
 
 
@@ -185,7 +185,7 @@ def reset_model(ctx: Context):
 def load_checkpoint(ctx: Context, file):
     """An uploaded checkpoint becomes this session's model: (session, banner)."""
     if not file:
-        raise gr.Error("Choose a .safetensors checkpoint to upload.")
+        raise user_error("Choose a .safetensors checkpoint to upload.")
     model, meta = weights.load_checkpoint(file, ctx.device())  # on ZeroGPU: the CPU of the app's process
     sm = SessionModel(model, meta, list(meta["classes"]), Path(file).name)
     return sm, ctx.model_banner(sm)

@@ -18,7 +18,7 @@ from ..model import count_params
 from ..predict import predict
 from .context import (HEAVY_EVENT, PRIVATE, QUICK, SLOW, Context, ImageInput, Page, block_choices, contrast_index,
                       decode, deletion_score, grouped_layer, require_cifar, target_index, unfamiliar_note)
-from .serving import GPU_SECONDS, SessionModel, friendly, require_image
+from .serving import GPU_SECONDS, SessionModel, friendly, require_image, user_error
 
 SPECIALIZATION_GPU_SECONDS = 60  # group statistics over the test images when not cached yet (seconds on a GPU)
 _SPEC_LOCK = threading.Lock()  # two sessions asking for one checkpoint's specialization compute it once
@@ -35,9 +35,9 @@ def analyse(ctx: Context, image, layer: str, target: str = "predicted", contrast
     per-group table, group Grad-CAM grid, markdown); the page names each analysis as it runs."""
     require_image(image)
     if method not in cardinality.GROUP_METHODS:
-        raise gr.Error(f"Choose a method among {', '.join(cardinality.GROUP_METHODS)}.")
+        raise user_error(f"Choose a method among {', '.join(cardinality.GROUP_METHODS)}.")
     if mode not in cardinality.ABLATIONS:
-        raise gr.Error(f"Choose a knock-out among {', '.join(cardinality.ABLATIONS)}.")
+        raise user_error(f"Choose a knock-out among {', '.join(cardinality.ABLATIONS)}.")
     sm = ctx.active(session)
     layer = grouped_layer(sm, layer)
     im32, x = decode(image)
@@ -77,7 +77,7 @@ def knockout(ctx: Context, image, layer: str, groups: list | None = None, mode: 
     n = explain.groups_of(sm.model, layer)
     groups = sorted(int(g) for g in (groups or []))
     if any(not 0 <= g < n for g in groups):  # boxes left from another model's block
-        raise gr.Error(f"This block has {n} groups (g0–g{n - 1}): untick the others.")
+        raise user_error(f"This block has {n} groups (g0–g{n - 1}): untick the others.")
     _, x = decode(image)
     base = cardinality.ablate_groups(sm.model, x, layer, [], mode)
     probs = cardinality.ablate_groups(sm.model, x, layer, groups, mode)
@@ -100,7 +100,7 @@ def specialize(ctx: Context, layer: str, session: SessionModel | None = None, pr
     """Group specialization over the test set (computed once per checkpoint, cached on disk):
     (figure, top-9 montage, markdown)."""
     if ctx.data_source is None:
-        raise gr.Error("Group specialization is measured on CIFAR-10 test images. " + report.NO_DATA_HELP)
+        raise user_error("Group specialization is measured on CIFAR-10 test images. " + report.NO_DATA_HELP)
     sm = ctx.active(session)
     layer = grouped_layer(sm, layer)
     require_cifar(sm, "Specialization is measured on CIFAR-10: this session's model uses other classes.")
@@ -132,17 +132,17 @@ def model_b(ctx: Context, choice: str, file, session: SessionModel | None) -> Se
         return ctx.active(None)
     if choice == "this session's model":
         if session is None:
-            raise gr.Error("This session uses the shared model: fine-tune one or load a checkpoint first.")
+            raise user_error("This session uses the shared model: fine-tune one or load a checkpoint first.")
         return session
     if choice == "uploaded checkpoint":
         if not file:
-            raise gr.Error("Choose a .safetensors checkpoint to compare with.")
+            raise user_error("Choose a .safetensors checkpoint to compare with.")
         model, meta = weights.load_checkpoint(file)
         return SessionModel(model, meta, list(meta["classes"]), Path(file).name)
     if choice in shipped_checkpoints():  # only listed names: never an arbitrary path
         model, meta = weights.load_checkpoint(weights.WEIGHTS_DIR / choice)
         return SessionModel(model, meta, list(meta["classes"]), choice)
-    raise gr.Error(f"Unknown model {choice!r}.")
+    raise user_error(f"Unknown model {choice!r}.")
 
 
 def _compare_side(tag: str, sm: SessionModel, im32: Image.Image, x: torch.Tensor, target: str | None):

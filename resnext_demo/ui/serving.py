@@ -5,6 +5,7 @@ The plumbing every tab module shares (events are wired and handlers run through 
 from __future__ import annotations
 
 import functools
+import logging
 import inspect
 import math
 import os
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 import gradio as gr
 import torch.nn as nn
 
-from .. import data, weights
+from ..errors import UserError
 from ..predict import predict_many
+
+log = logging.getLogger("resnext_demo")  # user errors get one line here; bugs keep their traceback
 
 
 def import_spaces() -> ModuleType | None:
@@ -145,16 +148,20 @@ def gpu(fn: Callable, duration: int | Callable[..., float], before: Callable | N
     return functools.wraps(fn)(call)  # Gradio reads fn's signature (progress, gr.SelectData) through wraps
 
 
+def user_error(message: str, **kwargs) -> gr.Error:
+    """A toast for something the visitor can fix: one line in the server log, no traceback (it is not a bug)."""
+    log.info("user error: %s", message)
+    return gr.Error(message, print_exception=False, **kwargs)
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn the package's user-facing errors into gr.Error (a toast), never a server crash."""
+    """Turn the package's UserError into a toast; any other exception is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (data.ImageError, weights.CheckpointError, ValueError, FileNotFoundError) as e:
-            raise gr.Error(str(e)) from e
+        except UserError as e:
+            raise user_error(str(e)) from e
     return wrapper
 
 
@@ -164,17 +171,15 @@ def friendly_gen(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             yield from fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (data.ImageError, weights.CheckpointError, ValueError, FileNotFoundError) as e:
-            raise gr.Error(str(e)) from e
+        except UserError as e:
+            raise user_error(str(e)) from e
     return wrapper
 
 
 def require_image(image: object, message: str = NEEDS_IMAGE) -> None:
     """A handler that needs an image says so when there is none (its ZeroGPU booking was 0: see if_image)."""
     if image is None:
-        raise gr.Error(message)
+        raise user_error(message)
 
 
 @dataclass(eq=False)  # identity, not field equality: images are arrays
