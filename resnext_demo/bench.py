@@ -24,7 +24,8 @@ import torch.nn as nn
 from PIL import Image
 
 from . import data, explain, faithfulness, groups, launch, train, visualize, weights
-from .model import build_model, count_macs, get_config, list_models
+from .model import count_macs
+from .zoo import build_model, get_config, list_models
 from .predict import predict
 
 # The issue's targets on a 2-core CPU, in seconds (None: no target).
@@ -195,7 +196,7 @@ def train_throughput(model: nn.Module, device: torch.device, bf16: bool, channel
 
 def _sweep_names() -> set[str]:
     """The sweep's equal-budget variants: the same cost as the default, so not worth a row each."""
-    from .model import equal_budget_configs
+    from .budget import equal_budget_configs
     return set(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
 
 

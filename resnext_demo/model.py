@@ -1,4 +1,6 @@
-"""The CIFAR ResNeXt-29 family (Xie et al. 2017, "Aggregated Residual Transformations", §5, Table 7).
+"""The ResNeXt family's building blocks and networks (Xie et al. 2017, "Aggregated Residual Transformations"):
+the CIFAR ResNeXt-29 (§5, Table 7), the fast family, airbench94's dense net and its grouped counterparts, and
+torchvision's ResNeXt-50 seed. The named models are in zoo.py, their budget arithmetic in budget.py.
 
 Written for explanation methods: every ReLU is its own non-inplace module used once per forward, and
 the residual add is `out = out + shortcut` — Captum's DeepLift/GuidedBackprop and layer methods hook
@@ -7,7 +9,6 @@ This file imports nothing else of the project.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -335,198 +336,6 @@ def _cached_imagenet_state(weights) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)  # our own cache, and weights_only
 
 
-# Named members of the family. MACs and parameters of each are computed by `describe()` (and listed
-# in the README by `python -m resnext_demo.model`), never typed in by hand.
-_CONFIGS: dict[str, ResNeXtConfig] = {
-    # The paper's CIFAR models (Table 7): 34.4 M and 68.1 M parameters.
-    "resnext29_8x64d": ResNeXtConfig(cardinality=8, base_width=64),
-    "resnext29_16x64d": ResNeXtConfig(cardinality=16, base_width=64),
-    "resnext29_32x4d": ResNeXtConfig(cardinality=32, base_width=4),
-    # CPU-demo sized references: a half and a quarter of the paper's widths (stem 32).
-    "resnext29_8x16d_small": ResNeXtConfig(stem_width=32, widths=(128, 256, 512), cardinality=8, base_width=16),
-    "resnext29_8x8d_tiny": ResNeXtConfig(stem_width=32, widths=(64, 128, 256), cardinality=8, base_width=8),
-    # Trainable on a 2-core CPU in about an hour (the interim default until a GPU-trained one ships).
-    "resnext29_8x4d_micro": ResNeXtConfig(stem_width=16, widths=(32, 64, 128), cardinality=8, base_width=4),
-}
-
-
-def matched_base_width(config: ResNeXtConfig, cardinality: int) -> int:
-    """Bottleneck width d that gives `cardinality` groups the parameter count of `config` (paper §3.3).
-
-    Solves the block cost in*C*d + 9*C*d^2 + C*d*out for d, then checks the neighbours on the whole
-    network, since d is an integer and the rounding matters at large C.
-    """
-    cin = cout = config.widths[0]
-    c0, d0 = config.cardinality, config.base_width
-    target = (cin + cout) * c0 * d0 + 9 * c0 * d0 * d0
-    guess = min(range(1, 4 * d0 * c0 + 1),
-                key=lambda d: abs((cin + cout) * cardinality * d + 9 * cardinality * d * d - target))
-    p0, m0 = config_params(config), config_macs(config)
-
-    def worst(d: int) -> float:  # the larger relative miss of parameters and multiply-adds
-        c = replace(config, cardinality=cardinality, base_width=d)
-        return max(abs(config_params(c) - p0) / p0, abs(config_macs(c) - m0) / m0)
-
-    return min(range(max(1, guess - 2), guess + 3), key=worst)
-
-
-def config_macs(config: ResNeXtConfig, size: int = 32) -> int:
-    """Multiply-adds of a config on a size x size input (cifar family: without building it; = count_macs)."""
-    if config.family == "fast":
-        return _fast_counts(config, size)[1]
-    if config.family != "cifar":
-        return _built_counts(config, size)[1]
-    hw = size * size
-    total = 27 * config.stem_width * hw
-    cin = config.stem_width
-    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
-        w = config.bottleneck_width(i)
-        for b in range(depth):
-            c = cin if b == 0 else cout
-            hw_out = hw // 4 if (i > 0 and b == 0) else hw
-            total += c * w * hw + 9 * w * w // config.cardinality * hw_out + w * cout * hw_out
-            if c != cout or (i > 0 and b == 0):
-                total += c * cout * hw_out
-            hw = hw_out
-        cin = cout
-    return total + cin * config.num_classes
-
-
-def config_params(config: ResNeXtConfig) -> int:
-    """Parameters of a config (cifar family: counted without building it; equals count_params)."""
-    if config.family == "fast":
-        return _fast_counts(config)[0]
-    if config.family != "cifar":
-        return _built_counts(config)[0]
-    total = 27 * config.stem_width + 2 * config.stem_width  # stem conv + BN
-    cin = config.stem_width
-    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
-        w = config.bottleneck_width(i)
-        for b in range(depth):
-            c = cin if b == 0 else cout
-            total += c * w + 9 * w * w // config.cardinality + w * cout + 2 * (2 * w + cout)
-            if c != cout or (i > 0 and b == 0):
-                total += c * cout + 2 * cout
-        cin = cout
-    return total + cin * config.num_classes + config.num_classes
-
-
-def _fast_counts(config: ResNeXtConfig, size: int = 32) -> tuple[int, int]:
-    """(params, MACs) of a FastResNeXt config in closed form (BN: 2 parameters per channel, no MACs)."""
-    params, macs = 27 * config.stem_width + 2 * config.stem_width, 27 * config.stem_width * size * size
-    cin, hw = config.stem_width, size * size
-    for i, (depth, cout) in enumerate(zip(config.depths, config.widths)):
-        params += 9 * cin * cout + 2 * cout  # Downsample: its conv runs before the pool, on the finer grid
-        macs += 9 * cin * cout * hw
-        hw //= 4
-        w = config.bottleneck_width(i)
-        block = cout * w + 9 * w * w // config.cardinality + w * cout
-        params += depth * (block + 2 * (2 * w + cout))
-        macs += depth * block * hw
-        cin = cout
-    return params + cin * config.num_classes + config.num_classes, macs + cin * config.num_classes
-
-
-@functools.lru_cache(maxsize=512)
-def _built_counts(config: ResNeXtConfig, size: int = 32) -> tuple[int, int]:
-    """(params, MACs) of a family without a closed form, built on the meta device (no memory, no arithmetic)
-    and cached: the equal-budget search asks for dozens of neighbouring configs."""
-    with torch.device("meta"):
-        m = build_from_config(config)
-    return count_params(m), count_macs(m, size)
-
-
-def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict[str, ResNeXtConfig]:
-    """Models with the complexity of `reference` at other cardinalities, named like the paper (C x d)."""
-    base, suffix = _CONFIGS[reference], reference.split("_", 2)[-1]
-    depth = reference.split("_", 1)[0].removeprefix("resnext")  # weighted layers: 29 or 20
-    out = {}
-    for c in cardinalities:
-        d = matched_base_width(base, c)
-        name = f"resnet{depth}_{suffix}" if c == 1 else f"resnext{depth}_{c}x{d}d_{suffix}"
-        out[name] = replace(base, cardinality=c, base_width=d)
-    return out
-
-
-# The paper's Table 3 comparison at CPU size: same parameters and FLOPs (each within 6 %: d is an
-# integer, so the match is coarse at high C on narrow nets), cardinality 1 (a plain, wider ResNet
-# bottleneck) up to 16 (narrower groups). C=16 on the tiny widths would miss by 8.5 %, so it is left out.
-_CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4)))
-_CONFIGS.update(equal_budget_configs("resnext29_8x16d_small", (1, 4, 16)))
-# The fast family (FastResNeXt), named by weighted layers and C x d like the paper; the default is
-# resnext20_8x8d_fast (chosen with `python -m resnext_demo.bench --train`, see the README).
-_CONFIGS.update({
-    "resnext20_8x8d_fast": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(64, 256, 256), cardinality=8,
-                                         base_width=8, family="fast"),
-    "resnext14_8x4d_fast": ResNeXtConfig(depths=(1, 1, 1), stem_width=32, widths=(64, 256, 256), cardinality=8,
-                                         base_width=4, family="fast"),
-    "resnext14_16x4d_fast_wide": ResNeXtConfig(depths=(1, 1, 1), stem_width=32, widths=(96, 384, 384),
-                                               cardinality=16, base_width=4, family="fast"),
-    # 2.4x the default's multiply-adds, still ~1.8x faster than resnet18-CIFAR at batch 1 on the CPU.
-    "resnext20_16x8d_fast_wide": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(96, 384, 384),
-                                               cardinality=16, base_width=8, family="fast"),
-    # airbench96-sized widths (128/384/512) for the GPU-trained candidates; 2x faster than resnet18-CIFAR.
-    "resnext23_16x8d_fast_large": ResNeXtConfig(depths=(2, 2, 2), stem_width=32, widths=(128, 384, 512),
-                                                cardinality=16, base_width=8, family="fast"),
-    "resnext20_32x8d_fast_large": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(128, 384, 512),
-                                                cardinality=32, base_width=8, family="fast"),
-})
-# The cardinality sweep of the fast family at the default's budget (C=32 would miss it by 9-10 %).
-_CONFIGS.update(equal_budget_configs("resnext20_8x8d_fast", (1, 2, 4, 16)))
-# airbench94's dense net (`bench --train`'s reference, the fast recipe's anchor: 1.97 M parameters, 118 M MACs)
-# and its ResNeXt counterparts at the same budget: each stage's plain 3x3 conv becomes a bottleneck with a
-# grouped 3x3 of C groups of d channels (d of stage 1, stages 2 and 3). The d's come from
-# `airbench_x_widths(C)`; tests/test_speedrun.py checks parameters and MACs within 5 % of airbench94.
-AIRBENCH94 = ResNeXtConfig(depths=(1, 1, 1), stem_width=24, widths=(64, 256, 256), cardinality=1, base_width=64,
-                           family="airbench")
-_AIRBENCH_X = {"airbench94x_1x229d": (1, 57, 229), "airbench94x_2x155d": (2, 38, 155),
-               "airbench94x_4x102d": (4, 27, 102), "airbench94x_8x66d": (8, 17, 66),
-               "airbench94x_16x41d": (16, 11, 41), "airbench94x_32x25d": (32, 6, 25)}
-_CONFIGS["airbench94"] = AIRBENCH94
-_CONFIGS.update({name: replace(AIRBENCH94, family="airbench_x", cardinality=c, base_width=d1, group_widths=(d1, d, d))
-                 for name, (c, d1, d) in _AIRBENCH_X.items()})
-
-
-def airbench_family() -> dict[int, str]:
-    """The equal-budget airbench94x models by cardinality C (the fast sweep's members)."""
-    return {c: name for name, (c, _, _) in _AIRBENCH_X.items()}
-
-
-def airbench_x_widths(cardinality: int) -> tuple[int, int]:
-    """(d of stage 1, d of stages 2-3) giving airbench94's parameters and MACs at `cardinality`: each stage's
-    bottleneck (2*w*cout + 9*w*w/C, w = C*d) near the dense 3x3's 9*cout^2, then the neighbours checked on the
-    whole network for the smaller of the larger relative misses."""
-    p0, m0 = config_params(AIRBENCH94), config_macs(AIRBENCH94)
-
-    def near(cout: int) -> int:
-        return min(range(1, 4 * cout), key=lambda d: abs(2 * cout * cardinality * d + 9 * cardinality * d * d
-                                                         - 9 * cout * cout))
-
-    def worst(d1: int, d: int) -> float:
-        c = replace(AIRBENCH94, family="airbench_x", cardinality=cardinality, base_width=d1, group_widths=(d1, d, d))
-        return max(abs(config_params(c) - p0) / p0, abs(config_macs(c) - m0) / m0)
-
-    g1, g = near(AIRBENCH94.widths[0]), near(AIRBENCH94.widths[1])
-    return min(((d1, d) for d1 in range(max(1, g1 - 2), g1 + 3) for d in range(max(1, g - 2), g + 3)),
-               key=lambda t: worst(*t))
-
-
-_CONFIGS["resnext50_32x4d"] = ResNeXtConfig(depths=(3, 4, 6, 3), stem_width=64, widths=(256, 512, 1024, 2048),
-                                            cardinality=32, base_width=4, family="torchvision")
-
-
-def list_models() -> list[str]:
-    """Names accepted by `build_model`."""
-    return list(_CONFIGS)
-
-
-def get_config(name: str, num_classes: int = 10) -> ResNeXtConfig:
-    """The config of a named model."""
-    if name not in _CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return replace(_CONFIGS[name], num_classes=num_classes)
-
-
 def build_from_config(config: ResNeXtConfig, zero_init_residual: bool = False, pretrained: bool = False) -> nn.Module:
     """Build a model from its config (what a checkpoint stores)."""
     if config.family == "torchvision":
@@ -538,14 +347,6 @@ def build_from_config(config: ResNeXtConfig, zero_init_residual: bool = False, p
     if config.family != "cifar":
         raise ValueError(f"unknown model family {config.family!r}")
     return ResNeXt(config, zero_init_residual=zero_init_residual)
-
-
-def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = False,
-                pretrained: bool = False) -> nn.Module:
-    """Build a named model; `pretrained` (seed recipe only) uses ImageNet weights from the local cache."""
-    if pretrained and get_config(name).family != "torchvision":
-        raise ValueError("pretrained weights exist only for the torchvision seed recipe (resnext50_32x4d)")
-    return build_from_config(get_config(name, num_classes), zero_init_residual, pretrained)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -570,40 +371,3 @@ def count_macs(model: nn.Module, size: int = 32) -> int:
     model.train(was_training)
     return counter.get_total_flops() // 2  # the counter reports 2 FLOPs per multiply-add
 
-
-def describe(name: str) -> dict:
-    """Name, config, parameters and MACs of a named model."""
-    cfg = get_config(name)
-    m = build_from_config(cfg)
-    return {"name": name, "cardinality": cfg.cardinality, "base_width": cfg.base_width,
-            "params": count_params(m), "macs": count_macs(m)}
-
-
-def cpu_latency_ms(model: nn.Module, budget_s: float = 2.0) -> float:
-    """Median single-image (batch 1, 32x32) forward time in ms, eval + inference_mode + channels_last."""
-    import statistics
-    import time
-
-    model = model.eval().to(memory_format=torch.channels_last)
-    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    times: list[float] = []
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up: first calls pick kernels and allocate
-            model(x)
-        while len(times) < 5 or (sum(times) < budget_s and len(times) < 50):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
-if __name__ == "__main__":  # python -m resnext_demo.model [--latency]: the family table for the README
-    import sys
-
-    latency = "--latency" in sys.argv
-    print("| name | C x d | params (M) | MFLOPs |" + (f" CPU ms/image ({torch.get_num_threads()} threads) |" if latency else ""))
-    print("|---|---|---:|---:|" + ("---:|" if latency else ""))
-    for n in list_models():
-        d = describe(n)
-        ms = f" {cpu_latency_ms(build_model(n)):.1f} |" if latency else ""
-        print(f"| `{n}` | {d['cardinality']} x {d['base_width']}d | {d['params'] / 1e6:.2f} | {d['macs'] / 1e6:.0f} |{ms}")

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from . import data, finetune, verdicts, weights
-from .model import ResNeXtConfig, config_macs, config_params, equal_budget_configs, list_models, matched_base_width
+from .model import ResNeXtConfig
+from .zoo import list_models
+from .budget import config_macs, config_params, equal_budget_configs, matched_base_width
 
 if TYPE_CHECKING:  # explain's dataclasses, for type checkers only (this module computes nothing)
     from .explain import Attribution

@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, weights
-from .model import Bottleneck, build_model, count_macs, count_params, whiten_init
+from .model import Bottleneck, count_macs, count_params, whiten_init
+from .zoo import build_model
 
 
 @dataclass

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data, sweepstats, train, weights
-from .model import ResNeXtConfig, config_macs, config_params
+from .model import ResNeXtConfig
+from .budget import config_macs, config_params
 
 SWEEP_DIR = weights.SWEEP_RESULTS.parent
 RESULTS = weights.SWEEP_RESULTS.name

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from . import data, weights
 from .evaluate import predict_logits
-from .model import build_model, count_macs, count_params
+from .model import count_macs, count_params
+from .zoo import build_model
 
 
 @dataclass

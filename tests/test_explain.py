@@ -210,7 +210,7 @@ def test_default_params_are_fresh_copies():
 
 
 def test_torchvision_seed_model(x):
-    from resnext_demo.model import build_model
+    from resnext_demo.zoo import build_model
 
     torch.manual_seed(0)
     seed = build_model("resnext50_32x4d").eval()  # torchvision's ResNeXt-50 (a ResNet subclass: torchvision's names)

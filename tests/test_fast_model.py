@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam, LayerGradientXActivation
 
 from resnext_demo import data, explain, groups
-from resnext_demo.model import Bottleneck, Downsample, FastResNeXt, ResNeXtConfig, build_model, get_config, whiten_init
+from resnext_demo.model import Bottleneck, Downsample, FastResNeXt, ResNeXtConfig, whiten_init
+from resnext_demo.zoo import build_model, get_config
 
 TINY_FAST = ResNeXtConfig(depths=(1, 2, 1), stem_width=8, widths=(16, 32, 64), cardinality=4, base_width=2,
                           family="fast")
@@ -133,6 +134,7 @@ def test_group_views_match_plain_captum_and_a_hand_edited_model(fast_model, x, l
                                                           cardinality=16, base_width=3, num_classes=7, family="fast")])
 def test_closed_form_counts_equal_the_built_model(cfg) -> None:
     """config_params / config_macs (closed form, used by the About tab's equal-budget search) = counting."""
-    from resnext_demo.model import config_macs, config_params, count_macs, count_params
+    from resnext_demo.model import count_macs, count_params
+    from resnext_demo.budget import config_macs, config_params
     m = FastResNeXt(cfg)
     assert (config_params(cfg), config_macs(cfg)) == (count_params(m), count_macs(m))

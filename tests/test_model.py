@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from resnext_demo.model import (ResNeXt, ResNeXtConfig, build_model, config_macs, config_params, count_macs, count_params,
-                                get_config, list_models)
+from resnext_demo.model import ResNeXt, ResNeXtConfig, count_macs, count_params
+from resnext_demo.zoo import build_model, get_config, list_models
+from resnext_demo.budget import config_macs, config_params
 
 # Forward/backward on every named model; the paper-sized ones cost a second or two each on 2 cores.
 ALL = list_models()
@@ -136,3 +137,14 @@ def test_pretrained_seed_never_downloads(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError, match="local torch cache"):
         build_model("resnext50_32x4d", pretrained=True)
+
+
+def test_zoo_table_writes_out_what_the_equal_budget_search_finds() -> None:
+    """The zoo's equal-budget names are typed out (greppable); each must be exactly what the search returns,
+    so a change to the budget arithmetic or to a reference cannot leave a stale table behind."""
+    from resnext_demo.budget import equal_budget_configs
+
+    for ref, cs in (("resnext29_8x8d_tiny", (1, 2, 4)), ("resnext29_8x16d_small", (1, 4, 16)),
+                    ("resnext20_8x8d_fast", (1, 2, 4, 16))):
+        for name, cfg in equal_budget_configs(ref, cs).items():
+            assert get_config(name) == cfg, name

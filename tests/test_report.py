@@ -12,7 +12,8 @@ from resnext_demo import data, report
 from resnext_demo.explain import Attribution
 from resnext_demo.faithfulness import Deletion, Faithfulness
 from resnext_demo.groups import GroupAblation, GroupImportance
-from resnext_demo.model import config_params, get_config, list_models
+from resnext_demo.zoo import get_config, list_models
+from resnext_demo.budget import config_params
 from resnext_demo.predict import Prediction
 
 CLASSES = list(data.CLASSES)

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resnext_demo import data, speedrun, train, weights
-from resnext_demo.model import (AIRBENCH94, AirbenchNet, Bottleneck, Downsample, PlainBlock, airbench_family,
-                                airbench_x_widths, build_from_config, build_model, config_macs, config_params,
-                                count_macs, count_params, get_config)
+from resnext_demo.model import AirbenchNet, Bottleneck, Downsample, PlainBlock, build_from_config, count_macs, count_params
+from resnext_demo.zoo import AIRBENCH94, airbench_family, build_model, get_config
+from resnext_demo.budget import airbench_x_widths, config_macs, config_params
 from tests.conftest import make_image_folder
 
 TINY_X = replace(AIRBENCH94, widths=(8, 16, 16), family="airbench_x", cardinality=2, base_width=2, group_widths=(2, 4, 4))

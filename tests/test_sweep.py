@@ -10,7 +10,8 @@ from PIL import Image
 
 from resnext_demo import sweep, visualize, weights
 from resnext_demo.ui import about_tab
-from resnext_demo.model import config_macs, config_params, get_config
+from resnext_demo.zoo import get_config
+from resnext_demo.budget import config_macs, config_params
 from tests.conftest import make_image_folder
 
 MODELS = ["resnext29_8x4d_micro"]  # the cheapest named model: the command is tested, not the result

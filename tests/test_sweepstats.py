@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resnext_demo import sweep, sweepstats
-from resnext_demo.model import airbench_family, get_config
+from resnext_demo.zoo import airbench_family, get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from resnext_demo.faithfulness import Deletion
 from resnext_demo.groups import GroupAblation, GroupImportance
 from resnext_demo.specialization import Specialization
 from resnext_demo.data import CLASSES
-from resnext_demo.model import get_config
+from resnext_demo.zoo import get_config
 
 
 @pytest.fixture(autouse=True)

@@ -128,7 +128,7 @@ def probe(model: str, flags: list[str], t1: float, t2: float, result: str, devic
     import torch
 
     from resnext_demo import train
-    from resnext_demo.model import build_model
+    from resnext_demo.zoo import build_model
 
     cutout = int(flags[flags.index("--cutout") + 1]) if "--cutout" in flags else 0
     teachers = flags[flags.index("--teachers") + 1] if "--teachers" in flags else ""
@@ -193,7 +193,8 @@ def _pack(files: list[Path], out: Path, limit: int = int(15.5 * 2**20), most: in
 def throughput(folder: Path) -> dict:
     """What a campaign got from the card, from its unpacked runs (summary.json + curves): images trained, the
     longest run's seconds, img/s and TFLOP/s in all (6 FLOPs per multiply-add: forward + backward)."""
-    from resnext_demo.model import config_macs, get_config
+    from resnext_demo.zoo import get_config
+    from resnext_demo.budget import config_macs
 
     images = flops = longest = 0.0
     for name, run in json.loads((folder / "summary.json").read_text())["runs"].items():

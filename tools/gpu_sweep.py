@@ -61,7 +61,7 @@ def probe(model_name: str, train, device, seconds: float, t_start: float) -> flo
     import torch.nn.functional as F
 
     from resnext_demo import speedrun
-    from resnext_demo.model import build_model
+    from resnext_demo.zoo import build_model
 
     recipe = speedrun.FastRecipe(model=model_name)
     model = build_model(model_name).to(device).to(memory_format=torch.channels_last)
@@ -123,7 +123,8 @@ def run_one(model_name: str, seed: int, epochs: float, train, test, device, args
     import torch
 
     from resnext_demo import data, speedrun, weights
-    from resnext_demo.model import build_model, count_macs, count_params
+    from resnext_demo.model import count_macs, count_params
+    from resnext_demo.zoo import build_model
 
     t0 = time.time()
     recipe = speedrun.FastRecipe(model=model_name, epochs=epochs, seed=seed, eval_every_epoch=False)
@@ -187,7 +188,7 @@ def collect(work: Path, out: Path, test_labels, summary: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from resnext_demo.model import airbench_family
+    from resnext_demo.zoo import airbench_family
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=".data/cifar10-jpeg.tar.gz")

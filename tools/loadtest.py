@@ -69,7 +69,7 @@ def default_checkpoint(tmp: Path) -> Path:
     if weights.DEFAULT_WEIGHTS.is_file():
         return weights.DEFAULT_WEIGHTS
     import torch
-    from resnext_demo.model import build_model
+    from resnext_demo.zoo import build_model
     torch.manual_seed(0)
     return weights.save_checkpoint(tmp / "random-micro.safetensors", build_model("resnext29_8x4d_micro").eval(),
                                    {"accuracy": None})

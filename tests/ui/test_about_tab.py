@@ -6,7 +6,7 @@ import json
 from PIL import Image
 
 from resnext_demo import data, report
-from resnext_demo.model import config_params
+from resnext_demo.budget import config_params
 from resnext_demo.ui import about_tab
 from resnext_demo.ui.context import Context
 
