@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import data, explain, faithfulness, groups, launch, train, visualize, weights
+from . import data, explain, faithfulness, groups, launch, trainer, visualize, weights
 from .model import count_macs
 from .zoo import build_model, get_config, list_models
 from .predict import predict
@@ -163,8 +163,8 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
     for layers in ("head", "all"):
         def epoch(layers=layers) -> None:
             m = weights.load_checkpoint(path, device)[0]  # a fresh copy, as the fine-tune tab makes
-            cfg = train.TrainConfig(epochs=1, batch_size=25, train_layers=layers, warmup_epochs=0)
-            list(train.fit(m, (x100, y100), cfg, device=device))
+            cfg = trainer.TrainConfig(epochs=1, batch_size=25, train_layers=layers, warmup_epochs=0)
+            list(trainer.fit(m, (x100, y100), cfg, device=device))
         results[f"fine-tune epoch, 100 images, {layers}"] = timeit(epoch, warmup=1, repeats=3, budget_s=20, sync=sync)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import calibration, data, familiarity, oodsets, weights
-from .evaluate import predict_logits
+from .predict import predict_logits
 
 FIT_PER_CLASS = 500
 FIT_RULE = "first 500 CIFAR-10 test images of each class (JPEG copy, filename order)"

@@ -273,19 +273,6 @@ def _load_torchvision(root: Path, split: str, download: bool) -> tuple[torch.Ten
     return x, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def balanced_subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A class-balanced random subset of n examples (all of them if n is None)."""
-    if n is None or n >= len(y):
-        return x, y
-    g = torch.Generator().manual_seed(seed)
-    classes = y.unique()
-    per = [torch.nonzero(y == c).flatten() for c in classes]
-    k = max(1, n // len(classes))
-    idx = torch.cat([p[torch.randperm(len(p), generator=g)[:k]] for p in per])
-    idx = idx[torch.randperm(len(idx), generator=g)]
-    return x[idx], y[idx]
-
-
 def source_record(source: str | None, n_train: int, n_test: int, n_val: int) -> dict:
     """The data a run read: its source, the archive's sha256 (or a folder's id) and the split sizes."""
     p = Path(source) if source else None

@@ -12,24 +12,8 @@ import torch
 import torch.nn as nn
 
 from . import data
-from .model import device_of
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str | torch.device | None = None,
-                   tta: bool = False, bf16: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) of uint8 images N x 3 x 32 x 32; `tta` averages with the mirrored image."""
-    device = torch.device(device or device_of(model))
-    model.eval()
-    outs = []
-    for i in range(0, len(x), batch_size):
-        xb = data.normalize(x[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            out = model(xb).float()
-            if tta:
-                out = (out + model(xb.flip(3)).float()) / 2
-        outs.append(out.cpu())
-    return torch.cat(outs) if outs else torch.empty(0, 0)
+from .predict import predict_logits
+from .splits import balanced_subset, split_validation
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -92,15 +76,27 @@ def upload_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes: t
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
+def validation_split(meta: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's own validation images, from the training split `x, y`: the --val count, seed and --subset
+    that the checkpoint's metadata records (a run without a validation split has none to score)."""
+    record = meta.get("data") or {}
+    n = record.get("val_images") or 0
+    if not n:
+        raise SystemExit("this checkpoint was not trained with a validation split (train --val N): no 'val' images")
+    seed = (meta.get("recipe") or {}).get("seed", 0)
+    x, y = balanced_subset(x, y, record.get("train_subset"), seed)
+    return split_validation(x, y, n, seed)[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's flags."""
     from . import weights
 
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint on a CIFAR-10 split.")
     ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
     ap.add_argument("--data", default=None, help="CIFAR-10 source (default $RESNEXT_DEMO_DATA or the shared archive)")
     ap.add_argument("--split", default="test", choices=["train", "val", "test"],
-                    help="val: the 5,000 training images that `train --val 5000` holds out (seed 0)")
+                    help="val: the training images the run held out (its --val N, seed and --subset, read from the checkpoint)")
     ap.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT",
                     help="also score the mean softmax of --weights and these checkpoints")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -110,13 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--out-dir", default=None, help="write confusion.png and metrics.json here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    from . import weights
+
+    args = _parser().parse_args(argv)
     model, meta = weights.load_checkpoint(args.weights, args.device)
     x, y = data.load_split(args.data, "train" if args.split == "val" else args.split)
     if args.split == "val":
-        from .train import split_validation  # imported here: train imports this module
-
-        _, (x, y) = split_validation(x, y, 5000, seed=0)
+        x, y = validation_split(meta, x, y)
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     res = evaluate(model, x, y, meta["classes"], device=args.device)

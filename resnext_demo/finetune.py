@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from . import data, weights
 from .errors import UserError
-from .predict import predict_batch
-from .train import TrainConfig, fit, subset
+from .predict import predict_batch, predict_logits
+from .splits import balanced_indices, balanced_subset, complement
+from .trainer import TrainConfig, fit
 from .model import device_of
 
 # Server-side caps (shown in the UI): a fine-tune must stay usable on a 2-core CPU.
@@ -105,7 +106,7 @@ def cifar_dataset(source: str | Path | None, per_class: int, seed: int = 0) -> D
     if not 1 <= per_class <= MAX_CIFAR_PER_CLASS:
         raise UserError(f"CIFAR-10 subset: 1 to {MAX_CIFAR_PER_CLASS} images per class.")
     x, y = data.load_split(source, "train")
-    x, y = subset(x, y, per_class * len(data.CLASSES), seed)
+    x, y = balanced_subset(x, y, per_class * len(data.CLASSES), seed)
     return Dataset(x, y, list(data.CLASSES))
 
 
@@ -128,16 +129,9 @@ def holdout_count(n: int, fraction: float = HOLDOUT_FRACTION) -> int:
 
 def holdout_split(ds: Dataset, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, held-out): per class, round(fraction * n) images (at least 1 when n >= 2) are held out."""
-    g = torch.Generator().manual_seed(seed)
-    tr, ho = [], []
-    for c in range(len(ds.classes)):
-        idx = torch.nonzero(ds.y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = holdout_count(len(idx), fraction)
-        ho.append(idx[:k])
-        tr.append(idx[k:])
-    tr_i, ho_i = torch.cat(tr), torch.cat(ho)
-    return (Dataset(ds.x[tr_i], ds.y[tr_i], ds.classes), Dataset(ds.x[ho_i], ds.y[ho_i], ds.classes))
+    ho = balanced_indices(ds.y, lambda n: holdout_count(n, fraction), torch.Generator().manual_seed(seed))
+    tr = complement(len(ds.y), ho)
+    return Dataset(ds.x[tr], ds.y[tr], ds.classes), Dataset(ds.x[ho], ds.y[ho], ds.classes)
 
 
 def prepare_model(model: nn.Module, old_classes: Sequence[str], classes: Sequence[str]) -> nn.Module:
@@ -328,7 +322,6 @@ def adapt_trust(base: nn.Module, new: nn.Module, train: Dataset, hold: Dataset, 
     model's. Detector: kept when only the head trained (the features it reads did not change), with the new
     classes' training images added; dropped otherwise (it would describe other features)."""
     from . import calibration
-    from .evaluate import predict_logits
 
     lines = []
     base_cal = getattr(base, "calibration", None)
@@ -428,10 +421,10 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
             yield Update("step", f"epoch {ev.epoch + 1}/{cfg.epochs}, step {ev.step}/{ev.steps_per_epoch}: "
                                  f"loss {ev.loss:.3f}, accuracy {ev.acc:.3f} ({ev.seconds:.1f} s)", list(curve))
         elif ev.kind == "epoch":
-            if ev.test_acc is not None:
-                curve.append({"epoch": float(ev.epoch), "series": "held-out accuracy", "value": ev.test_acc})
+            if ev.eval_acc is not None:
+                curve.append({"epoch": float(ev.epoch), "series": "held-out accuracy", "value": ev.eval_acc})
             yield Update("epoch", f"epoch {ev.epoch}/{cfg.epochs} done: loss {ev.loss:.3f}, accuracy {ev.acc:.3f}"
-                                  + (f", held-out {ev.test_acc:.3f}" if ev.test_acc is not None else "")
+                                  + (f", held-out {ev.eval_acc:.3f}" if ev.eval_acc is not None else "")
                                   + (" (stopped)" if ev.stopped else ""), list(curve))
         elif ev.kind == "done":
             history, stopped = ev.history, ev.stopped

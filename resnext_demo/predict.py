@@ -100,17 +100,27 @@ def predict_many(model: nn.Module, images: list, classes: list[str] | tuple[str,
     return out
 
 
-def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Calibrated probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory."""
-    device = device_of(model)
-    if model.training:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str | torch.device | None = None,
+                   tta: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Logits (N x K float32, CPU) of uint8 images N x 3 x 32 x 32, in batches to bound memory; `tta` averages
+    with the mirrored image. The one batched-inference path: scoring, calibration and the gallery use it."""
+    if any(m.training for m in model.modules()):  # score in eval mode without flipping the caller's model
         model = eval_view(model)
-    out = []
+    device = torch.device(device or device_of(model))
+    outs = []
     with torch.inference_mode():
-        for i in range(0, len(x_uint8), batch_size):
-            xb = data.normalize(x_uint8[i:i + batch_size].to(device))
-            out.append(calibration.probabilities(model, model(xb)).cpu())
-    if not out:  # empty input: keep the K dimension so callers can still index columns
-        k = getattr(getattr(model, "config", None), "num_classes", 0)
-        return torch.empty(0, k)
-    return torch.cat(out)
+        for i in range(0, len(x), batch_size):
+            xb = data.normalize(x[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+                out = model(xb).float()
+                if tta:
+                    out = (out + model(xb.flip(3)).float()) / 2
+            outs.append(out.cpu())
+    if not outs:  # empty input: keep the K dimension so callers can still index columns
+        return torch.empty(0, getattr(getattr(model, "config", None), "num_classes", 0))
+    return torch.cat(outs)
+
+
+def predict_batch(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Calibrated probabilities (N x K float32, CPU) of uint8 images N x 3 x 32 x 32."""
+    return calibration.probabilities(model, predict_logits(model, x_uint8, batch_size))

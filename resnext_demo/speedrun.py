@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import data, weights
 from .model import Bottleneck, count_macs, count_params, whiten_init
+from .splits import balanced_subset
 from .zoo import build_model
 
 
@@ -346,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = FastRecipe(**{k: getattr(args, k) for k in asdict(FastRecipe()) if k != "recipe"})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = args.data or data.default_source()
-    train = data.balanced_subset(*data.load_split(source, "train"), args.subset, recipe.seed)
-    test = data.balanced_subset(*data.load_split(source, "test"), args.test_subset, recipe.seed)
+    train = balanced_subset(*data.load_split(source, "train"), args.subset, recipe.seed)
+    test = balanced_subset(*data.load_split(source, "test"), args.test_subset, recipe.seed)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model)
     meta = {"recipe": asdict(recipe), "command": "python -m resnext_demo.train --recipe fast " + " ".join(argv),

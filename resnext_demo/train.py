@@ -1,309 +1,28 @@
-"""Training: `fit()` is a generator shared by the CLI (`python -m resnext_demo.train`) and the UI's
-fine-tune tab, so both get the same recipe, live progress and a way to stop.
-
-The whole uint8 dataset sits on the training device and is augmented there (random crop with
-padding, flip, optional cutout), so no data loader can be the bottleneck. Random choices (order, crops,
-flips, cutout) come from a CPU generator seeded per epoch: CPU and GPU runs see the same batches, and a
-resumed run continues exactly where it stopped.
+"""The training CLI: `python -m resnext_demo.train --model NAME [...]` trains a named model on CIFAR-10 with
+`trainer.fit` and writes a safetensors checkpoint (+ .curve.json), a resume file per epoch, and under torchrun
+one process per device. `--recipe fast` hands its flags to the fast (airbench) recipe, `speedrun.main`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import data, weights
-from .evaluate import predict_logits
-from .model import count_macs, count_params
+from .evaluate import evaluate
+from .model import count_macs, count_params, whiten_init
+from .splits import balanced_subset, split_validation
+from .trainer import Progress, TrainConfig, fit
 from .zoo import build_model
-
-
-@dataclass
-class TrainConfig:
-    """The training recipe; stored in the checkpoint's metadata."""
-
-    model: str = "resnext29_8x8d_tiny"
-    epochs: int = 30
-    batch_size: int = 128  # global batch (split across processes under torchrun)
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    schedule: str = "cosine"  # "cosine" (linear warm-up then cosine), "onecycle" (triangle), "constant"
-    warmup_epochs: float = 1.0
-    crop_padding: int = 4
-    flip: bool = True
-    cutout: int = 0  # side of the erased square, 0 = off
-    whiten: bool = False  # fast family: stem conv initialised to patch whitening (airbench)
-    ema_decay: float = 0.0  # 0 = off; e.g. 0.999 evaluates and saves an exponential moving average
-    teachers: str = ""  # comma-separated checkpoints: train on their mean softmax instead of the labels
-    teacher_tta: bool = False  # teachers also see the mirrored batch (their flip-TTA softmax, a better target)
-    bf16: bool = True  # autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX), see cpu_bf16_fast()
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    train_layers: str = "all"  # "all", "last_stage" or "head" (fine-tuning)
-    max_seconds: float | None = None  # wall-time cap (the UI's server-side limit)
-    log_every: int = 10  # steps between "step" events
-
-
-@dataclass
-class Progress:
-    """One event from fit(): kind 'step' (running averages), 'epoch' (with test accuracy) or 'done'."""
-
-    kind: str
-    epoch: int
-    step: int
-    steps_per_epoch: int
-    loss: float
-    acc: float
-    lr: float
-    seconds: float
-    test_acc: float | None = None
-    stopped: bool = False
-    history: list[dict] = field(default_factory=list)
-    state: dict | None = None  # 'epoch'/'done' only: tensors to resume from (optimizer, EMA)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at `step` of `total`."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "onecycle":  # linear up for 25 % of training, linear down to 0
-        peak = max(1, total // 4)
-        return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def augment(x: torch.Tensor, g: torch.Generator, padding: int = 4, flip: bool = True, cutout: int = 0) -> torch.Tensor:
-    """uint8 batch on any device -> normalized float batch, randomly cropped/flipped/cut out."""
-    b, _, h, w = x.shape
-    dev = x.device
-    if padding:
-        xp = F.pad(x, (padding,) * 4)
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(dev)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None], rows, cols]
-    if flip:
-        m = (torch.rand(b, generator=g) < 0.5).to(dev).view(b, 1, 1, 1)
-        x = torch.where(m, x.flip(3), x)
-    x = data.normalize(x)
-    if cutout:
-        cy = torch.randint(0, h, (b,), generator=g).to(dev)[:, None, None, None]
-        cx = torch.randint(0, w, (b,), generator=g).to(dev)[:, None, None, None]
-        r = torch.arange(h, device=dev).view(1, 1, h, 1)
-        c = torch.arange(w, device=dev).view(1, 1, 1, w)
-        hole = ((r - cy).abs() <= cutout // 2) & ((c - cx).abs() <= cutout // 2)
-        x = x.masked_fill(hole, 0.0)  # 0 after normalization = the mean colour
-    return x
-
-
-def cpu_bf16_fast() -> bool:
-    """True where CPU bf16 autocast is native (AVX512-BF16 or AMX): 1.6-1.9x the fp32 training speed on
-    Zen 4 (`python -m resnext_demo.bench --train`); elsewhere it is emulated and slower than fp32."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def split_validation(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0
-                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(train, val): a class-balanced hold-out of n training images for recipe choices (the test split
-    stays untouched until the final report)."""
-    g = torch.Generator().manual_seed(seed)
-    k = n // len(y.unique())
-    val = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:k]]
-                     for c in y.unique()])
-    keep = torch.ones(len(y), dtype=torch.bool)
-    keep[val] = False
-    return (x[keep], y[keep]), (x[val], y[val])
-
-
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(last stage, head) of any model of the family."""
-    return getattr(model, model.stage_names[-1]), model.fc
-
-
-def trainable_modules(model: nn.Module, which: str) -> list[nn.Module]:
-    """The modules that `train_layers` = 'all' / 'last_stage' / 'head' trains."""
-    last, head = _parts(model)
-    return {"all": [model], "last_stage": [last, head], "head": [head]}[which]
-
-
-def _set_train_mode(model: nn.Module, train: list[nn.Module]) -> None:
-    """Train mode only inside the trained modules: frozen BatchNorms keep their statistics."""
-    model.eval()
-    for m in train:
-        m.train()
-
-
-def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig,
-        test: tuple[torch.Tensor, torch.Tensor] | None = None, device: str | torch.device | None = None,
-        start_epoch: int = 0, resume_state: dict | None = None, history: list[dict] | None = None,
-        stop: threading.Event | None = None, teachers: list[nn.Module] | None = None) -> Iterator[Progress]:
-    """Train `model` in place on uint8 images/labels, yielding Progress events; `stop` ends it early.
-    With `teachers` (distillation) the targets are their mean softmax on the same augmented batch."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_mods = trainable_modules(model, cfg.train_layers)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for m in train_mods for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
-    ema = None
-    if cfg.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    if resume_state:
-        _restore_state(opt, params, ema, resume_state)
-    teachers = [t.to(device).eval() for t in teachers or []]
-    for t in teachers:
-        if cfg.channels_last:
-            t.to(memory_format=torch.channels_last)
-    # soft targets already carry the teachers' smoothing: no label smoothing on top of them
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if teachers else cfg.label_smoothing)
-    x_all, y_all = train[0].to(device), train[1].to(device)
-    n = len(y_all)
-    local_bs = max(1, cfg.batch_size // world)
-    steps = max(1, (n // world) // local_bs)
-    total, warmup = cfg.epochs * steps, int(cfg.warmup_epochs * steps)
-    use_bf16 = cfg.bf16 and (device.type == "cuda" or cpu_bf16_fast())
-    history = list(history or [])
-    t0 = time.perf_counter()
-    stopped = False
-    loss_sum = correct = seen = 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per epoch: resume is exact
-        order = torch.randperm(n, generator=g)[rank::world]
-        t_epoch = time.perf_counter()
-        _set_train_mode(model, train_mods)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        for step in range(steps):
-            for pg in opt.param_groups:
-                pg["lr"] = cfg.lr * lr_factor(epoch * steps + step, total, warmup, cfg.schedule)
-            idx = order[step * local_bs:(step + 1) * local_bs].to(device)
-            xb = augment(x_all[idx], g, cfg.crop_padding, cfg.flip, cfg.cutout)
-            if cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = y_all[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                target = soft_targets(teachers, xb, cfg.teacher_tta) if teachers else yb
-                out = net(xb)
-                loss = criterion(out.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            # Accumulate on the device; read back only when reporting (a .item() per step stalls a GPU).
-            loss_sum += loss.detach() * len(yb)
-            correct += (out.argmax(1) == yb).sum()
-            seen += len(yb)
-            stopped = (stop is not None and stop.is_set()) or \
-                (cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps or stopped:
-                yield Progress("step", epoch, step + 1, steps, loss_sum.item() / seen, correct.item() / seen,
-                               opt.param_groups[0]["lr"], time.perf_counter() - t0)
-            if stopped:
-                break
-        if world > 1:  # BN statistics are per rank; rank 0's are the ones evaluated and saved
-            for b in model.buffers():
-                dist.broadcast(b, 0)
-        eval_model = ema.module if ema is not None else model
-        test_acc = None
-        if test is not None:
-            test_acc = accuracy(eval_model, test[0], test[1], device, use_bf16)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
-                        "train_acc": correct.item() / max(1, seen), "test_acc": test_acc,
-                        "seconds": round(time.perf_counter() - t0, 2),
-                        "epoch_seconds": round(time.perf_counter() - t_epoch, 2), "complete": not stopped})
-        yield Progress("epoch", epoch + 1, steps, steps, history[-1]["train_loss"], history[-1]["train_acc"],
-                       opt.param_groups[0]["lr"], time.perf_counter() - t0, test_acc, stopped, history,
-                       _training_state(opt, params, ema))
-        if stopped:
-            break
-    if ema is not None:  # what we evaluated is what we hand back
-        model.load_state_dict(ema.module.state_dict())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    last = history[-1] if history else {}
-    yield Progress("done", last.get("epoch", start_epoch), steps, steps,
-                   last.get("train_loss", float("nan")), last.get("train_acc", float("nan")), 0.0,
-                   time.perf_counter() - t0, last.get("test_acc"), stopped, history)
-
-
-@torch.no_grad()  # not inference_mode: its tensors cannot enter the student's autograd graph
-def soft_targets(teachers: list[nn.Module], x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """The teachers' mean softmax on a normalized batch: an ensemble's knowledge as a training target.
-    `tta` averages each teacher over the batch and its mirror image (one forward pass of both)."""
-    views = torch.cat([x, x.flip(3)]) if tta else x
-    p = torch.stack([t(views).float().softmax(1) for t in teachers]).mean(0)
-    return p.view(-1, len(x), p.shape[1]).mean(0)  # (views, batch, classes) -> batch x classes
-
-
-def _training_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema) -> dict[str, torch.Tensor]:
-    """Optimizer momentum and EMA tensors, flat, for a safetensors resume file."""
-    state = {}
-    for i, p in enumerate(params):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            state[f"optim.{i}"] = buf
-    if ema is not None:
-        for k, v in ema.module.state_dict().items():
-            state[f"ema.{k}"] = v
-        state["ema_n_averaged"] = ema.n_averaged
-    return state
-
-
-def _restore_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], ema, state: dict) -> None:
-    """Inverse of _training_state."""
-    for i, p in enumerate(params):
-        if f"optim.{i}" in state:
-            opt.state[p]["momentum_buffer"] = state[f"optim.{i}"].to(p.device, p.dtype).clone()
-    if ema is not None and "ema_n_averaged" in state:
-        ema.module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
-        ema.n_averaged.copy_(state["ema_n_averaged"])
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str | torch.device | None = None,
-             bf16: bool = False) -> float:
-    """Top-1 accuracy of `model` on uint8 images (restores the model's train/eval mode)."""
-    was = model.training
-    logits = predict_logits(model, x, device=device, bf16=bf16)
-    model.train(was)
-    return (logits.argmax(1).cpu() == y.cpu()).float().mean().item()
 
 
 def compact_resume(path: str | Path) -> Path:
@@ -315,9 +34,6 @@ def compact_resume(path: str | Path) -> Path:
     meta["compacted"] = "fp16 weights, momentum dropped (restarts from zero at the resumed epoch)"
     return weights.save_checkpoint(path, model, meta, half=True,
                                    extra_tensors={k: (v.half() if v.is_floating_point() else v) for k, v in ema.items()})
-
-
-subset = data.balanced_subset  # moved to data (the fast recipe uses it too); kept under its old name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -397,9 +113,6 @@ def _resume(model: nn.Module, resume_path: Path, cfg: TrainConfig) -> tuple[int,
     return meta["epoch"], weights.load_extra_tensors(resume_path), meta["history"]
 
 
-_data_record = data.source_record
-
-
 def _report(events: Iterator[Progress], cfg: TrainConfig, model: nn.Module, resume_path: Path, meta: dict,
             rank: int, history: list[dict]) -> list[dict]:
     """Drive fit(): a progress bar per epoch, one line and a resume file per epoch (rank 0); the final history
@@ -420,13 +133,53 @@ def _report(events: Iterator[Progress], cfg: TrainConfig, model: nn.Module, resu
             if bar is not None:
                 bar.close()
                 bar = None
-            print(f"epoch {ev.epoch}/{cfg.epochs} loss {ev.loss:.4f} train {ev.acc:.4f} test {ev.test_acc:.4f} "
+            print(f"epoch {ev.epoch}/{cfg.epochs} loss {ev.loss:.4f} train {ev.acc:.4f} {'val' if meta['data']['val_images'] else 'test'} {ev.eval_acc:.4f} "
                   f"({ev.seconds:.0f}s)", flush=True)
             weights.save_checkpoint(resume_path, model, {**meta, "epoch": ev.epoch, "history": ev.history},
                                     extra_tensors=ev.state)
         elif ev.kind == "done":
             history = ev.history
     return history
+
+
+def _load_data(args: argparse.Namespace, cfg: TrainConfig, world: int, rank: int) -> tuple[str, tuple, tuple | None, tuple]:
+    """(source, train, validation or None, test) as the flags ask (--subset, --test-subset, --val)."""
+    source = args.data or data.default_source()
+    if rank != 0:
+        dist.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
+    train = balanced_subset(*data.load_split(source, "train", download=args.download), args.subset, cfg.seed)
+    test = balanced_subset(*data.load_split(source, "test", download=args.download), args.test_subset, cfg.seed)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    val = None
+    if args.val:
+        train, val = split_validation(*train, args.val, cfg.seed)
+    return source, train, val, test
+
+
+def _final_record(model: nn.Module, meta: dict, history: list[dict], val: tuple | None, test: tuple,
+                  device: torch.device, t_start: float) -> dict:
+    """The checkpoint's metadata at the end: accuracy, timings, and for --val runs the test split scored once."""
+    final = {**meta, "epochs": len(history), "history": history, "accuracy": history[-1]["test_acc"],
+             "wall_seconds": round(time.perf_counter() - t_start, 1),
+             # over all resumed pieces of the run (wall_seconds is only the last piece)
+             "train_seconds_total": round(sum(h.get("epoch_seconds", 0) for h in history), 1)}
+    if val is not None:  # epochs were scored on the validation split: now, once, the test split
+        plain, tta = evaluate(model, *test, device=device), evaluate(model, *test, tta=True, device=device)
+        final.update(val_accuracy=history[-1]["test_acc"], accuracy=plain["top1"], accuracy_tta=tta["top1"],
+                     per_class=plain["per_class"],  # and the curve says what its accuracy was measured on
+                     history=[{("val_acc" if k == "test_acc" else k): v for k, v in h.items()} for h in history])
+    return final
+
+
+def _run_meta(args: argparse.Namespace, argv: list[str] | None, cfg: TrainConfig, model: nn.Module, source: str,
+              sizes: tuple[int, int], world: int, device: torch.device) -> dict:
+    """What the checkpoint records about the run before it starts (recipe, command, data, budget, device)."""
+    return {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
+            # train_subset: `evaluate --split val` re-draws the same validation images from it
+            "data": {**data.source_record(source, *sizes, args.val), "train_subset": args.subset},
+            "params": count_params(model), "macs": count_macs(model), "world_size": world,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,53 +200,28 @@ def main(argv: list[str] | None = None) -> None:
         path = compact_resume(resume_path)
         print(f"{path}: {path.stat().st_size / 1e6:.1f} MB")
         return
-
     world, rank, device = _distributed(args.device)
     torch.manual_seed(cfg.seed)
-    source = args.data or data.default_source()
-    if rank != 0:
-        dist.barrier()  # rank 0 decodes and caches the data first; the others then read the cache
-    x_tr, y_tr = subset(*data.load_split(source, "train", download=args.download), args.subset, cfg.seed)
-    x_te, y_te = subset(*data.load_split(source, "test", download=args.download), args.test_subset, cfg.seed)
-    if rank == 0 and world > 1:
-        dist.barrier()
+    source, train, val, test = _load_data(args, cfg, world, rank)
     model = build_model(cfg.model, zero_init_residual=True)
-    val = None
-    if args.val:
-        (x_tr, y_tr), val = split_validation(x_tr, y_tr, args.val, cfg.seed)
     if cfg.whiten and not args.resume:
-        from .model import whiten_init
-        whiten_init(model.conv1, data.normalize(x_tr[:5000]))
-    init = _warm_start(model, args.init_from, cfg) if args.init_from else None  # a fresh schedule and history
+        whiten_init(model.conv1, data.normalize(train[0][:5000]))
+    meta = _run_meta(args, argv, cfg, model, source, (len(train[1]), len(test[1])), world, device)
+    meta["init_from"] = _warm_start(model, args.init_from, cfg) if args.init_from else None  # a fresh schedule
     teachers, teacher_record = _load_teachers(cfg.teachers)
+    meta["teachers"] = teacher_record or None
     start, state, history = 0, None, []
     if args.resume and resume_path.is_file():
         start, state, history = _resume(model, resume_path, cfg)
         if rank == 0:
             print(f"resuming {cfg.model} at epoch {start}")
-    meta = {"recipe": asdict(cfg), "command": "python -m resnext_demo.train " + " ".join(argv or sys.argv[1:]),
-            "data": _data_record(source, len(y_tr), len(y_te), args.val),
-            "params": count_params(model), "macs": count_macs(model), "world_size": world, "init_from": init,
-            "teachers": teacher_record or None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
     t_start = time.perf_counter()
-    history = _report(fit(model, (x_tr, y_tr), cfg, val or (x_te, y_te), device, start, state, history,
-                          teachers=teachers),
-                      cfg, model, resume_path, meta, rank, history)
+    events = fit(model, train, cfg, val or test, device, start, state, history, teachers=teachers)
+    history = _report(events, cfg, model, resume_path, meta, rank, history)
     if rank == 0:
-        final = {**meta, "epochs": len(history), "history": history, "accuracy": history[-1]["test_acc"],
-                 "wall_seconds": round(time.perf_counter() - t_start, 1),
-                 # over all resumed pieces of the run (wall_seconds is only the last piece)
-                 "train_seconds_total": round(sum(h.get("epoch_seconds", 0) for h in history), 1)}
-        if val is not None:  # epochs were scored on the validation split: now, once, the test split
-            from .evaluate import evaluate
-            plain, tta = evaluate(model, x_te, y_te, device=device), evaluate(model, x_te, y_te, tta=True, device=device)
-            final.update(val_accuracy=history[-1]["test_acc"], accuracy=plain["top1"], accuracy_tta=tta["top1"],
-                         per_class=plain["per_class"],  # and the curve says what its accuracy was measured on
-                         history=[{("val_acc" if k == "test_acc" else k): v for k, v in h.items()} for h in history])
-            history = final["history"]
+        final = _final_record(model, meta, history, val, test, device, t_start)
         weights.save_checkpoint(out, model, final, half=args.half)
-        out.with_suffix(".curve.json").write_text(json.dumps(history, indent=1))
+        out.with_suffix(".curve.json").write_text(json.dumps(final["history"], indent=1))
         resume_path.unlink(missing_ok=True)
         print(f"saved {out} (test top-1 {final['accuracy']:.4f})")
     print(f"rank {rank} final-params-sha256 {weights.state_digest(model, float32=True)}", flush=True)

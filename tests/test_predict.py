@@ -154,3 +154,19 @@ def test_batcher_never_mixes_models(tiny_model):
         t.join(30)
     assert out["a"].top_class == predict.predict(tiny_model, im, data.CLASSES).top_class
     assert out["b"].top_class == "truck"
+
+
+def test_predict_logits_leaves_the_callers_mode_alone(tiny_model) -> None:
+    """Scoring a model that is training (fit's per-epoch accuracy, a fine-tune) runs in eval mode on a view and
+    hands the model back in the mode it had, down to each module (a frozen stage stays in eval)."""
+    from resnext_demo.predict import predict_logits
+
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    tiny_model.eval()
+    want = predict_logits(tiny_model, x)
+    tiny_model.train()
+    tiny_model.layer1.eval()
+    modes = [m.training for m in tiny_model.modules()]
+    assert torch.allclose(predict_logits(tiny_model, x), want, atol=1e-5)  # eval-mode BN, not batch statistics
+    assert [m.training for m in tiny_model.modules()] == modes
+    assert predict_logits(tiny_model, x[:0]).shape == (0, want.shape[1])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_demo import data, train, weights
+from resnext_demo import data, splits, train, trainer, weights
 from resnext_demo.model import ResNeXt
 
 
@@ -37,8 +37,8 @@ def test_fit_lowers_the_loss(tiny_config) -> None:
     model = ResNeXt(tiny_config)
     x, y = _colour_classes()
     before = _eval_loss(model, x, y)
-    cfg = train.TrainConfig(epochs=4, batch_size=32, lr=0.05, warmup_epochs=0, log_every=1)
-    events = list(train.fit(model, (x, y), cfg, (x, y), "cpu"))
+    cfg = trainer.TrainConfig(epochs=4, batch_size=32, lr=0.05, warmup_epochs=0, log_every=1)
+    events = list(trainer.fit(model, (x, y), cfg, (x, y), "cpu"))
     assert _eval_loss(model, x, y) < 0.7 * before
     kinds = [e.kind for e in events]
     assert kinds.count("epoch") == 4 and kinds[-1] == "done" and "step" in kinds
@@ -49,21 +49,21 @@ def test_fit_lowers_the_loss(tiny_config) -> None:
 def test_resume_is_exact(tiny_config) -> None:
     """Two epochs straight == one epoch, save (weights + optimizer/EMA state), a fresh model, one more."""
     x, y = _colour_classes(8)
-    cfg = train.TrainConfig(epochs=2, batch_size=16, ema_decay=0.9, cutout=8, log_every=100)
+    cfg = trainer.TrainConfig(epochs=2, batch_size=16, ema_decay=0.9, cutout=8, log_every=100)
     torch.manual_seed(0)
     straight = ResNeXt(tiny_config)
     init = {k: v.clone() for k, v in straight.state_dict().items()}
-    list(train.fit(straight, (x, y), cfg, device="cpu"))
+    list(trainer.fit(straight, (x, y), cfg, device="cpu"))
 
     first = ResNeXt(tiny_config)
     first.load_state_dict(init)
-    gen = train.fit(first, (x, y), cfg, device="cpu")
+    gen = trainer.fit(first, (x, y), cfg, device="cpu")
     ev = next(e for e in gen if e.kind == "epoch")
     gen.close()
     state = {k: v.clone() for k, v in ev.state.items()}
     resumed = ResNeXt(tiny_config)
     resumed.load_state_dict(first.state_dict())
-    list(train.fit(resumed, (x, y), cfg, device="cpu", start_epoch=1, resume_state=state, history=ev.history))
+    list(trainer.fit(resumed, (x, y), cfg, device="cpu", start_epoch=1, resume_state=state, history=ev.history))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -71,8 +71,8 @@ def test_resume_is_exact(tiny_config) -> None:
 def test_head_only_training_touches_only_the_head(tiny_model) -> None:
     x, y = _colour_classes(4)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    cfg = train.TrainConfig(epochs=1, batch_size=20, train_layers="head")
-    list(train.fit(tiny_model, (x, y), cfg, device="cpu"))
+    cfg = trainer.TrainConfig(epochs=1, batch_size=20, train_layers="head")
+    list(trainer.fit(tiny_model, (x, y), cfg, device="cpu"))
     after = tiny_model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}  # frozen BatchNorms keep their running statistics too
@@ -81,7 +81,7 @@ def test_head_only_training_touches_only_the_head(tiny_model) -> None:
 def test_last_stage_training_leaves_earlier_stages(tiny_model) -> None:
     x, y = _colour_classes(4)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    list(train.fit(tiny_model, (x, y), train.TrainConfig(epochs=1, batch_size=20, train_layers="last_stage"), device="cpu"))
+    list(trainer.fit(tiny_model, (x, y), trainer.TrainConfig(epochs=1, batch_size=20, train_layers="last_stage"), device="cpu"))
     changed = {k.split(".")[0] for k, v in tiny_model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == {"layer3", "fc"}
 
@@ -90,21 +90,21 @@ def test_stop_event_ends_training_early(tiny_model) -> None:
     x, y = _colour_classes(16)
     stop = threading.Event()
     stop.set()
-    events = list(train.fit(tiny_model, (x, y), train.TrainConfig(epochs=5, batch_size=16), device="cpu", stop=stop))
+    events = list(trainer.fit(tiny_model, (x, y), trainer.TrainConfig(epochs=5, batch_size=16), device="cpu", stop=stop))
     assert events[-1].kind == "done" and events[-1].stopped and len(events[-1].history) == 1
 
 
 def test_augment_properties() -> None:
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    plain = train.augment(x, g, padding=0, flip=False)
+    plain = trainer.augment(x, g, padding=0, flip=False)
     assert torch.allclose(plain, data.normalize(x))
-    out = train.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
+    out = trainer.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
     assert out.shape == (64, 3, 32, 32) and torch.isfinite(out).all()
-    same = train.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
+    same = trainer.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, cutout=8)
     assert torch.equal(out, same)  # random choices come only from the generator
     # A crop with padding p is the zero-padded image shifted by at most p pixels each way, and the shifts vary.
-    cropped = train.augment(x[:8], torch.Generator().manual_seed(3), padding=4, flip=False)
+    cropped = trainer.augment(x[:8], torch.Generator().manual_seed(3), padding=4, flip=False)
     padded = torch.nn.functional.pad(x[:8], (4, 4, 4, 4))
     shifts = set()
     for i in range(8):
@@ -113,7 +113,7 @@ def test_augment_properties() -> None:
         assert found, f"image {i} is not a 32x32 window of its padded copy"
         shifts.add(found[0])
     assert len(shifts) > 1
-    flipped = train.augment(x, torch.Generator().manual_seed(2), padding=0, flip=True)
+    flipped = trainer.augment(x, torch.Generator().manual_seed(2), padding=0, flip=True)
     for i in range(8):
         assert torch.equal(flipped[i], data.normalize(x[i:i + 1])[0]) or \
             torch.equal(flipped[i], data.normalize(x[i:i + 1]).flip(3)[0])
@@ -121,7 +121,7 @@ def test_augment_properties() -> None:
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
 def test_lr_schedules_are_bounded_and_end_low(schedule: str) -> None:
-    f = [train.lr_factor(s, 100, 10, schedule) for s in range(100)]
+    f = [trainer.lr_factor(s, 100, 10, schedule) for s in range(100)]
     assert all(0 <= v <= 1 for v in f) and max(f) > 0.9
     if schedule != "constant":
         assert f[-1] < 0.05
@@ -129,7 +129,7 @@ def test_lr_schedules_are_bounded_and_end_low(schedule: str) -> None:
 
 def test_subset_is_balanced() -> None:
     x, y = _colour_classes(30)
-    xs, ys = train.subset(x, y, 50)
+    xs, ys = splits.balanced_subset(x, y, 50)
     assert len(ys) == 50 and torch.bincount(ys).tolist() == [5] * 10
 
 
@@ -191,12 +191,12 @@ def test_init_from_starts_at_a_checkpoints_weights(tmp_path, monkeypatch) -> Non
 def test_split_validation_is_balanced_disjoint_and_seeded() -> None:
     x, y = _colour_classes(30)
     x = x + torch.arange(len(y)).view(-1, 1, 1, 1).to(x.dtype)  # every image distinct, to check disjointness
-    (xt, yt), (xv, yv) = train.split_validation(x, y, 50, seed=3)
+    (xt, yt), (xv, yv) = splits.split_validation(x, y, 50, seed=3)
     assert torch.bincount(yv).tolist() == [5] * 10 and len(yt) + len(yv) == len(y)
     seen = {tuple(im.flatten().tolist()) for im in xt}
     assert not any(tuple(im.flatten().tolist()) in seen for im in xv)
-    assert torch.equal(train.split_validation(x, y, 50, seed=3)[1][0], xv)
-    assert not torch.equal(train.split_validation(x, y, 50, seed=4)[1][0], xv)
+    assert torch.equal(splits.split_validation(x, y, 50, seed=3)[1][0], xv)
+    assert not torch.equal(splits.split_validation(x, y, 50, seed=4)[1][0], xv)
 
 
 def test_val_run_scores_epochs_on_validation_and_reads_test_once(tmp_path, monkeypatch) -> None:
@@ -246,7 +246,7 @@ def test_soft_targets_are_the_teachers_mean_softmax(tiny_config) -> None:
     torch.manual_seed(0)
     teachers = [ResNeXt(tiny_config).eval() for _ in range(2)]
     x = torch.randn(6, 3, 32, 32)
-    p = train.soft_targets(teachers, x)
+    p = trainer.soft_targets(teachers, x)
     with torch.no_grad():
         expect = (teachers[0](x).softmax(1) + teachers[1](x).softmax(1)) / 2
     assert torch.allclose(p, expect, atol=1e-6) and torch.allclose(p.sum(1), torch.ones(6))
@@ -257,13 +257,13 @@ def test_soft_targets_with_tta_average_each_teacher_over_the_mirror_image(tiny_c
     torch.manual_seed(0)
     teachers = [ResNeXt(tiny_config).eval() for _ in range(2)]
     x = torch.randn(6, 3, 32, 32)
-    p = train.soft_targets(teachers, x, tta=True)
+    p = trainer.soft_targets(teachers, x, tta=True)
     with torch.no_grad():
         expect = sum(t(v).softmax(1) for t in teachers for v in (x, x.flip(3))) / 4
     assert torch.allclose(p, expect, atol=1e-6) and torch.allclose(p.sum(1), torch.ones(6))
     # the target no longer depends on which way the image faces; without TTA it does
-    assert torch.allclose(train.soft_targets(teachers, x.flip(3), tta=True), p, atol=1e-6)
-    assert not torch.allclose(train.soft_targets(teachers, x.flip(3)), train.soft_targets(teachers, x), atol=1e-3)
+    assert torch.allclose(trainer.soft_targets(teachers, x.flip(3), tta=True), p, atol=1e-6)
+    assert not torch.allclose(trainer.soft_targets(teachers, x.flip(3)), trainer.soft_targets(teachers, x), atol=1e-3)
 
 
 def test_distillation_follows_the_teachers_not_the_labels(tiny_config) -> None:
@@ -272,18 +272,18 @@ def test_distillation_follows_the_teachers_not_the_labels(tiny_config) -> None:
     x, y = _colour_classes(8)
     torch.manual_seed(1)
     teacher = ResNeXt(tiny_config)
-    list(train.fit(teacher, (x, y), train.TrainConfig(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0), device="cpu"))
+    list(trainer.fit(teacher, (x, y), trainer.TrainConfig(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0), device="cpu"))
     with torch.no_grad():
         teacher.fc.weight.mul_(4)  # confident targets, far from any untrained student's
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
     torch.manual_seed(2)
     init = ResNeXt(tiny_config).state_dict()
-    cfg = train.TrainConfig(epochs=6, batch_size=16, lr=0.1, warmup_epochs=0, teachers="in-memory")
+    cfg = trainer.TrainConfig(epochs=6, batch_size=16, lr=0.1, warmup_epochs=0, teachers="in-memory")
 
     def distilled(labels: torch.Tensor) -> ResNeXt:
         student = ResNeXt(tiny_config)
         student.load_state_dict(init)
-        list(train.fit(student, (x, labels), cfg, device="cpu", teachers=[teacher]))
+        list(trainer.fit(student, (x, labels), cfg, device="cpu", teachers=[teacher]))
         return student
 
     def gap(student: ResNeXt) -> float:  # KL(teacher || student) on the training images
@@ -332,18 +332,25 @@ def test_ensemble_accuracy_averages_probabilities() -> None:
     assert ensemble_accuracy([a, a], x, y) == 0.5
 
 
-def test_evaluate_scores_the_validation_split_and_an_ensemble(tmp_path, monkeypatch, capsys) -> None:
-    """--split val reads the held-out training images `train --val` uses; --ensemble adds the mean-softmax line."""
+def test_evaluate_scores_the_runs_own_validation_split_and_an_ensemble(tmp_path, monkeypatch, capsys) -> None:
+    """--split val re-draws the images this run held out (its --val N and seed, from the checkpoint, not a fixed
+    5,000 with seed 0); a run without a validation split says so; --ensemble adds the mean-softmax line."""
     from resnext_demo import evaluate
     _image_tree(tmp_path / "tree", per_class=2, seed=4)
     monkeypatch.setenv("RESNEXT_DEMO_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "m.safetensors"
-    train.main(["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--epochs", "1",
-                "--batch-size", "5", "--device", "cpu", "--out", str(out)])
+    out, plain = tmp_path / "m.safetensors", tmp_path / "plain.safetensors"
+    common = ["--model", "resnext29_8x4d_micro", "--data", str(tmp_path / "tree"), "--epochs", "1",
+              "--batch-size", "5", "--device", "cpu"]
+    train.main([*common, "--val", "10", "--seed", "2", "--out", str(out)])
+    train.main([*common, "--out", str(plain)])
     capsys.readouterr()  # the training's own lines
     evaluate.main(["--weights", str(out), "--data", str(tmp_path / "tree"), "--split", "val", "--json",
                    "--ensemble", str(out)])
     res = json.loads(capsys.readouterr().out)
     x, y = data.load_split(str(tmp_path / "tree"), "train")
-    _, (xv, yv) = train.split_validation(x, y, 5000, seed=0)
-    assert res["n"] == len(yv) and res["ensemble"]["top1"] == pytest.approx(res["top1"])
+    _, (xv, yv) = splits.split_validation(x, y, 10, seed=2)
+    model, _ = weights.load_checkpoint(out)
+    assert res["n"] == len(yv) == 10 and res["ensemble"]["top1"] == pytest.approx(res["top1"])
+    assert res["top1"] == pytest.approx(evaluate.evaluate(model, xv, yv)["top1"])
+    with pytest.raises(SystemExit, match="validation split"):
+        evaluate.main(["--weights", str(plain), "--data", str(tmp_path / "tree"), "--split", "val"])

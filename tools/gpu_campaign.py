@@ -127,7 +127,7 @@ def probe(model: str, flags: list[str], t1: float, t2: float, result: str, devic
     """Train `model` on random data until t2; write the seconds per step measured between t1 and t2."""
     import torch
 
-    from resnext_demo import train
+    from resnext_demo import train, trainer
     from resnext_demo.zoo import build_model
 
     cutout = int(flags[flags.index("--cutout") + 1]) if "--cutout" in flags else 0
@@ -135,12 +135,12 @@ def probe(model: str, flags: list[str], t1: float, t2: float, result: str, devic
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16384, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (16384,))
-    cfg = train.TrainConfig(model=model, epochs=10_000, batch_size=512, lr=0.4, schedule="onecycle",
+    cfg = trainer.TrainConfig(model=model, epochs=10_000, batch_size=512, lr=0.4, schedule="onecycle",
                             label_smoothing=0.2, cutout=cutout, log_every=4, max_seconds=max(1.0, t2 - time.time()),
                             teacher_tta="--teacher-tta" in flags)
     marks = []
     teacher_models = train._load_teachers(teachers)[0]  # distillation: their forward passes are part of a step
-    for ev in train.fit(build_model(model, zero_init_residual=True), (x, y), cfg, device=device,
+    for ev in trainer.fit(build_model(model, zero_init_residual=True), (x, y), cfg, device=device,
                         teachers=teacher_models):
         if ev.kind == "step" and t1 <= time.time() <= t2:
             marks.append((time.time(), ev.epoch * ev.steps_per_epoch + ev.step))

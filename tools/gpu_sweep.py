@@ -48,10 +48,11 @@ def plan(models: list[str], dense_seeds: int, seeds: int) -> list[tuple[str, int
 def _data(args: argparse.Namespace):
     """(train, test) uint8 tensors from the decoded cache (`--subset`: balanced subsets, smoke tests)."""
     from resnext_demo import data
+    from resnext_demo.splits import balanced_subset
 
     src = str(Path(args.data).resolve())
-    train = data.balanced_subset(*data.load_split(src, "train"), args.subset)
-    test = data.balanced_subset(*data.load_split(src, "test"), args.test_subset)
+    train = balanced_subset(*data.load_split(src, "train"), args.subset)
+    test = balanced_subset(*data.load_split(src, "test"), args.test_subset)
     return train, test
 
 
