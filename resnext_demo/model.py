@@ -336,7 +336,7 @@ def _cached_imagenet_state(weights) -> dict:
 
 
 # Named members of the family. MACs and parameters of each are computed by `describe()` (and listed
-# in the README by `python -m resnext_demo.model`), never typed in by hand.
+# in docs/model-card.md by `python -m resnext_demo.model`), never typed in by hand.
 _CONFIGS: dict[str, ResNeXtConfig] = {
     # The paper's CIFAR models (Table 7): 34.4 M and 68.1 M parameters.
     "resnext29_8x64d": ResNeXtConfig(cardinality=8, base_width=64),
@@ -454,7 +454,7 @@ def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict
 _CONFIGS.update(equal_budget_configs("resnext29_8x8d_tiny", (1, 2, 4)))
 _CONFIGS.update(equal_budget_configs("resnext29_8x16d_small", (1, 4, 16)))
 # The fast family (FastResNeXt), named by weighted layers and C x d like the paper; the default is
-# resnext20_8x8d_fast (chosen with `python -m resnext_demo.bench --train`, see the README).
+# resnext20_8x8d_fast (chosen with `python -m resnext_demo.bench --train`, see docs/training.md).
 _CONFIGS.update({
     "resnext20_8x8d_fast": ResNeXtConfig(depths=(1, 2, 2), stem_width=32, widths=(64, 256, 256), cardinality=8,
                                          base_width=8, family="fast"),
@@ -597,7 +597,7 @@ def cpu_latency_ms(model: nn.Module, budget_s: float = 2.0) -> float:
     return 1000 * statistics.median(times)
 
 
-if __name__ == "__main__":  # python -m resnext_demo.model [--latency]: the family table for the README
+if __name__ == "__main__":  # python -m resnext_demo.model [--latency]: the family table of docs/model-card.md
     import sys
 
     latency = "--latency" in sys.argv
