@@ -48,7 +48,7 @@ def deletion_score(model: nn.Module, x: torch.Tensor, values: np.ndarray, target
 
     "Removed" = replaced by a blurred copy of the image (the 'blur' baseline): setting scattered pixels to
     grey adds sharp artefacts that destroy the prediction by themselves, so random deletion would "win"
-    for no reason (measured on the shipped model: README, Groups). fill='mean' (grey) is kept to show it."""
+    for no reason (measured on the shipped model: docs/findings.md). fill='mean' (grey) is kept to show it."""
     return deletion_scores(model, x, [values], target, fractions, patch, n_random, seed, fill)[0]
 
 

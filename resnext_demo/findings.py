@@ -1,4 +1,4 @@
-"""What a checkpoint shows, as the README's tables: `python -m resnext_demo.findings` prints its group
+"""What a checkpoint shows, as the tables of docs/findings.md: `python -m resnext_demo.findings` prints its group
 specialization against untrained copies, the deletion faithfulness of every attribution method against random
 orders and model-blind maps, and Conductance's convergence (a command line over the library, no UI).
 """

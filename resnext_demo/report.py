@@ -356,7 +356,7 @@ def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = Non
                   + (f" ({meta['data']['test_images']} images)" if isinstance(meta.get("data"), dict)
                      and meta["data"].get("test_images") else "") + ".")
     if meta.get("command"):
-        # paths inside the project as the README writes them (relative), wherever the run happened
+        # paths inside the project as the docs write them (relative), wherever the run happened
         command = re.sub(r"(?<=\s)/\S*?/(runs|weights)/", r"\1/", str(meta["command"]))
         md.append(f"Trained with `{command}`" + (f" on {meta['device']}" if meta.get("device") else "") + ".")
     init = meta.get("init_from")

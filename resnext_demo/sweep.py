@@ -192,7 +192,8 @@ def analyse(runs_dir: Path, reference: str = "airbench94") -> dict:
 
 
 def markdown(results: dict) -> str:
-    """The README table (± the 95 % CI where the analysis computed one, else half the range over seeds)."""
+    """The table of docs/sweep.md (± the 95 % CI where the analysis computed one, else half the range over
+    seeds)."""
     lines = ["| C | d | model | params (M) | MFLOPs | top-1 (%) | seeds | train s/run |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:

@@ -47,7 +47,7 @@ MODELS: dict[str, ResNeXtConfig] = {
     "resnext29_4x26d_small": replace(_SMALL, cardinality=4, base_width=26),
     "resnext29_16x9d_small": replace(_SMALL, cardinality=16, base_width=9),
     # The fast family (FastResNeXt), named by weighted layers and C x d like the paper.
-    "resnext20_8x8d_fast": _FAST,  # the CPU-trained model (docs/models.md)
+    "resnext20_8x8d_fast": _FAST,  # the CPU-trained model (docs/model-card.md)
     "resnext14_8x4d_fast": replace(_FAST, depths=(1, 1, 1), base_width=4),
     "resnext14_16x4d_fast_wide": replace(_FAST, depths=(1, 1, 1), widths=(96, 384, 384), cardinality=16,
                                          base_width=4),
@@ -123,7 +123,7 @@ def cpu_latency_ms(model: nn.Module, budget_s: float = 2.0) -> float:
     return 1000 * statistics.median(times)
 
 
-if __name__ == "__main__":  # python -m resnext_demo.zoo [--latency]: the family table of docs/models.md
+if __name__ == "__main__":  # python -m resnext_demo.zoo [--latency]: the family table of docs/model-card.md
     import sys
 
     latency = "--latency" in sys.argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,79 @@ def test_pins_build_on_zerogpu() -> None:
     minor = int(torch_pin[0].split(".")[1])
     assert re.findall(r"^torchvision==0\.(\d+)\.", reqs, re.M) == [str(minor + 15)]
     assert yaml.safe_load(_readme()[0])["python_version"] in ZEROGPU_PYTHON
+
+
+# The README is the front page; everything else lives under docs/ (issue 27, item 3).
+README_MAX_LINES = 200
+FENCE = re.compile(r"^\s*(```|~~~)")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target) and ![alt](target)
+
+
+def _prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks, inline code removed but in headings (code holds no links)."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:  # a heading keeps its code's text: it is part of the anchor
+            out.append(line if line.startswith("#") else re.sub(r"`[^`]*`", "", line))
+    return out
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup dropped, lower case, punctuation out, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading anchors on its text
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")  # drops ` * ( ) . / : ...
+
+
+def _anchors(path: Path) -> set[str]:
+    """Every heading anchor of a markdown file, GitHub-style (a repeated heading gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    for line in _prose_lines(path.read_text(encoding="utf-8")):
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = _slug(m.group(1))
+            seen[slug] = seen.get(slug, -1) + 1
+            if seen[slug]:
+                seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def _broken_links(path: Path, root: Path = PROJECT_ROOT) -> list[str]:
+    """The relative links of a markdown file whose file or #anchor does not exist, named from root."""
+    broken = []
+    for line in _prose_lines(path.read_text(encoding="utf-8")):
+        for target in LINK.findall(line):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+                continue  # http:, https:, mailto: — not ours to check offline
+            file_part, _, anchor = target.partition("#")
+            dest = (path.parent / file_part).resolve() if file_part else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(root)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{path.relative_to(root)}: {target} (no such heading)")
+    return broken
+
+
+def test_readme_is_a_front_page_that_links_the_docs() -> None:
+    text = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= README_MAX_LINES, "the details belong under docs/"
+    targets = {t.partition("#")[0] for line in _prose_lines(text) for t in LINK.findall(line)}
+    assert {"docs/architecture.md", "docs/README.md"} <= targets
+
+
+def test_every_relative_markdown_link_resolves() -> None:
+    pages = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 2
+    assert [b for page in pages for b in _broken_links(page)] == []
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other page\n\n## Load test (`tools/loadtest.py`)\n\n## Notes\n\n## Notes\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Top\n\n[ok](other.md#load-test-toolsloadtestpy) [ok](other.md#notes-1) [ok](#top)\n"
+                    "[gone](missing.md) [gone](other.md#nowhere) [gone](#bottom) `[code](skipped.md)`\n"
+                    "```\n[fenced](skipped.md)\n```\n[web](https://example.com/x.md)\n")
+    assert _broken_links(page, tmp_path) == ["page.md: missing.md (no such file)",
+                                             "page.md: other.md#nowhere (no such heading)",
+                                             "page.md: #bottom (no such heading)"]

@@ -153,7 +153,8 @@ def test_shipped_checkpoint_keeps_its_recorded_accuracy(shipped_checkpoint, cifa
 def test_shipped_checkpoint_survives_upscaled_reencoded_uploads(shipped_checkpoint, cifar_test) -> None:
     """Test images upscaled to 64 and 640 px and re-encoded (PNG, JPEG q90), then sent through the app's
     upload path, lose at most 3 points against the plain 32x32 forward on the same 100 images (a guard: a broken
-    resize or colour path costs far more; the README's 1.10-1.30 point loss is measured on 2,000 at 8 settings)."""
+    resize or colour path costs far more; the 1.10-1.30 point loss in docs/model-card.md is measured on 2,000 at 8
+    settings)."""
     from resnext_demo.evaluate import upload_accuracy
     from resnext_demo.predict import predict_logits
     model, _ = weights.load_checkpoint(shipped_checkpoint)

@@ -35,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The CPU default's recipe (README "Training"): the baseline every candidate changes one thing of.
+# The CPU default's recipe (docs/model-card.md, "The CPU path stands on its own"): the baseline every candidate
+# changes one thing of.
 BASE = ["--batch-size", "512", "--lr", "0.4", "--schedule", "onecycle", "--label-smoothing", "0.2",
         "--weight-decay", "5e-4", "--crop-padding", "4", "--flip", "--whiten"]
 CUTOUT = ["--cutout", "12"]  # airbench96's size

@@ -1,4 +1,4 @@
-"""Screenshots of every tab for the README: `python -m tools.screenshots --out docs/screenshots`.
+"""Screenshots of every tab for the README and docs/README.md: `python -m tools.screenshots --out docs/screenshots`.
 
 Launches `app.py` itself on a free port and drives it with Playwright and Debian's chromium
 (never a downloaded browser). By default the app runs without a CIFAR-10 source: the tabs show a real photo
