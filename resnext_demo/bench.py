@@ -90,13 +90,9 @@ def startup_seconds(weights_path: Path, timeout: float = 120.0) -> float:
         launch.stop(proc)
 
 
-def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: list[str], path: Path) -> None:
-    """Predict, forward, throughput, feature maps, attributions and fine-tune epochs."""
-    photo = _photo()
-    x = data.preprocess(photo).to(device)
-    sync = device.type == "cuda"
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
-
+def _predict_timings(model: nn.Module, photo: Image.Image, x: torch.Tensor, classes: list[str], results: dict,
+                     sync: bool) -> None:
+    """End-to-end predict, the same without the trust checks, and the bare forward pass."""
     results["predict (end to end)"] = timeit(lambda: predict(model, photo, classes), sync=sync)
     # the same without calibration and the unfamiliar-image detector: what /predict cost before them
     bare = copy.copy(model)
@@ -109,8 +105,12 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
         with torch.inference_mode():
             model(x)
     results["forward alone (batch 1)"] = timeit(forward, repeats=50, sync=sync)
-    results["predict overhead ratio"] = results["predict (end to end)"]["median"] / results["forward alone (batch 1)"]["median"]
+    results["predict overhead ratio"] = (results["predict (end to end)"]["median"]
+                                         / results["forward alone (batch 1)"]["median"])
 
+
+def _throughput_timings(model: nn.Module, device: torch.device, results: dict, sync: bool) -> None:
+    """Inference images/s at batch 1, 64 and 256 beside resnet18-CIFAR in the same run."""
     baseline = resnet18_cifar().to(device).eval().to(memory_format=torch.channels_last)
     for bs in (1, 64, 256):
         xb = torch.randn(bs, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -123,49 +123,65 @@ def cpu_actions(model: nn.Module, device: torch.device, results: dict, classes: 
     results["resnet18 / model time ratio, batch 1"] = (results["throughput model batch 1 (images/s)"]
                                                        / results["throughput resnet18 batch 1 (images/s)"])
 
-    layer = explain.layer_choices(model)["grouped"][-1]
+
+def _tab_timings(model: nn.Module, meta: dict, photo_path: Path, layer: str, results: dict, sync: bool) -> None:
+    """One click on the Feature maps and Groups tabs, through the tabs' own handlers (what the app runs, rendering
+    and the deletion tests against the reference maps included; a copy here would drift from the app)."""
+    from .ui import features_tab, groups_tab
+    from .ui.context import Context
+
+    ctx = Context(model, meta, None)
+    results["Feature maps tab (grid + per-group stats chart)"] = timeit(
+        lambda: features_tab.feature_maps(ctx, str(photo_path), layer), sync=sync)
+    results["Groups tab analysis (importance, knock-outs, group Grad-CAMs, deletion tests, rendered)"] = timeit(
+        lambda: groups_tab.analyse(ctx, str(photo_path), layer, progress=lambda *a, **k: None),
+        warmup=1, repeats=5, budget_s=15, sync=sync)
+
+
+def _explanation_timings(model: nn.Module, x: torch.Tensor, layer: str, results: dict, sync: bool) -> None:
+    """The block's feature maps drawn, every attribution method, a live knock-out and one deletion score."""
     n_groups = explain.groups_of(model, layer)
 
     def fmaps() -> None:
         f = explain.feature_maps(model, x, [layer])[layer]
         visualize.group_grid(explain.split_groups(f, n_groups), scale="group", view="channels")
     results["feature maps (block, all groups rendered)"] = timeit(fmaps, sync=sync)
-
-    def fmaps_tab() -> None:  # the whole Feature maps click: + true sparsity after the ReLU + the stats chart
-        act = explain.activation_node(model, layer)
-        maps = explain.feature_maps(model, x, [layer, act])
-        visualize.group_grid(explain.split_groups(maps[layer], n_groups), scale="group", view="channels")
-        visualize.group_stats_figure(explain.group_stats(maps[layer], n_groups, maps[act]), title=layer)
-    results["Feature maps tab (grid + per-group stats chart)"] = timeit(fmaps_tab, sync=sync)
-
-    target = int(model(x).argmax()) if not model.training else 0
+    target = int(model(x).argmax())
     for method in explain.METHODS:
         results[method] = timeit(lambda m=method: explain.attribute(model, x, m, target), warmup=1, repeats=5,
                                  budget_s=15, sync=sync)
-
-    im32 = data.prepare_image(photo)
-
-    def groups_tab() -> None:  # what one click on "Analyse the groups" computes and draws
-        gi = groups.group_importance(model, x, layer, target)
-        ab = groups.ablation_ranking(model, x, layer, target)
-        cams = groups.group_gradcam(model, x, layer, target)
-        faithfulness.deletion_scores(model, x, cams[cams.reshape(len(cams), -1).any(1)], target)
-        visualize.group_importance_figure(gi, classes), visualize.ablation_figure(ab, classes)
-        visualize.group_cam_grid(cams, im32)
-    results["Groups tab analysis (importance, knock-outs, group Grad-CAMs, rendered)"] = timeit(
-        groups_tab, warmup=1, repeats=5, budget_s=15, sync=sync)
     results["live knock-out of one group"] = timeit(lambda: groups.ablate_groups(model, x, layer, [0]), sync=sync)
     cam = explain.attribute(model, x, "Grad-CAM", target).values
-    results["faithfulness (deletion score)"] = timeit(lambda: faithfulness.deletion_score(model, x, cam, target), sync=sync)
+    results["faithfulness (deletion score)"] = timeit(lambda: faithfulness.deletion_score(model, x, cam, target),
+                                                      sync=sync)
 
+
+def _finetune_timings(path: Path, device: torch.device, classes: list[str], results: dict, sync: bool) -> None:
+    """One fine-tune epoch on 100 images, head only and all layers, on a fresh copy as the tab makes."""
     x100 = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     y100 = torch.arange(100) % len(classes)
     for layers in ("head", "all"):
         def epoch(layers=layers) -> None:
-            m = weights.load_checkpoint(path, device)[0]  # a fresh copy, as the fine-tune tab makes
+            m = weights.load_checkpoint(path, device)[0]
             cfg = trainer.TrainConfig(epochs=1, batch_size=25, train_layers=layers, warmup_epochs=0)
             list(trainer.fit(m, (x100, y100), cfg, device=device))
         results[f"fine-tune epoch, 100 images, {layers}"] = timeit(epoch, warmup=1, repeats=3, budget_s=20, sync=sync)
+
+
+def cpu_actions(model: nn.Module, device: torch.device, results: dict, meta: dict, path: Path) -> None:
+    """Predict, forward, throughput, feature maps, attributions, the Groups tab and fine-tune epochs."""
+    photo = _photo()
+    photo_path = Path(tempfile.mkdtemp()) / "photo.png"  # the tabs take an upload's file path
+    photo.save(photo_path)
+    x = data.preprocess(photo).to(device)
+    sync = device.type == "cuda"
+    model = model.to(device).eval().to(memory_format=torch.channels_last)
+    layer = explain.layer_choices(model)["grouped"][-1]
+    _predict_timings(model, photo, x, meta["classes"], results, sync)
+    _throughput_timings(model, device, results, sync)
+    _explanation_timings(model, x, layer, results, sync)
+    _tab_timings(model, meta, photo_path, layer, results, sync)
+    _finetune_timings(path, device, meta["classes"], results, sync)
 
 
 def airbench_reference(num_classes: int = 10) -> nn.Module:
@@ -290,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "model": meta["recipe"]["model"] if "recipe" in meta else "untrained", "weights": str(path)}
     if not args.skip_startup:
         results["app start-up to first page"] = timeit(lambda: startup_seconds(path), warmup=0, repeats=3, budget_s=60)
-    cpu_actions(model, device, results, meta["classes"], path)
+    cpu_actions(model, device, results, meta, path)
     if device.type == "cuda":
         gpu_training(results)
     if args.json:

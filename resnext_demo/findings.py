@@ -4,6 +4,7 @@ orders and model-blind maps, and Conductance's convergence (a command line over 
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -82,13 +83,10 @@ def _range(v: np.ndarray, fmt: str = ".2f") -> str:
     return f"{np.min(v):{fmt}}–{np.max(v):{fmt}}" if len(v) else "n/a"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m resnext_demo.findings`: (re)build the group-specialization cache of a checkpoint (with its
-    untrained control) and print what it shows, the deletion faithfulness of every attribution method against
-    random orders and model-blind maps, and optionally Conductance's convergence, as Markdown."""
-    import argparse
-
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's flags."""
     from . import weights
+
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--weights", default=str(weights.DEFAULT_WEIGHTS))
     ap.add_argument("--data", default=data.default_source(), help="CIFAR-10 source (default: $RESNEXT_DEMO_DATA or the shared archive)")
@@ -101,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fill", choices=("blur", "mean"), default="blur", help="what deleted squares become (mean = grey)")
     ap.add_argument("--conductance", type=int, default=0, metavar="N",
                     help="test images for the Conductance convergence table (first, middle and last block; 0: skip)")
-    args = ap.parse_args(argv)
-    if not args.data:
-        ap.error("no CIFAR-10 source: pass --data or set RESNEXT_DEMO_DATA")
-    model, _ = weights.load_checkpoint(args.weights)
+    return ap
+
+
+def _print_specialization(model: nn.Module, args) -> None:
+    """The specialization table of every grouped block against its untrained copies, and the block counts."""
     t0 = time.perf_counter()
     spec = specialization_cached(model, args.data, n=args.n, rebuild=args.rebuild)
     seeds = len(next(iter(spec.values())).control_gap)
@@ -133,42 +132,68 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- mean selectivity: {_range(np.array([b.selectivity.mean() for b in blocks]))} | "
           f"{_range(np.concatenate([b.control_selectivity for b in blocks]))} | "
           f"{sum(b.selectivity.mean() > b.control_selectivity.max() for b in blocks)}")
+
+
+def _print_faithfulness(model: nn.Module, args) -> None:
+    """The deletion-faithfulness table of every attribution method against random and model-blind orders."""
+    images, labels = data.load_split(args.data, "test")
+    randomized = None
+    if args.randomized:
+        randomized = untrained_copy(model, 0, data.load_split(args.data, "train")[0][:CONTROL_CALIBRATION])
+    rows = faithfulness_table(model, images[:args.faithfulness], labels[:args.faithfulness], randomized,
+                              patch=args.patch, fill=args.fill)
+    print(f"\nDeletion faithfulness on the first {args.faithfulness} test images (true class; higher drop = better; "
+          f"{args.patch}x{args.patch} squares -> {args.fill}); 'beats X': images where the map's drop is larger\n")
+    extra = " untrained copy's map: mean drop | beats it |" if randomized is not None else ""
+    print("| map | mean drop | beats random | beats centre prior | beats image edges | beats all three |" + extra)
+    print("|---|---|---|---|---|---|" + "---|---|" * bool(randomized))
+    for name, r in rows.items():
+        if name in METHODS:
+            print(f"| {name} | {r['score']:.3f} | {r['wins']}/{r['n']} | {r['beats centre prior']}/{r['n']} "
+                  f"| {r['beats image edges']}/{r['n']} | {r['beats all']}/{r['n']} |"
+                  + (f" {r['randomized']:.3f} | {r['beats randomized']}/{r['n']} |" if randomized is not None else ""))
+        elif name in REFERENCES:
+            print(f"| {name} (model-blind) | {r['score']:.3f} | {r['wins']}/{r['n']} | | | |" + " | |" * bool(randomized))
+        else:
+            print(f"| {name} | {r['score']:.3f} | | | | |" + " | |" * bool(randomized))
+    ig = rows["Integrated Gradients"]
+    print(f"\nIntegrated Gradients at {_DEFAULTS['Integrated Gradients']['steps']} steps: convergence delta "
+          f"median {100 * ig['delta_median_rel']:.1f} % of f(x) - f(black), worst {ig['delta_max']:.3f} logit")
+
+
+def _print_conductance(model: nn.Module, args) -> None:
+    """Conductance's convergence on the first, middle and last block."""
+    images, labels = data.load_split(args.data, "test")
+    convs = list(model.grouped_convs())
+    layers = list(dict.fromkeys([convs[0], convs[len(convs) // 2], convs[-1]]))
+    rows = conductance_table(model, images[:args.conductance], labels[:args.conductance], layers)
+    print(f"\nConductance (true class, black baseline) on the first {args.conductance} test images: steps doubled "
+          f"from 32 until nothing moves more than {CONDUCTANCE_TOL} logit (at most {CONDUCTANCE_MAX_STEPS})\n")
+    print("| image | block | shortcut | steps | change from half the steps | groups + shortcut - logit change "
+          "| largest group error at 32 steps | top group differs at 32 |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['image']} | {r['layer']} | {r['shortcut']} | {r['steps']} | {r['step_error']:.4f} | {r['gap']:+.4f} "
+              f"| {r['off_at_32']:.3f} | {'yes' if r['top_changes_at_32'] else 'no'} |")
+
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m resnext_demo.findings`: (re)build the group-specialization cache of a checkpoint (with its
+    untrained control) and print what it shows, the deletion faithfulness of every attribution method against
+    random orders and model-blind maps, and optionally Conductance's convergence, as Markdown."""
+    from . import weights
+
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if not args.data:
+        ap.error("no CIFAR-10 source: pass --data or set RESNEXT_DEMO_DATA")
+    model, _ = weights.load_checkpoint(args.weights)
+    _print_specialization(model, args)
     if args.faithfulness:
-        images, labels = data.load_split(args.data, "test")
-        randomized = None
-        if args.randomized:
-            randomized = untrained_copy(model, 0, data.load_split(args.data, "train")[0][:CONTROL_CALIBRATION])
-        rows = faithfulness_table(model, images[:args.faithfulness], labels[:args.faithfulness], randomized,
-                                  patch=args.patch, fill=args.fill)
-        print(f"\nDeletion faithfulness on the first {args.faithfulness} test images (true class; higher drop = better; "
-              f"{args.patch}x{args.patch} squares -> {args.fill}); 'beats X': images where the map's drop is larger\n")
-        extra = " untrained copy's map: mean drop | beats it |" if randomized is not None else ""
-        print("| map | mean drop | beats random | beats centre prior | beats image edges | beats all three |" + extra)
-        print("|---|---|---|---|---|---|" + "---|---|" * bool(randomized))
-        for name, r in rows.items():
-            if name in METHODS:
-                print(f"| {name} | {r['score']:.3f} | {r['wins']}/{r['n']} | {r['beats centre prior']}/{r['n']} "
-                      f"| {r['beats image edges']}/{r['n']} | {r['beats all']}/{r['n']} |"
-                      + (f" {r['randomized']:.3f} | {r['beats randomized']}/{r['n']} |" if randomized is not None else ""))
-            elif name in REFERENCES:
-                print(f"| {name} (model-blind) | {r['score']:.3f} | {r['wins']}/{r['n']} | | | |" + " | |" * bool(randomized))
-            else:
-                print(f"| {name} | {r['score']:.3f} | | | | |" + " | |" * bool(randomized))
-        ig = rows["Integrated Gradients"]
-        print(f"\nIntegrated Gradients at {_DEFAULTS['Integrated Gradients']['steps']} steps: convergence delta "
-              f"median {100 * ig['delta_median_rel']:.1f} % of f(x) - f(black), worst {ig['delta_max']:.3f} logit")
+        _print_faithfulness(model, args)
     if args.conductance:
-        images, labels = data.load_split(args.data, "test")
-        convs = list(model.grouped_convs())
-        layers = list(dict.fromkeys([convs[0], convs[len(convs) // 2], convs[-1]]))
-        rows = conductance_table(model, images[:args.conductance], labels[:args.conductance], layers)
-        print(f"\nConductance (true class, black baseline) on the first {args.conductance} test images: steps doubled "
-              f"from 32 until nothing moves more than {CONDUCTANCE_TOL} logit (at most {CONDUCTANCE_MAX_STEPS})\n")
-        print("| image | block | shortcut | steps | change from half the steps | groups + shortcut - logit change "
-              "| largest group error at 32 steps | top group differs at 32 |\n|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['image']} | {r['layer']} | {r['shortcut']} | {r['steps']} | {r['step_error']:.4f} | {r['gap']:+.4f} "
-                  f"| {r['off_at_32']:.3f} | {'yes' if r['top_changes_at_32'] else 'no'} |")
+        _print_conductance(model, args)
 
 
 if __name__ == "__main__":
