@@ -80,7 +80,7 @@ class GroupImportance:
 
 
 # Conductance doubles its steps until no group and not the shortcut moves more than this (logit) from half
-# the steps, and groups + shortcut match f(x) - f(black) as closely. On the shipped micro model that takes
+# the steps, and groups + shortcut match f(x) - f(black) as closely. On the micro model (the first default) that took
 # 256-512 steps; at Captum's usual 32 (Gauss-Legendre, left sum) group totals were off by up to 0.46 logit.
 CONDUCTANCE_TOL = 0.02
 CONDUCTANCE_MAX_STEPS = 512

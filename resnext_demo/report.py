@@ -66,8 +66,9 @@ FINETUNE_DONE = "Done. Press **Use this model** to use it in every tab (this ses
 def no_weights_help(path: str | Path | None, reason: str | None) -> str:
     """What to tell users when no checkpoint could be loaded."""
     return (f"**No model loaded** ({reason or 'no checkpoint'}). Train one with "
-            f"`python -m resnext_demo.train --model resnext29_8x4d_micro --epochs 10 --out {path or weights.DEFAULT_WEIGHTS}` "
-            "(about an hour on a 2-core CPU; `--subset 2000 --epochs 1` for a quick smoke model), or start "
+            f"`python -m resnext_demo.train --recipe fast --model airbench94x_8x66d --out {path or weights.DEFAULT_WEIGHTS}` "
+            "(the fast recipe: docs/training-fast.md gives its time on a CPU; add `--subset 2000 --epochs 1` for a "
+            "quick smoke model), or start "
             "the app with `--weights PATH` / `RESNEXT_DEMO_WEIGHTS=PATH`. You can also load an exported "
             "`.safetensors` checkpoint in the Fine-tune tab (this session only).")
 

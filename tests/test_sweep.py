@@ -113,3 +113,33 @@ def test_shipped_sweep_checkpoint(path, cifar_test):
     images, labels = cifar_test
     acc = float((predict_batch(model, images[:1000]).argmax(1) == labels[:1000]).float().mean())
     assert abs(acc - run["top1"]) <= 0.035, (acc, run["top1"])
+
+
+def test_collect_refuses_to_mix_budgets(tmp_path):
+    """Checkpoints of one budget collect; one of another budget in the folder is refused by name (the About
+    verdict must never compare unequal budgets)."""
+    from resnext_demo.zoo import build_model
+
+    def run(model: str, seed: int = 0) -> None:
+        meta = {"accuracy": 0.5, "epochs": 1, "recipe": {"model": model, "seed": seed}, "wall_seconds": 1.0,
+                "data": {"test_images": 10}}
+        weights.save_checkpoint(sweep.run_path(tmp_path, model, seed), build_model(model), meta)
+
+    for m in ("resnet20_fast", "resnext20_2x21d_fast", "resnext20_16x5d_fast"):
+        run(m)
+    assert len(sweep.collect(tmp_path)["rows"]) == 3
+    run("resnext20_16x8d_fast_wide")
+    with pytest.raises(ValueError, match="not one budget: resnext20_16x8d_fast_wide"):
+        sweep.collect(tmp_path)
+
+
+def test_sweep_train_defaults_to_the_fast_recipe_family(monkeypatch, tmp_path):
+    """`sweep train` with no --models trains the airbench94x family (C = 1..32) with the fast recipe."""
+    from resnext_demo.zoo import airbench_family
+
+    calls = []
+    monkeypatch.setattr(sweep.train, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(sweep, "collect", lambda *a, **k: {"rows": [], "runs": []})
+    sweep.main(["train", "--out-dir", str(tmp_path)])
+    assert [c[c.index("--model") + 1] for c in calls] == list(airbench_family().values())
+    assert all(c[:2] == ["--recipe", "fast"] for c in calls) and len(airbench_family()) >= 6
