@@ -43,7 +43,7 @@ def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
     as the way it moves the probability (a negative drop is a rise, never 'a drop of -0.005')."""
     if f is None:
         return "**Faithfulness:** not measurable for an empty map."
-    refs = ", ".join(f"{name} {_moves(score)}" for name, score in f.references.items())
+    refs = ", ".join(f"the {name} map {_moves(score)}" for name, score in f.references.items())
     wrong_way = " — the wrong way for a map of what supports the class" if f.score < 0 else ""
     line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map "
             f"{_moves(f.score, class_name)} on average{wrong_way} (bare softmax, not the calibrated one); "
@@ -52,7 +52,7 @@ def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
         return line + "✗ no better than random orders on this image."
     if f.verdict == "beats random only":
         name, score = f.best_reference
-        return line + (f"beats random orders but **not the {name}** (it {_moves(score)}): on this image the map finds no more "
+        return line + (f"beats random orders but **not the {name}** (which {_moves(score)}): on this image the map finds no more "
                        "of what the model uses than a map that ignores the model.")
     return line + "✓ beats random orders and every model-blind map on this image."
 

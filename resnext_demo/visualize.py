@@ -88,11 +88,12 @@ def _tiles(maps: np.ndarray, gap: float = np.nan) -> np.ndarray:
     return out
 
 
-def _panel_mosaic(panels: list[np.ndarray], titles: list[str], panel: int = 150, title_h: int = 16,
+def _panel_mosaic(panels: list[np.ndarray], titles: list[str], panel: int = 150, title_h: int = 18,
                   gap: int = 10) -> Image.Image:
     """RGB panels (h x w x 3 floats in 0..1) scaled by an integer factor to fit `panel` pixels, titled,
     on a white grid ceil(sqrt(n)) panels wide."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=title_h - 3)  # Pillow's scalable default: titles readable at ~0.8x
     n = len(panels)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -105,12 +106,12 @@ def _panel_mosaic(panels: list[np.ndarray], titles: list[str], panel: int = 150,
         tile = Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8))
         tile = tile.resize((rgb.shape[1] * k, rgb.shape[0] * k), Image.Resampling.NEAREST)
         x0, y0 = gap + c * cell_w, gap + r * cell_h
-        draw.text((x0 + panel // 2, y0), title, fill="black", anchor="mt")
+        draw.text((x0 + panel // 2, y0), title, fill="black", anchor="mt", font=font)
         out.paste(tile, (x0 + (panel - tile.width) // 2, y0 + title_h + (panel - tile.height) // 2))
     return out
 
 
-NO_SIGNAL = 1e-3  # a group whose peak |value| is under this share of the layer's peak carries no signal
+NO_SIGNAL = 0.01  # a group whose peak |value| is under 1 % of the layer's peak adds ~nothing to the next layer
 
 
 def silent_groups(groups: np.ndarray) -> np.ndarray:
@@ -160,7 +161,7 @@ def group_grid(groups: torch.Tensor | np.ndarray, scale: str = "group", view: st
             rgb[~np.isnan(tiles)] = 0.9
         panels.append(rgb)
     peaks = np.abs(g.reshape(n_groups, -1)).max(1)
-    titles = [f"g{i} · no signal" if dead else f"g{i} · max |x| {peak:.2g}"
+    titles = [f"g{i} · no signal ({peak:.1g})" if dead else f"g{i} · max |x| {peak:.2g}"
               for i, (dead, peak) in enumerate(zip(silent, peaks))]
     image = _panel_mosaic(panels, titles, panel=150 if n_groups > 1 else 320)
     what = "mean over channels" if view == "summary" else (
@@ -168,7 +169,7 @@ def group_grid(groups: torch.Tensor | np.ndarray, scale: str = "group", view: st
     lines = [f"{n_groups} groups x {width} channels ({what} shown), colour scale per {scale}",
              f"all: min {lo_all:.4g}, max {hi_all:.4g}"]
     lines += [f"group {i}: min {float(grp.min()):.4g}, max {float(grp.max()):.4g}"
-              + (f"  (no signal: under {NO_SIGNAL:g} of the layer's peak, drawn grey)" if dead else "")
+              + (f"  (no signal: under {100 * NO_SIGNAL:g} % of the layer's peak, drawn grey)" if dead else "")
               for i, (grp, dead) in enumerate(zip(g, silent))]
     return image, "\n".join(lines)
 
@@ -380,12 +381,13 @@ def group_cam_grid(cams: np.ndarray, image32: Image.Image | np.ndarray, opacity:
     for i, cam in enumerate(cams):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(overlay(cam, image32, signed=signed, opacity=opacity, size=size, vmax=top or None))
-        ax.set_title(f"g{i} max {float(cam.max()):.2g}", fontsize=10, pad=3)
+        ax.set_title(f"g{i}: {float(cam.max()):.2g}", fontsize=10, pad=3)
         ax.set_axis_off()
     note = (f"every map is weak here (max {top:.2g} < 0.01): colours are stretched to that small maximum;\n"
             "early blocks carry little class gradient" if top < 0.01 else
             "one colour scale for all groups: a weak group looks weak")
-    fig.suptitle(f"Group-restricted Grad-CAM, shared scale 0 … {top:.2g}\n{note}", fontsize=10)
+    fig.suptitle(f"Group-restricted Grad-CAM, shared scale 0 … {top:.2g}; above each tile: its group's max\n{note}",
+                 fontsize=10)
     cmap = "bwr" if signed else "inferno"
     sm = ScalarMappable(norm=Normalize(-top if signed else 0, top or 1), cmap=cmap)
     right = 1 - 1.2 / (tile * cols + 1.2)  # 1.2 in on the right for the colour bar and its label

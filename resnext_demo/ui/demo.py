@@ -35,6 +35,8 @@ CSS = """
 .ft-zone .file-preview td { padding-top: 2px !important; padding-bottom: 2px !important; }
 /* Panel titles drawn at the top of these images sat under the label badge (left) and the toolbar (right). */
 #fm-grid .image-frame, #at-out .image-frame, #at-cmp .image-frame { padding-top: 34px; }
+/* The per-group table: 8 columns in the panel's width without cutting a number in two. */
+#gr-table td, #gr-table th { font-size: 13px !important; padding-left: 5px !important; padding-right: 5px !important; }
 /* Table headers break between words only ("importance", not "importanc e"). */
 #gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
 """

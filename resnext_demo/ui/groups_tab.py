@@ -24,7 +24,7 @@ SPECIALIZATION_GPU_SECONDS = 60  # group statistics over the test images when no
 _SPEC_LOCK = threading.Lock()  # two sessions asking for one checkpoint's specialization compute it once
 TABLE_COLUMNS = ["group", "importance", "p after knock-out", "drop", "top-1 after knock-out", "Grad-CAM max",
                  "deletion drop (random · best model-blind)", "faithful?"]
-TABLE_WIDTHS = ["6%", "10%", "10%", "9%", "13%", "10%", "20%", "22%"]  # TABLE_COLUMNS' shares of the width
+TABLE_WIDTHS = ["8%", "13%", "9%", "10%", "12%", "11%", "18%", "19%"]  # TABLE_COLUMNS' shares of the width
 COMPARE_FIXED = ["shared model", "this session's model", "uploaded checkpoint"]
 
 
