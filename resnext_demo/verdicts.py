@@ -70,7 +70,7 @@ def group_cams_md(faith: list[Faithfulness | None]) -> str:
     scored = [f for f in faith if f is not None]
     if not scored:
         return "No group has a non-empty Grad-CAM for this class here."
-    refs = ", ".join(f"{name} {score:.3f}" for name, score in scored[0].references.items())
+    refs = ", ".join(f"the {name} map {_moves(score)}" for name, score in scored[0].references.items())
     beat_random = sum(f.verdict != "no better than random" for f in scored)
     beat_all = sum(f.verdict == "beats references" for f in scored)
     return (f"Deletion test of the {len(scored)} non-empty group maps: {beat_random} beat random orders, {beat_all} also "

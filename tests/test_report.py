@@ -201,6 +201,7 @@ def test_faithfulness_says_raises_or_lowers_never_a_negative_drop():
     assert "raises p(cat) by 0.005" in up and "wrong way" in up and "-0.0" not in up
     assert "random orders lower it by 0.117" in up
     assert "the centre map raises it by 0.171" in up
+    assert "the centre map raises it by 0.171" in verdicts.group_cams_md([_faith(0.2, 0.1, -0.171)])
     down = verdicts.faithfulness_md(_faith(0.062, 0.117, 0.261), "cat")
     assert "lowers p(cat) by 0.062" in down and "wrong way" not in down
 
