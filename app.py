@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # imports gradio (and `spaces`, before any CUDA use): after argparse so --help is instant
-    from resnext_demo.ui import CSS, MAX_FILE_SIZE, build_demo, on_zero_gpu
+    from resnext_demo.ui import CSS, MAX_FILE_SIZE, THEME, build_demo, on_zero_gpu
 
     # ZeroGPU: this process has no GPU (`spaces` only emulates one); each booked call moves the model to its GPU.
     device = args.device or ("cpu" if on_zero_gpu() else select_device())
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CIFAR-10 images: {args.data or 'none (set RESNEXT_DEMO_DATA or pass --data)'}", flush=True)
     demo = build_demo(model, meta, args.data or None, weights_path=args.weights, load_error=error)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, show_error=True,
-                max_file_size=MAX_FILE_SIZE, css=CSS)
+                max_file_size=MAX_FILE_SIZE, css=CSS, theme=THEME)
 
 
 if __name__ == "__main__":

@@ -439,9 +439,11 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
 
 
 def export(result: Result, path: str | Path, base_meta: dict | None = None) -> Path:
-    """Write the fine-tuned model as a checkpoint (custom_classes=True when its classes are not CIFAR-10's)."""
+    """Write the fine-tuned model as an fp16 checkpoint, like the shipped model (half the size; it loads as fp32)
+    (custom_classes=True when its classes are not CIFAR-10's); the metadata says its scores are the fp32 model's."""
     base_meta = base_meta or {}
     meta = {"classes": list(result.classes), "history": result.history,
+            "scored_in": "float32, before this file's fp16 rounding",
             "accuracy": result.after.get("cifar"),
             "fine_tune": {"from": base_meta.get("source_name") or base_meta.get("recipe", {}).get("model"),
                           "options": result.options, "before": result.before, "after": result.after,
@@ -450,4 +452,4 @@ def export(result: Result, path: str | Path, base_meta: dict | None = None) -> P
         meta["custom_classes"] = True
     if "cifar" in result.comparisons:  # say what "accuracy" was measured on (a slice, not the whole split)
         meta["data"] = {"test_images": result.comparisons["cifar"].n}
-    return weights.save_checkpoint(path, result.model, meta)
+    return weights.save_checkpoint(path, result.model, meta, half=True)

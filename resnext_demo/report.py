@@ -189,19 +189,21 @@ def feature_maps_md(title: str, node: str, layer: str, groups: int, scale: str, 
 # ------------------------------------------------------------ Attributions
 
 
-def attribution_md(a: Attribution, classes: list[str], signed: bool, faith: Faithfulness | None) -> str:
-    """One method's map: class, raw and shown range, parameters, any note, IG's delta, the faithfulness line
-    (`faith` None: an empty map)."""
+def attribution_md(a: Attribution, classes: list[str], signed: bool, faith: Faithfulness | None,
+                   max_steps: int | None = None) -> str:
+    """One method's map: class, raw and shown range, parameters, any note, a one-signed map's spread, IG's
+    delta (`max_steps`: the most steps the app offers), the faithfulness line (`faith` None: an empty map)."""
     params = ", ".join(f"{k}={v}" for k, v in a.params.items() if v is not None)
     shown = (f"map range [{float(a.values.min()):.4g}, {float(a.values.max()):.4g}]" if signed else
-             f"shown: |value|, 0 to {float(np.abs(a.values).max()):.4g}")
+             f"shown: |value|, {float(np.abs(a.values).min()):.4g} to {float(np.abs(a.values).max()):.4g}")
     md = (f"**{a.method}** for class **{classes[a.target]}** · raw range [{a.raw_min:.4g}, {a.raw_max:.4g}]"
           f" · {shown}" + (f" · {params}" if params else ""))
     if a.note:
         md += f"\n\n**Note:** {a.note}"
-    delta = verdicts.attribution_delta_md(a)
-    if delta:
-        md += "\n\n" + delta
+    for extra in (verdicts.map_spread_md(a, classes[a.target], signed),
+                  verdicts.attribution_delta_md(a, max_steps)):
+        if extra:
+            md += "\n\n" + extra
     return md + "\n\n" + verdicts.faithfulness_md(faith, classes[a.target])
 
 
@@ -347,6 +349,30 @@ def equal_budget_table(config: ResNeXtConfig, recipe_model: str | None = None) -
     return pd.DataFrame(rows)
 
 
+def effective_command(command: str) -> tuple[str, list[str]]:
+    """A command line with each repeated `--option` kept once, at its first place with its last value (argparse:
+    the last one wins), and the options that were repeated."""
+    tokens = command.split()
+    spans: list[list[str]] = []  # [option, value?] or [positional]
+    for t in tokens:
+        if spans and spans[-1][0].startswith("--") and len(spans[-1]) == 1 and not t.startswith("--"):
+            spans[-1].append(t)
+        else:
+            spans.append([t])
+    last = {s[0]: s for s in spans if s[0].startswith("--")}
+    out, seen, repeated = [], set(), []
+    for s in spans:
+        if not s[0].startswith("--"):
+            out.append(s)
+        elif s[0] in seen:
+            if s[0] not in repeated:
+                repeated.append(s[0])
+        else:
+            seen.add(s[0])
+            out.append(last[s[0]])
+    return " ".join(" ".join(s) for s in out), repeated
+
+
 def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = None) -> str:
     """The About tab's text for a checkpoint: its layout, recorded accuracy, how it was trained, and which
     CIFAR-10 images the app shows (`source` None: none)."""
@@ -358,8 +384,10 @@ def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = Non
                      and meta["data"].get("test_images") else "") + ".")
     if meta.get("command"):
         # paths inside the project as the docs write them (relative), wherever the run happened
-        command = re.sub(r"(?<=\s)/\S*?/(runs|weights)/", r"\1/", str(meta["command"]))
-        md.append(f"Trained with `{command}`" + (f" on {meta['device']}" if meta.get("device") else "") + ".")
+        command, repeated = effective_command(re.sub(r"(?<=\s)/\S*?/(runs|weights)/", r"\1/", str(meta["command"])))
+        md.append(f"Trained with `{command}`" + (f" on {meta['device']}" if meta.get("device") else "")
+                  + (f" (the run's command gave {', '.join(f'`{o}`' for o in repeated)} more than once; shown is "
+                     "the last value, the one that took effect)" if repeated else "") + ".")
     init = meta.get("init_from")
     if isinstance(init, dict):  # a warm restart: its curve covers this run only
         prev = init.get("accuracy")

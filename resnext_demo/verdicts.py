@@ -31,21 +31,28 @@ def shown_maps_label(node: str, layer: str, groups: int) -> str:
     return "after BN + ReLU: **what the block's next 1×1 conv receives** from each group"
 
 
+def _moves(score: float, class_name: str | None = None, plural: bool = False) -> str:
+    """A mean deletion drop as a direction and a size: 'lowers p(cat) by 0.062', 'raises it by 0.005'."""
+    what = f"p({class_name})" if class_name else "it"
+    verb = ("lower" if score >= 0 else "raise") + ("" if plural else "s")
+    return f"{verb} {what} by {abs(score):.3f}"
+
+
 def faithfulness_md(f: Faithfulness | None, class_name: str) -> str:
-    """One line under a heat map: its deletion drop against random orders and the model-blind maps."""
+    """One line under a heat map: its deletion drop against random orders and the model-blind maps, each said
+    as the way it moves the probability (a negative drop is a rise, never 'a drop of -0.005')."""
     if f is None:
         return "**Faithfulness:** not measurable for an empty map."
-    refs = ", ".join(f"{name} {score:.3f}" for name, score in f.references.items())
-    effect = (f"lowers p({class_name}) by {f.score:.3f}" if f.score >= 0 else
-              f"raises p({class_name}) by {-f.score:.3f} (a drop of {f.score:.3f})")
-    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map {effect} on average "
-            "(bare softmax, not the calibrated one); "
-            f"random orders: {f.random_score:.3f}; maps that know nothing about the model: {refs} — ")
+    refs = ", ".join(f"the {name} map {_moves(score)}" for name, score in f.references.items())
+    wrong_way = " — the wrong way for a map of what supports the class" if f.score < 0 else ""
+    line = (f"**Faithfulness (deletion):** removing the top 5–50 % of the image by this map "
+            f"{_moves(f.score, class_name)} on average{wrong_way} (bare softmax, not the calibrated one); "
+            f"random orders {_moves(f.random_score, plural=True)}; maps that know nothing about the model: {refs} — ")
     if f.verdict == "no better than random":
         return line + "✗ no better than random orders on this image."
     if f.verdict == "beats random only":
         name, score = f.best_reference
-        return line + (f"beats random orders but **not the {name}** ({score:.3f}): on this image the map finds no more "
+        return line + (f"beats random orders but **not the {name}** (which {_moves(score)}): on this image the map finds no more "
                        "of what the model uses than a map that ignores the model.")
     return line + "✓ beats random orders and every model-blind map on this image."
 
@@ -63,21 +70,49 @@ def group_cams_md(faith: list[Faithfulness | None]) -> str:
     scored = [f for f in faith if f is not None]
     if not scored:
         return "No group has a non-empty Grad-CAM for this class here."
-    refs = ", ".join(f"{name} {score:.3f}" for name, score in scored[0].references.items())
+    refs = ", ".join(f"the {name} map {_moves(score)}" for name, score in scored[0].references.items())
     beat_random = sum(f.verdict != "no better than random" for f in scored)
     beat_all = sum(f.verdict == "beats references" for f in scored)
     return (f"Deletion test of the {len(scored)} non-empty group maps: {beat_random} beat random orders, {beat_all} also "
             f"beat the model-blind maps ({refs}) on this image.")
 
 
-def attribution_delta_md(a: Attribution) -> str | None:
-    """Integrated Gradients' convergence delta in words (None for the other methods)."""
+def attribution_delta_md(a: Attribution, max_steps: int | None = None) -> str | None:
+    """Integrated Gradients' convergence delta in words (None for the other methods); past 5 % it says what to
+    do: more steps, or at `max_steps` (the most the app offers) another baseline."""
     if a.delta is None or a.change is None:
         return None
     rel = abs(a.delta) / abs(a.change) if a.change else float("inf")
-    return (f"**Convergence:** the attributions sum to {a.change + a.delta:.4g}, the logit changes by {a.change:.4g} from "
-            f"the baseline: off by {a.delta:+.3g} ({100 * rel:.1f} %) at {a.params.get('steps')} steps"
-            + (" — more steps shrink it." if rel > 0.05 else "."))
+    steps = a.params.get("steps")
+    line = (f"**Convergence:** the attributions sum to {a.change + a.delta:.4g}, the logit changes by {a.change:.4g} "
+            f"from the baseline: off by {a.delta:+.3g} ({100 * rel:.1f} %) at {steps} steps")
+    if rel <= 0.05:
+        return line + "."
+    if max_steps is None or steps is None or steps < max_steps:
+        return line + " — more steps shrink it."
+    other = [b for b in ("blur", "mean") if b != a.params.get("baseline")]
+    return (line + f" — already at the most steps offered ({max_steps}): a baseline closer to the image "
+            f"({' or '.join(other)}) shortens the path and often shrinks the gap; otherwise read the map's "
+            f"values as off by about {100 * rel:.0f} % in total.")
+
+
+def map_spread_md(a: Attribution, class_name: str, signed: bool = True) -> str | None:
+    """For a map drawn one-signed (e.g. Grad-CAM: every pixel for the class) whose weakest pixel is not ~0: its
+    real range and, when that weakest pixel is over half the strongest, that it is nearly flat (else None)."""
+    v = np.nan_to_num(np.asarray(a.values, dtype=np.float64))
+    mag = np.abs(v)
+    if not mag.max() or (signed and (v < 0).any() and (v > 0).any()):
+        return None
+    share = float(mag.min() / mag.max())
+    if share < 0.05:  # the map reaches ~0 somewhere: its colours already show where it matters little
+        return None
+    side = f"{'for' if (v >= 0).all() else 'against'} {class_name}" if signed else "(as |value|)"
+    line = (f"**Range:** every pixel counts {side}, from {float(mag.min()):.3g} to {float(mag.max()):.3g} (the "
+            f"weakest at {100 * share:.0f} % of the strongest); the colours span that range, not 0 … max")
+    if share <= 0.5:
+        return line + "."
+    hint = " (an earlier layer gives a finer map)" if a.method == "Grad-CAM" else ""
+    return line + f" — **nearly flat**: this map says little about *where* the evidence is{hint}."
 
 
 def conductance_md(gi: GroupImportance, tol: float) -> str:

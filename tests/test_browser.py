@@ -104,3 +104,25 @@ def test_browser_every_tab_and_finetune(app_url):
         screenshots.open_tab(page, "about")
         screenshots.wait_image(page, "ab-diagram")
         assert "params (M)" in page.locator("body").inner_text()
+
+
+def test_browser_compare_shows_the_chosen_method_on_top(app_url):
+    """#28.4: no empty comparison box before "Compare side by side"; after it the main view shows the method the
+    Method dropdown names (it kept the previous Explain's) and the box the "Compare with" one."""
+    url, tmp = app_url
+    probe = tmp / "probe-compare.png"
+    screenshots.synthetic_image("plane").save(probe)
+    with screenshots.browser_page() as page:
+        page.goto(url)
+        screenshots.open_tab(page, "attributions")
+        screenshots.upload(page, "at-image", str(probe))
+        assert not page.locator("#at-cmp-box").is_visible()
+        page.locator("#at-btn").click()
+        screenshots.wait_text(page, "at-md", "Integrated Gradients for class")
+        page.locator("#at-method input").click()
+        page.get_by_role("option", name="Saliency", exact=True).click()
+        page.locator("#at-cmp-btn").click()
+        shown = screenshots.wait_text(page, "at-md", "Saliency for class")
+        assert "Integrated Gradients" not in shown, shown
+        assert "Grad-CAM for class" in screenshots.wait_text(page, "at-cmp-md", "Grad-CAM for class")
+        assert page.locator("#at-cmp-box").is_visible() and page.locator("#at-cmp img").is_visible()

@@ -91,8 +91,8 @@ def test_feature_maps_attributions_about(server):
     assert Path(grid).is_file() and Path(stats).is_file() and "group" in md
     out, md = c.predict(img, "Grad-CAM", "cat", True, 0.5, 8, "black", 4, 0.1, "layer3", 8, 4, api_name="/attribute")
     assert Path(out).is_file() and "cat" in md and "raw range" in md
-    out, md = c.predict(img, "Saliency", "Occlusion", api_name="/compare")
-    assert Path(out).is_file() and "Saliency" in md and "Occlusion" in md
+    out, md, out_b, md_b = c.predict(img, "Saliency", "Occlusion", api_name="/compare")
+    assert Path(out).is_file() and Path(out_b).is_file() and "Saliency" in md and "Occlusion" in md_b
     diagram, table, curve, md = c.predict(1, api_name="/about")
     assert Path(diagram).is_file() and "params (M)" in table["headers"]
 

@@ -143,7 +143,7 @@ def test_attribution_md_shows_the_range_it_draws():
     signed = report.attribution_md(a, CLASSES, True, None)
     assert "for class **cat**" in signed and "map range [-2, 3]" in signed and "steps=8" in signed
     assert "abs=" not in signed and "**Note:** repaired" in signed and "not measurable" in signed
-    assert "shown: |value|, 0 to 3" in report.attribution_md(a, CLASSES, False, None)
+    assert "shown: |value|, 0.5 to 3" in report.attribution_md(a, CLASSES, False, None)  # its real range
 
 
 def test_sweep_reads_only_what_sweep_collect_writes(tmp_path):
@@ -193,3 +193,48 @@ def test_upload_counts_match_the_fine_tunes_holdout_split():
     assert "truck" not in md  # an empty zone is not listed
     assert f"8 in all; {len(held.y)} held out" in md
     assert "No images dropped yet" in report.upload_counts_md({c: 0 for c in counts})
+
+
+def test_faithfulness_says_raises_or_lowers_never_a_negative_drop():
+    """#28.4: a map whose removal raises p(cat) says so, never 'a drop of -0.005'."""
+    from resnext_demo import verdicts
+    up = verdicts.faithfulness_md(_faith(-0.005, 0.117, -0.171), "cat")
+    assert "raises p(cat) by 0.005" in up and "wrong way" in up and "-0.0" not in up
+    assert "random orders lower it by 0.117" in up
+    assert "the centre map raises it by 0.171" in up
+    assert "the centre map raises it by 0.171" in verdicts.group_cams_md([_faith(0.2, 0.1, -0.171)])
+    down = verdicts.faithfulness_md(_faith(0.062, 0.117, 0.261), "cat")
+    assert "lowers p(cat) by 0.062" in down and "wrong way" not in down
+
+
+def test_convergence_advice_follows_the_steps_slider():
+    """#28.4: under the slider's maximum, more steps; at it, another baseline (never 'more steps')."""
+    from resnext_demo import verdicts
+    a = Attribution(np.zeros((2, 2)), 0, 0, "Integrated Gradients", 3, {"steps": 32, "baseline": "black"},
+                    delta=0.25, change=1.5)
+    assert "more steps shrink it" in verdicts.attribution_delta_md(a, 128)
+    at_max = Attribution(a.values, 0, 0, a.method, 3, {"steps": 128, "baseline": "black"}, delta=0.08, change=1.5)
+    md = verdicts.attribution_delta_md(at_max, 128)
+    assert "more steps" not in md and "most steps offered (128)" in md and "blur or mean" in md
+    exact = Attribution(a.values, 0, 0, a.method, 3, {"steps": 128, "baseline": "blur"}, delta=0.01, change=1.5)
+    assert verdicts.attribution_delta_md(exact, 128).endswith("at 128 steps.")
+
+
+def test_a_nearly_flat_one_signed_map_is_called_so():
+    """#28.4: Grad-CAM at the last stage can be all positive and nearly flat; the text gives its real range."""
+    from resnext_demo import verdicts
+    flat = Attribution(np.array([[0.12, 0.15], [0.16, 0.176]]), 0.12, 0.176, "Grad-CAM", 3, {})
+    md = report.attribution_md(flat, CLASSES, True, None)
+    assert "every pixel counts for cat, from 0.12 to 0.176" in md and "**nearly flat**" in md and "earlier layer" in md
+    spread = Attribution(np.array([[0.063, 0.1], [0.15, 0.176]]), 0, 0, "Grad-CAM", 3, {})
+    assert "nearly flat" not in verdicts.map_spread_md(spread, "cat") and "36 %" in verdicts.map_spread_md(spread, "cat")
+    assert verdicts.map_spread_md(Attribution(np.array([[-1.0, 1.0]]), 0, 0, "Saliency", 3, {}), "cat") is None
+    assert verdicts.map_spread_md(Attribution(np.array([[0.0, 1.0]]), 0, 0, "Saliency", 3, {}), "cat") is None
+
+
+def test_a_repeated_training_option_is_shown_once_with_the_value_that_took_effect():
+    """#28.8: the recorded command had `--lr 0.4 … --lr 0.1` (argparse keeps the last)."""
+    cmd, repeated = report.effective_command("python -m t --lr 0.4 --flip --cutout 12 --lr 0.1 --out runs/x")
+    assert cmd == "python -m t --lr 0.1 --flip --cutout 12 --out runs/x" and repeated == ["--lr"]
+    md = report.about_md("x", get_config("resnext29_8x4d_micro"), {"command": "python -m t --lr 0.4 --lr 0.1"})
+    assert md.count("--lr") == 2 and "`--lr 0.1`" not in md and "`python -m t --lr 0.1`" in md and "took effect" in md

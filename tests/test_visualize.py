@@ -103,10 +103,50 @@ def test_attribution_image_empty_map_is_just_the_image(image32):
     assert (np.asarray(out) == np.asarray(visualize.upscale(image32, 64))).all()
 
 
-def test_attribution_pair(image32):
+def test_attribution_panels_one_row_per_map(image32):
     a, b = _attr(np.random.rand(32, 32)), _attr(np.zeros((32, 32)), "Grad-CAM", note="all zeros: …")
-    one, two = visualize.attribution_panels([a], image32), _rgb(visualize.attribution_pair(a, b, image32, signed=False))
+    one, two = visualize.attribution_panels([a], image32), _rgb(visualize.attribution_panels([a, b], image32, signed=False))
     assert two.shape[0] > 1.8 * one.size[1] and two.shape[1] == one.size[0]  # one row of panels per method
+
+
+def test_a_one_signed_map_is_drawn_over_its_own_range(image32):
+    """#28.4: a Grad-CAM-like map, every pixel between 0.1 and 0.2, is not a solid wash: its weakest pixels show the
+    image untouched, its strongest are tinted; a two-signed map keeps a symmetric scale around 0."""
+    v = np.tile(np.linspace(0.1, 0.2, 32), (32, 1))
+    sc = visualize.map_scale(v)
+    assert sc.sign == 1 and sc.lo == pytest.approx(0.1) and 0.19 < sc.hi <= 0.2
+    out = np.asarray(visualize.overlay(v, image32, opacity=0.7, size=64), dtype=int)
+    base = np.asarray(visualize.upscale(image32, 64), dtype=int)
+    assert (out[:, :2] == base[:, :2]).all() and np.abs(out[:, -2:] - base[:, -2:]).mean() > 20
+    two = visualize.map_scale(np.array([[-1.0, 0.5], [0.25, 2.0]]))
+    assert two.sign == 0 and two.lo == 0
+    assert visualize.map_scale(-v).sign == -1 and visualize.map_scale(-v, signed=False).sign == 1
+
+
+def test_a_few_spikes_do_not_hide_the_rest_of_a_map(image32):
+    """#28.4: like Captum's visualize_image_attr, the colours saturate at the 98th percentile of |value|, so an
+    Integrated-Gradients-like map with one huge pixel still tints the others at the default opacity."""
+    from resnext_demo.ui.attributions_tab import DEFAULT_OPACITY
+    v = np.random.default_rng(0).uniform(0.5, 1.0, (32, 32))
+    v[3, 3] = 100.0
+    out = np.asarray(visualize.overlay(v, image32, opacity=DEFAULT_OPACITY, size=32), dtype=int)
+    base = np.asarray(visualize.upscale(image32, 32), dtype=int)
+    assert np.abs(out - base).sum(-1).mean() > 60  # with max-scaling: under 1 per pixel
+
+
+def test_group_grid_draws_a_silent_group_empty_and_says_so():
+    """#28.3: per-group colours stretched a group whose max is 7e-7 to a bright square; it is drawn grey."""
+    g = np.zeros((2, 4, 6, 6))
+    g[0] = np.random.default_rng(0).uniform(0, 1, (4, 6, 6))
+    g[1, :, 2:4, 2:4] = 7e-7
+    assert visualize.silent_groups(g).tolist() == [False, True]
+    for scale in ("group", "channel", "layer"):
+        im, text = visualize.group_grid(g, scale=scale)
+        a = np.asarray(im, dtype=int)
+        spread = a.max(-1) - a.min(-1)  # viridis is colourful; grey, white and the black title are not
+        half = a.shape[1] // 2
+        assert spread[:, :half].max() > 60 and spread[:, half:].max() < 30, scale
+        assert "group 1: min 0, max 7e-07  (no signal" in text and "group 0: min" in text
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -132,6 +172,24 @@ def test_curve_figure():
             for i in range(1, 6)]
     _rgb(visualize.curve_figure(hist))
     _rgb(visualize.curve_figure([]))
+
+
+def test_sweep_figure_labels_fit(monkeypatch):
+    """#28.8: every point label sits inside the axes and no two overlap; the title clears the y label."""
+    rows = [{"C": c, "d": 64 // c, "params_M": 1.9, "MFLOPs": 118.0, "top1_mean": 0.88 + 0.001 * i, "top1_ci95": 0.002,
+             "seeds": [0, 1]} for i, c in enumerate((1, 2, 4, 8, 16, 32))]
+    drawn, render = [], visualize.figure_to_image
+    monkeypatch.setattr(visualize, "figure_to_image", lambda fig, dpi=100: (drawn.append(fig), render(fig, dpi))[1])
+    _rgb(visualize.sweep_figure({"rows": rows}))
+    renderer = drawn[0].canvas.get_renderer()
+    ax = drawn[0].axes[0]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    inside = ax.get_window_extent(renderer)
+    assert len(boxes) == 6 and all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and b.y0 >= inside.y0 for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not ax.title.get_window_extent(renderer).overlaps(ax.yaxis.label.get_window_extent(renderer))
+    del ax, renderer
+    drawn.clear()  # let the figure go (no_leaked_figures)
 
 
 @pytest.mark.parametrize("name,stage", [("resnext29_8x4d_micro", 0), ("resnext29_32x4d", 2), ("resnext29_16x64d", 1)])
@@ -162,6 +220,9 @@ def test_group_cam_grid_shares_one_scale(image32):
     sixteen = _rgb(visualize.group_cam_grid(np.repeat(cams[:1], 16, 0), image32))
     assert sixteen.shape[0] > 3 * im.shape[0] * 0.8 and sixteen.shape[1] == im.shape[1]  # 4 x 4, same width
     assert sixteen.shape[1] / 4 >= 180  # panels large enough to read (~200 px each)
+    # 32 groups in 8 columns: drawn hardly wider than 16 in 4, so shown at the same width its titles are as large
+    many = _rgb(visualize.group_cam_grid(np.repeat(cams[:1], 32, 0), image32))
+    assert many.shape[1] < 1.25 * sixteen.shape[1]
     strong = np.asarray(visualize.overlay(cams[0], image32, signed=False, vmax=1.0), dtype=float)
     weak = np.asarray(visualize.overlay(cams[1], image32, signed=False, vmax=1.0), dtype=float)
     plain = np.asarray(visualize.upscale(image32), dtype=float)
@@ -195,7 +256,7 @@ def test_image_montage():
 def test_group_grid_pixels_follow_the_layer_scale():
     """Layer scale: a group at the layer's max is drawn in the colormap's top colour, one at its min in the bottom."""
     from matplotlib import colormaps
-    g = np.zeros((2, 1, 4, 4))
+    g = np.full((2, 1, 4, 4), 0.5)  # both groups carry signal; group 0 at the layer's min
     g[1] = 1.0
     im = np.asarray(visualize.group_grid(g, scale="layer", view="summary")[0]).reshape(-1, 3)
     colours = {tuple(c) for c in im}

@@ -134,12 +134,13 @@ def write_synthetic(folder: Path, kind: str, n: int) -> list[str]:
     return out
 
 
-def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path]:
-    """Drive every tab with a real photo (Predict copies it to the other tabs) and fine-tune on synthetic
-    drawings; save one full-page PNG per tab."""
+def take(url: str, out: Path, work: Path, finetune_epochs: int = 8, tabs: list[str] | None = None) -> list[Path]:
+    """Drive every tab (or those of `tabs`, keys of TABS) with a real photo (Predict copies it to the other tabs)
+    and fine-tune on synthetic drawings; save one full-page PNG per tab."""
     out.mkdir(parents=True, exist_ok=True)
     probe = real_photo()
     shots = []
+    wanted = set(tabs or TABS)
 
     def shot(page, name: str) -> None:  # once the page has settled, the whole page
         shots.append(out / name)
@@ -151,59 +152,80 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8) -> list[Path
         page.wait_for_selector("#predict-image")
         upload(page, "predict-image", str(probe))
         wait_text(page, "predict-info", "ms")
-        shot(page, "predict.png")
-        noise = work / "noise.png"  # what a visitor tries next: nonsense, which must be called unfamiliar
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(noise)
-        upload(page, "predict-image", str(noise))
-        wait_text(page, "predict-info", "does not look like")
-        shot(page, "predict-unfamiliar.png")
-        upload(page, "predict-image", str(probe))  # back to the photo for the other tabs
-        page.wait_for_function("() => !document.querySelector('#predict-info').innerText.includes('does not look')")
+        if "predict" in wanted:
+            predict_shots(page, shot, work, probe)
 
-        open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
-        page.locator("#gr-btn").click()
-        wait_image(page, "gr-importance")
-        wait_image(page, "gr-cams")
-        wait_image(page, "gr-ablation")
-        page.locator("#gr-knock label").nth(1).click()
-        wait_text(page, "gr-knock-md", "Knocked out")
-        page.get_by_text("Compare checkpoints on this image").click()
-        page.locator("#cmp-btn").click()
-        wait_image(page, "cmp-gi-b")
-        shot(page, "groups.png")
-
-        open_tab(page, "features")
-        page.locator("#fm-btn").click()
-        wait_image(page, "fm-grid")
-        wait_image(page, "fm-stats")
-        shot(page, "feature-maps.png")
-
-        open_tab(page, "attributions")
-        page.locator("#at-btn").click()
-        wait_image(page, "at-out")
-        page.locator("#at-cmp-btn").click()
-        wait_image(page, "at-cmp")
-        shot(page, "attributions.png")
-
-        open_tab(page, "finetune")
-        upload(page, "zone-truck", write_synthetic(work / "truck", "truck", 4))
-        upload(page, "zone-ship", write_synthetic(work / "ship", "ship", 4))
-        upload(page, "zone-airplane", write_synthetic(work / "plane", "plane", 4))
-        page.wait_for_timeout(1500)  # let the uploads finish
-        epochs = page.locator("#ft-epochs input[type=number]")
-        epochs.fill(str(finetune_epochs))
-        epochs.press("Enter")
-        lr = page.locator("#ft-lr input")
-        lr.fill("0.05")
-        lr.press("Enter")
-        page.locator("#ft-train").click()
-        wait_text(page, "ft-result", "after", timeout=300_000)
-        shot(page, "fine-tune.png")
-
-        open_tab(page, "about")
-        wait_image(page, "ab-diagram")
-        shot(page, "about.png")
+        if "groups" in wanted:
+            groups_shot(page, shot)
+        if "features" in wanted:
+            open_tab(page, "features")
+            page.locator("#fm-btn").click()
+            wait_image(page, "fm-grid")
+            wait_image(page, "fm-stats")
+            shot(page, "feature-maps.png")
+        if "attributions" in wanted:
+            attributions_shot(page, shot)
+        if "finetune" in wanted:
+            finetune_shot(page, shot, work, finetune_epochs)
+        if "about" in wanted:
+            open_tab(page, "about")
+            wait_image(page, "ab-diagram")
+            shot(page, "about.png")
     return shots
+
+
+def predict_shots(page, shot, work: Path, probe: Path) -> None:
+    """Predict on the photo, then on random noise (flagged unfamiliar), then back to the photo."""
+    shot(page, "predict.png")
+    noise = work / "noise.png"  # what a visitor tries next: nonsense, which must be called unfamiliar
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(noise)
+    upload(page, "predict-image", str(noise))
+    wait_text(page, "predict-info", "does not look like")
+    shot(page, "predict-unfamiliar.png")
+    upload(page, "predict-image", str(probe))  # back to the photo for the other tabs
+    page.wait_for_function("() => !document.querySelector('#predict-info').innerText.includes('does not look')")
+
+
+def groups_shot(page, shot) -> None:
+    """Analyse the groups, knock one out live, compare two checkpoints."""
+    open_tab(page, "groups")  # no data source here: the specialization montage would show CIFAR images
+    page.locator("#gr-btn").click()
+    wait_image(page, "gr-importance")
+    wait_image(page, "gr-cams")
+    wait_image(page, "gr-ablation")
+    page.locator("#gr-knock label").nth(1).click()
+    wait_text(page, "gr-knock-md", "Knocked out")
+    page.get_by_text("Compare checkpoints on this image").click()
+    page.locator("#cmp-btn").click()
+    wait_image(page, "cmp-gi-b")
+    shot(page, "groups.png")
+
+
+def attributions_shot(page, shot) -> None:
+    """Integrated Gradients compared with Grad-CAM (the default pair)."""
+    open_tab(page, "attributions")
+    page.locator("#at-cmp-btn").click()
+    wait_image(page, "at-out")
+    wait_image(page, "at-cmp")
+    shot(page, "attributions.png")
+
+
+def finetune_shot(page, shot, work: Path, finetune_epochs: int) -> None:
+    """Fine-tune on synthetic drawings of three classes."""
+    open_tab(page, "finetune")
+    upload(page, "zone-truck", write_synthetic(work / "truck", "truck", 4))
+    upload(page, "zone-ship", write_synthetic(work / "ship", "ship", 4))
+    upload(page, "zone-airplane", write_synthetic(work / "plane", "plane", 4))
+    page.wait_for_timeout(1500)  # let the uploads finish
+    epochs = page.locator("#ft-epochs input[type=number]")
+    epochs.fill(str(finetune_epochs))
+    epochs.press("Enter")
+    lr = page.locator("#ft-lr input")
+    lr.fill("0.05")
+    lr.press("Enter")
+    page.locator("#ft-train").click()
+    wait_text(page, "ft-result", "after", timeout=300_000)
+    shot(page, "fine-tune.png")
 
 
 def shrink_png(path: Path) -> None:
@@ -220,12 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--with-samples", action="store_true",
                     help="give the app the CIFAR-10 source (the Predict tab then shows CIFAR images: do not commit it)")
     ap.add_argument("--epochs", type=int, default=8, help="fine-tune epochs in the Fine-tune screenshot")
+    ap.add_argument("--tabs", nargs="+", choices=list(TABS), default=None,
+                    help="only these tabs' screenshots (default: every tab)")
     args = ap.parse_args(argv)
     if not Path(args.weights).is_file():
         sys.exit(f"no checkpoint at {args.weights}: train one (python -m resnext_demo.train ...) or pass --weights")
     source = data.default_source() if args.with_samples else None
     with tempfile.TemporaryDirectory() as tmp, launch_app(args.weights, source, log=Path(tmp) / "app.log") as url:
-        for p in take(url, Path(args.out), Path(tmp), args.epochs):
+        for p in take(url, Path(args.out), Path(tmp), args.epochs, args.tabs):
             shrink_png(p)
             print(p)
 

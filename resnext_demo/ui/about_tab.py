@@ -47,11 +47,12 @@ def trust(ctx: Context, session: SessionModel | None = None):
     return fig, report.ood_table(meta if fam is not None else {}), report.trust_md(meta, cal, fam is not None)
 
 
-def about(ctx: Context, session: SessionModel | None = None, stage: int = 0):
-    """(block diagram, equal-budget table, training curve or None, markdown) of the session's model."""
+def about(ctx: Context, session: SessionModel | None = None, stage: int = 1):
+    """(block diagram, equal-budget table, training curve or None, markdown) of the session's model; `stage`
+    counts from 1 like the layer names (stage 2 = layer2) and the diagram's title."""
     sm = ctx.active(session)
     cfg = sm.model.config
-    diagram = visualize.block_diagram(cfg, stage=max(0, min(int(stage), len(cfg.depths) - 1)))
+    diagram = visualize.block_diagram(cfg, stage=max(0, min(int(stage) - 1, len(cfg.depths) - 1)))
     table = report.equal_budget_table(cfg, (sm.meta.get("recipe") or {}).get("model"))
     hist = sm.meta.get("history") or []
     source = ctx.source_label() if ctx.test_split() is not None else None
@@ -63,8 +64,8 @@ def build(p: Page) -> None:
     """Lay out the About tab and wire its events."""
     gr.Markdown(report.ABOUT_TEXT)
     md = gr.Markdown(elem_id="ab-md")
-    stage = gr.Slider(0, max(1, len(p.base_model.config.depths) - 1) if p.base_model else 2, value=0, step=1,
-                      label="Stage (0-based) drawn")
+    stage = gr.Slider(1, max(2, len(p.base_model.config.depths)) if p.base_model else 3, value=1, step=1,
+                      label="Stage drawn (stage 2 = the blocks named layer2.*)")
     diagram = gr.Image(label="One block of the loaded model", show_label=False,  # titled figure
                        interactive=False, elem_id="ab-diagram")
     with gr.Row():

@@ -13,6 +13,14 @@ from . import about_tab, attributions_tab, features_tab, finetune_tab, groups_ta
 from .context import PRIVATE, Context, Page, block_choices, layer_choices
 from .serving import QUEUE_MAX, SESSION_TTL, HEAVY_LIMIT, SessionModel, StopFlag, on_zero_gpu
 
+# Pass to launch(theme=...): Gradio's default theme with the bold weight in place of the semibold one. The
+# installed SourceSansPro-SemiBold.woff2 (and IBMPlexMono-SemiBold) hold only "A", "B" and some Cyrillic, so
+# every semibold heading drew its A and B from that stub, thin and small ("CIFAR-10", "Grad-CAM"), and the
+# other letters from a fallback. Weight 600 now resolves to the complete Bold files.
+THEME = gr.themes.Default(
+    font=[gr.themes.LocalFont("Source Sans Pro", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=[gr.themes.LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "Consolas", "monospace"])
+
 # Pass to launch(css=...) (Gradio 6 takes css there): 32x32 pictures are drawn large and with sharp pixels.
 CSS = """
 #predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
@@ -22,7 +30,13 @@ CSS = """
 /* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn"; 190 px tall
    (finetune_tab) shows three files before the list scrolls, and the count line below gives the totals. */
 .ft-zone .download { display: none !important; }
+/* Gallery captions wrap inside their tile ("#1 automobile", not "#1 automo…"). */
+#sample-gallery .caption-label { max-width: calc(100% - 8px); white-space: normal; overflow-wrap: anywhere; }
 .ft-zone .file-preview td { padding-top: 2px !important; padding-bottom: 2px !important; }
+/* Panel titles drawn at the top of these images sat under the label badge (left) and the toolbar (right). */
+#fm-grid .image-frame, #at-out .image-frame, #at-cmp .image-frame { padding-top: 34px; }
+/* The per-group table: 8 columns in the panel's width without cutting a number in two. */
+#gr-table td, #gr-table th { font-size: 13px !important; padding-left: 5px !important; padding-right: 5px !important; }
 /* Table headers break between words only ("importance", not "importanc e"). */
 #gr-table th, #gr-table th *, #ab-sweep th, #ab-sweep th * { word-break: normal !important; overflow-wrap: normal !important; }
 """

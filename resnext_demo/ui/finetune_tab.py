@@ -254,7 +254,7 @@ def build(p: Page) -> SimpleNamespace:
     with gr.Row():
         use = gr.Button("Use this model (this session only)", elem_id="ft-use")
         reset = gr.Button("Back to the shared model")
-        download = gr.DownloadButton("Download fine-tuned checkpoint (.safetensors)", value=None, elem_id="ft-download")
+        download = gr.DownloadButton("Download fine-tuned checkpoint (.safetensors, fp16 like the shipped model)", value=None, elem_id="ft-download")
     ckpt = gr.File(label="Continue from an exported checkpoint (.safetensors)", file_count="single", elem_id="ft-ckpt")
 
     inputs = [p.session, p.pending, p.stop_flag, s.cifar, s.layers, s.epochs, s.lr, s.bs, *zones, *new_names,

@@ -24,6 +24,7 @@ SPECIALIZATION_GPU_SECONDS = 60  # group statistics over the test images when no
 _SPEC_LOCK = threading.Lock()  # two sessions asking for one checkpoint's specialization compute it once
 TABLE_COLUMNS = ["group", "importance", "p after knock-out", "drop", "top-1 after knock-out", "Grad-CAM max",
                  "deletion drop (random · best model-blind)", "faithful?"]
+TABLE_WIDTHS = ["8%", "13%", "9%", "10%", "12%", "11%", "18%", "19%"]  # TABLE_COLUMNS' shares of the width
 COMPARE_FIXED = ["shared model", "this session's model", "uploaded checkpoint"]
 
 
@@ -201,7 +202,10 @@ def _analysis_outputs() -> SimpleNamespace:
     c.ablation = gr.Image(label="Knock out each group in turn", interactive=False, elem_id="gr-ablation")
     c.table = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS),
                            label="Per group: importance, knock-out effect, Grad-CAM, faithfulness",
-                           interactive=False, wrap=True, elem_id="gr-table")
+                           interactive=False, wrap=True, elem_id="gr-table",
+                           # every column inside the ~800 px panel (the verdict last, widest) and no inner
+                           # scrolling up to 32 groups: rows of two wrapped lines are ~60 px
+                           column_widths=TABLE_WIDTHS, max_height=2400)
     return c
 
 

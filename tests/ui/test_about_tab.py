@@ -52,3 +52,13 @@ def test_about_names_the_checkpoint_a_run_started_from(tiny_model):
     h = Context(tiny_model, meta, None, "x.safetensors")
     md = about_tab.about(h, None, 0)[3]
     assert "abababababab" in md and "68.73 %" in md and "second run" in md
+
+
+def test_stage_slider_counts_like_the_diagram_and_the_layer_names(ctx, tiny_model):
+    """#28.8: the slider at 2 drew a diagram titled "stage 3"; now stage 2 is layer2 in both."""
+    import numpy as np
+
+    from resnext_demo import visualize
+    drawn = np.asarray(about_tab.about(ctx, None, 2)[0])
+    assert (drawn == np.asarray(visualize.block_diagram(tiny_model.config, 1))).all()
+    assert not (drawn == np.asarray(visualize.block_diagram(tiny_model.config, 2))).all()

@@ -39,9 +39,22 @@ def test_param_visibility_follows_method():
 
 
 def test_compare_two_methods(ctx, image_path):
-    img, md = attributions_tab.compare(ctx, image_path, "Saliency", "Grad-CAM", "predicted", True, 0.5)
-    assert isinstance(img, Image.Image)
-    assert "Saliency" in md and "Grad-CAM" in md
+    """#28.4: the main view gets the Method dropdown's method (A), the comparison box the other (B)."""
+    img_a, md_a, img_b, md_b = attributions_tab.compare(ctx, image_path, "Saliency", "Grad-CAM", "predicted", True, 0.5)
+    assert isinstance(img_a, Image.Image) and isinstance(img_b, Image.Image)
+    assert md_a.count("**Saliency** for class") == 1 and "Grad-CAM" not in md_a
+    assert md_b.startswith("**Grad-CAM** for class") and "Saliency" not in md_b
+    single, _ = attributions_tab.attribute(ctx, image_path, "Saliency", "predicted", True, 0.5)
+    assert img_a.size == single.size  # the same one-row view as Explain
+
+
+def test_comparison_box_hidden_until_compare(tiny_model):
+    """#28.4: no empty "Comparison" box on a fresh page."""
+    from resnext_demo import data
+    from resnext_demo.ui.demo import build_demo
+    demo = build_demo(tiny_model, {"classes": list(data.CLASSES)}, None)
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "at-cmp-box")
+    assert box.visible is False
 
 
 def test_attribution_markdown_reports_faithfulness(ctx, image_path):

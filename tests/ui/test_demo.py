@@ -52,3 +52,21 @@ def test_an_image_from_elsewhere_clears_the_galleries_highlight(tiny_model):
         out = demo.fns[dep["id"]].fn()
         for update in out if isinstance(out, list) else [out]:
             assert isinstance(update, gr.Gallery) and update.selected_index is None
+
+
+def test_theme_fonts_cover_the_letters_at_every_weight():
+    """#28.8: Gradio's SourceSansPro-SemiBold.woff2 holds only "A", "B" and some Cyrillic, so semibold headings drew a
+    thin, small A ("CIFAR-10"); every font file the theme loads must hold the whole Latin alphabet and digits."""
+    import re
+    from pathlib import Path
+
+    from fontTools.ttLib import TTFont
+
+    from resnext_demo.ui import THEME
+    static = Path(gr.__file__).parent / "templates" / "frontend"
+    files = re.findall(r"url\('([^']+\.woff2)'\)", "\n".join(THEME._font_css))
+    assert len(files) >= 4  # regular and heavy of the text and the code font
+    needed = {ord(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"}
+    for f in files:
+        missing = needed - set(TTFont(static / f).getBestCmap())
+        assert not missing, (f, "".join(sorted(map(chr, missing))))

@@ -33,6 +33,7 @@ def test_finetune_new_class_use_and_download(ctx, tiny_model, tmp_path, image_pa
     # the download is a loadable checkpoint declaring its custom classes
     model, meta = weights.load_checkpoint(path)
     assert meta["classes"][-1] == "zebra" and meta["custom_classes"] is True
+    assert meta["dtype"] == "float16" and "before this file's fp16 rounding" in meta["scored_in"]  # #28.8: as shipped
     # "use this model" swaps only the session's state
     session, banner = finetune_tab.use_model(ctx, pending)
     assert session is pending and "session" in banner

@@ -103,3 +103,9 @@ def test_compare_with_every_shipped_checkpoint(ctx, tiny_model, image_path, tmp_
         assert la == lb  # the same weights on both sides
     with pytest.raises(gr.Error, match="Unknown model"):
         groups_tab.compare_models(ctx, image_path, "../default.safetensors")
+
+
+def test_groups_table_fits_its_panel():
+    """#28.5: one width per column (the verdict not clipped) and room for 32 rows without an inner scroll bar."""
+    assert len(groups_tab.TABLE_WIDTHS) == len(groups_tab.TABLE_COLUMNS)
+    assert sum(float(w.rstrip("%")) for w in groups_tab.TABLE_WIDTHS) <= 100
