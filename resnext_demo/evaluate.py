@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         res["uploads"] = upload_accuracy(model, x, y)
     res["weights"] = str(args.weights)
     if args.out_dir:
-        from .visualize import confusion_figure
+        from .charts import confusion_figure
 
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)

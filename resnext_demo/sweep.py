@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         (out_dir / RESULTS).write_text(json.dumps(results, indent=1))
         print(markdown(results) + "\n\n" + results["verdict"])
     if args.action in ("plot", "analyse"):
-        from . import visualize
+        from . import charts
         results = json.loads((out_dir / RESULTS).read_text())
-        visualize.sweep_figure(results).save(out_dir / PLOT)
+        charts.sweep_figure(results).save(out_dir / PLOT)
         print(out_dir / PLOT)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import sweep, visualize, weights
+from resnext_demo import charts, sweep, weights
 from resnext_demo.ui import about_tab
 from resnext_demo.zoo import get_config
 from resnext_demo.budget import config_macs, config_params
@@ -62,7 +62,7 @@ def test_sweep_verdict_weighs_the_gap_against_seed_and_sampling_noise():
 
 
 def test_sweep_figure_without_rows():
-    assert visualize.sweep_figure({"rows": []}).size[0] > 100
+    assert charts.sweep_figure({"rows": []}).size[0] > 100
 
 
 OLD_SWEEP = sweep.SWEEP_DIR / "resnext20-23ep"  # the first sweep (2 seeds, within noise): its checkpoints stay

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from resnext_demo import visualize
+from resnext_demo import charts, visualize
 from resnext_demo.explain import Attribution, GroupStats, split_groups
 from resnext_demo.faithfulness import Deletion
 from resnext_demo.groups import GroupAblation, GroupImportance
@@ -81,7 +81,7 @@ def test_group_grid_caps_channels():
 
 def test_group_stats_figure():
     s = GroupStats(np.arange(8.0), np.arange(8.0) + 1, np.linspace(0, 1, 8), np.arange(8.0) * 2)
-    _rgb(visualize.group_stats_figure(s, title="layer1.0.conv2"))
+    _rgb(charts.group_stats_figure(s, title="layer1.0.conv2"))
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -170,8 +170,8 @@ def test_attribution_panels_are_large_and_coloured_by_sign(image32, signed):
 def test_curve_figure():
     hist = [{"epoch": i, "train_loss": 2 / i, "train_acc": 1 - 1 / i, "test_acc": None if i % 2 else 0.5}
             for i in range(1, 6)]
-    _rgb(visualize.curve_figure(hist))
-    _rgb(visualize.curve_figure([]))
+    _rgb(charts.curve_figure(hist))
+    _rgb(charts.curve_figure([]))
 
 
 def test_sweep_figure_labels_fit(monkeypatch):
@@ -179,8 +179,8 @@ def test_sweep_figure_labels_fit(monkeypatch):
     rows = [{"C": c, "d": 64 // c, "params_M": 1.9, "MFLOPs": 118.0, "top1_mean": 0.88 + 0.001 * i, "top1_ci95": 0.002,
              "seeds": [0, 1]} for i, c in enumerate((1, 2, 4, 8, 16, 32))]
     drawn, render = [], visualize.figure_to_image
-    monkeypatch.setattr(visualize, "figure_to_image", lambda fig, dpi=100: (drawn.append(fig), render(fig, dpi))[1])
-    _rgb(visualize.sweep_figure({"rows": rows}))
+    monkeypatch.setattr(charts, "figure_to_image", lambda fig, dpi=100: (drawn.append(fig), render(fig, dpi))[1])
+    _rgb(charts.sweep_figure({"rows": rows}))
     renderer = drawn[0].canvas.get_renderer()
     ax = drawn[0].axes[0]
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
@@ -194,21 +194,21 @@ def test_sweep_figure_labels_fit(monkeypatch):
 
 @pytest.mark.parametrize("name,stage", [("resnext29_8x4d_micro", 0), ("resnext29_32x4d", 2), ("resnext29_16x64d", 1)])
 def test_block_diagram(name, stage):
-    _rgb(visualize.block_diagram(get_config(name), stage))
+    _rgb(charts.block_diagram(get_config(name), stage))
     with pytest.raises(ValueError):
-        visualize.block_diagram(get_config(name), 5)
+        charts.block_diagram(get_config(name), 5)
 
 
 @pytest.mark.parametrize("contrast,shortcut", [(None, None), (3, 0.7)])
 def test_group_importance_figure(contrast, shortcut):
     gi = GroupImportance(np.array([0.5, -0.25, 0.0, 1.0]), 1.25, "Conductance", "layer1.0.conv2", 2, contrast, shortcut)
-    _rgb(visualize.group_importance_figure(gi, CLASSES))
+    _rgb(charts.group_importance_figure(gi, CLASSES))
 
 
 def test_ablation_figure():
     base = np.full(10, 0.1)
     probs = np.tile(base, (8, 1))
-    _rgb(visualize.ablation_figure(GroupAblation(base, probs, 4, "zero"), CLASSES))
+    _rgb(charts.ablation_figure(GroupAblation(base, probs, 4, "zero"), CLASSES))
 
 
 def test_group_cam_grid_shares_one_scale(image32):
@@ -232,7 +232,7 @@ def test_group_cam_grid_shares_one_scale(image32):
 def test_deletion_figure():
     f = np.array([0.1, 0.2])
     d = Deletion(f, np.array([0.5, 0.2]), np.array([0.8, 0.7]), 0.9)
-    _rgb(visualize.deletion_figure({"Grad-CAM": d, "IG": d}))
+    _rgb(charts.deletion_figure({"Grad-CAM": d, "IG": d}))
 
 
 @pytest.mark.parametrize("groups", [1, 8, 32])
@@ -242,7 +242,7 @@ def test_specialization_figure(groups):
     s = Specialization("layer2.0.conv2", rng.random((groups, 10)), rng.random(groups), np.zeros((groups, 9), int),
                        rng.random((groups, 9)), corr, rng.random(groups), rng.random(groups), rng.random(groups),
                        0.2, 0.1, 0.05)
-    _rgb(visualize.specialization_figure(s, CLASSES))
+    _rgb(charts.specialization_figure(s, CLASSES))
 
 
 def test_image_montage():
@@ -273,12 +273,14 @@ def test_finetune_curve_figure_two_axes_whole_epochs(monkeypatch):
                  {"epoch": i / 10, "series": "train accuracy", "value": 0.3 + i / 50}]
     rows.append({"epoch": 1.0, "series": "held-out accuracy", "value": 0.6})
     rows.append({"epoch": 2.0, "series": "held-out accuracy", "value": 0.7})
-    _rgb(visualize.finetune_curve_figure(rows))
-    _rgb(visualize.finetune_curve_figure([]))
+    _rgb(charts.finetune_curve_figure(rows))
+    _rgb(charts.finetune_curve_figure([]))
     captured, real = {}, visualize.figure_to_image
-    monkeypatch.setattr(visualize, "figure_to_image", lambda fig, *a, **k: captured.setdefault("fig", fig) and real(fig))
-    visualize.finetune_curve_figure(rows)
+    monkeypatch.setattr(charts, "figure_to_image", lambda fig, *a, **k: captured.setdefault("fig", fig) and real(fig))
+    charts.finetune_curve_figure(rows)
     loss_ax, acc_ax = captured["fig"].axes
+    assert loss_ax.get_xlim() == acc_ax.get_xlim() and loss_ax.get_xlim()[0] < 0  # #28.6: the same epochs, from 0
+    assert acc_ax.get_ylim()[1] > 100  # a 100 % accuracy is drawn inside the frame, not on its top border
     assert [l.get_label() for l in loss_ax.lines] == ["train loss"]
     assert {l.get_label() for l in acc_ax.lines} == {"train accuracy", "held-out accuracy"}
     assert max(max(l.get_ydata()) for l in acc_ax.lines) == pytest.approx(70.0)  # percent

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import data, explain, report, visualize
+from .. import charts, data, explain, report, visualize
 from ..predict import predict
 from .context import HEAVY_EVENT, SLOW, Context, ImageInput, Page, layer_choices, unfamiliar_note
 from .serving import SessionModel, friendly, require_image, user_error
@@ -28,7 +28,7 @@ def feature_maps(ctx: Context, image, layer: str, view: str = "channels", scale:
     title = report.feature_maps_title(node, groups, tuple(fmap.shape))
     note = unfamiliar_note(sm, predict(sm.model, im32, sm.classes))
     return grid, note + report.feature_maps_md(title, node, layer, groups, scale, ranges), \
-        visualize.group_stats_figure(stats, title=title)
+        charts.group_stats_figure(stats, title=title)
 
 
 def build(p: Page) -> SimpleNamespace:

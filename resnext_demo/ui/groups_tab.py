@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .. import data, explain, report, specialization, visualize, weights
+from .. import charts, data, explain, report, specialization, visualize, weights
 from .. import groups as cardinality  # not 'groups': knockout()'s argument of that name would shadow the module
 from ..model import count_params
 from ..predict import predict
@@ -50,8 +50,8 @@ def analyse(ctx: Context, image, layer: str, target: str = "predicted", contrast
     progress(0.9, desc="drawing")
     md = unfamiliar_note(sm, pred) + report.groups_md(layer, pred, a.importance, a.ablation, a.deletions, sm.classes,
                                                       t, c, method, mode, cardinality.CONDUCTANCE_TOL)
-    return (visualize.group_importance_figure(a.importance, sm.classes),
-            visualize.ablation_figure(a.ablation, sm.classes),
+    return (charts.group_importance_figure(a.importance, sm.classes),
+            charts.ablation_figure(a.ablation, sm.classes),
             report.groups_table(a.importance, a.ablation, a.cams, a.deletions, sm.classes, t),
             visualize.group_cam_grid(a.cams, im32), md)
 
@@ -116,7 +116,7 @@ def specialize(ctx: Context, layer: str, session: SessionModel | None = None, pr
                                       [f"g{i} {data.CLASSES[int(c)][:5]}" for i, c in enumerate(s.preferred_class)])
     md = report.specialization_md(layer, s, min(specialization.SPECIALIZATION_IMAGES, len(split[1])),
                                   ctx.source_label())
-    return visualize.specialization_figure(s, data.CLASSES), montage, md
+    return charts.specialization_figure(s, data.CLASSES), montage, md
 
 
 def shipped_checkpoints() -> list[str]:
@@ -156,7 +156,7 @@ def _compare_side(tag: str, sm: SessionModel, im32: Image.Image, x: torch.Tensor
     md = report.compare_md(tag, sm.name, sm.model.config.cardinality, count_params(sm.model), pred,
                            sm.classes[t], layer, deletion_score(sm, x, cam.values, t))
     return (dict(list(pred.probs.items())[:5]), visualize.attribution_image(cam, im32, signed=False, opacity=0.6),
-            visualize.group_importance_figure(gi, sm.classes), md)
+            charts.group_importance_figure(gi, sm.classes), md)
 
 
 @friendly
