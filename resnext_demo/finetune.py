@@ -8,20 +8,19 @@ The caller's model is never modified: every run trains its own `copy.deepcopy`.
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from . import data, weights
+from . import data, verdicts, weights
 from .errors import UserError
-from .predict import predict_batch, predict_logits
+from .beforeafter import Comparison, compare, correct
+from .predict import predict_logits
 from .splits import balanced_indices, balanced_subset, complement
 from .trainer import TrainConfig, fit
 from .model import device_of
@@ -36,6 +35,7 @@ MAX_BATCH_SIZE = 128
 HOLDOUT_FRACTION = 0.2  # of each class, at least one image when a class has two or more
 FORGETTING_SLICE = 500  # CIFAR-10 test images used to measure forgetting
 TRAIN_LAYERS = ("head", "last_stage", "all")
+LIMITS = {"images": MAX_IMAGES, "epochs": MAX_EPOCHS, "batch_size": MAX_BATCH_SIZE, "new_classes": MAX_NEW_CLASSES}
 
 
 @dataclass
@@ -172,143 +172,13 @@ class Options:
 
 @dataclass
 class Update:
-    """One event of `run`: 'step'/'epoch' progress, or 'done' with the result."""
+    """One event of `run`: 'step'/'epoch' progress, 'scoring' (training over, the before/after scores running),
+    or 'done' with the result."""
 
     kind: str
     text: str
     curve: list[dict] = field(default_factory=list)  # rows {step, series, value} for a line plot
     result: "Result | None" = None
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95 % for z = 1.96) of a proportion k / n: honest for a dozen images and at 0 or n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_p(worse: int, better: int) -> float:
-    """Exact two-sided McNemar p-value: of the images whose correctness changed, `worse` went wrong and `better`
-    right; if the accuracy did not change, each of them is a fair coin flip."""
-    n = worse + better
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(worse, better) + 1)) / 2 ** n)
-
-
-def _p(p: float) -> str:
-    """A p-value for people: three decimals, or '< 0.001'."""
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
-
-
-@dataclass
-class Comparison:
-    """One accuracy measured before and after the fine-tune on the same images (per image, for a paired test)."""
-
-    label: str
-    correct_before: np.ndarray  # bool per image
-    correct_after: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.correct_after)
-
-    @property
-    def before(self) -> float:
-        return float(self.correct_before.mean())
-
-    @property
-    def after(self) -> float:
-        return float(self.correct_after.mean())
-
-    @property
-    def change(self) -> float:
-        """after - before (a fraction; > 0 = better)."""
-        return self.after - self.before
-
-    @property
-    def p(self) -> float:
-        """McNemar's exact p-value of the change (small = unlikely to be chance)."""
-        worse = int((self.correct_before & ~self.correct_after).sum())
-        return mcnemar_p(worse, int((~self.correct_before & self.correct_after).sum()))
-
-    def cell(self, when: str) -> str:
-        """'58.3 % (32–81)': the accuracy before or after with its 95 % Wilson interval."""
-        c = self.correct_before if when == "before" else self.correct_after
-        lo, hi = wilson_interval(int(c.sum()), len(c))
-        return f"{100 * c.mean():.1f} % ({100 * lo:.0f}–{100 * hi:.0f})"
-
-
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, among: list[int] | None = None) -> np.ndarray:
-    """Per image: is the top class right (among all outputs, or only among the class indices `among`)?
-    A class the model has no output for (a new class, before) is never predicted."""
-    probs = predict_batch(model, x)
-    if among is not None:
-        keep = torch.zeros(probs.shape[1], dtype=torch.bool)
-        keep[[c for c in among if c < probs.shape[1]]] = True
-        probs = torch.where(keep, probs, torch.full_like(probs, -1.0))
-    return (probs.argmax(1) == y).numpy()
-
-
-def compare(before: nn.Module, after: nn.Module, hold: Dataset, trained: list[int],
-            cifar: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Comparison]:
-    """The before/after accuracies a user needs to judge a fine-tune: the held-out images (all classes, and
-    choosing only among the `trained` class indices), and on a CIFAR-10 test slice everything (forgetting) and
-    the images of the trained classes (10-way, and choosing only among them)."""
-    def pair(label: str, x: torch.Tensor, y: torch.Tensor, among: list[int] | None = None) -> Comparison:
-        return Comparison(label, _correct(before, x, y, among), _correct(after, x, y, among))
-
-    rows: dict[str, Comparison] = {}
-    if len(hold):
-        rows["holdout"] = pair("held-out part of your data", hold.x, hold.y)
-        if 2 <= len(trained) < len(hold.classes):
-            rows["holdout_among"] = pair(f"held-out, choosing only among the {len(trained)} trained classes",
-                                         hold.x, hold.y, trained)
-    if cifar is not None:
-        rows["cifar"] = pair(f"CIFAR-10 test slice ({len(cifar[1])} images, forgetting)", *cifar)
-        mine = torch.isin(cifar[1], torch.tensor(trained))
-        if 0 < len(trained) < len(data.CLASSES) and mine.any():
-            x, y = cifar[0][mine], cifar[1][mine]
-            rows["cifar_trained"] = pair(f"CIFAR-10 slice, images of the trained classes ({int(mine.sum())})", x, y)
-            if len(trained) >= 2:
-                rows["cifar_among"] = pair("…the same images, choosing only among the trained classes", x, y, trained)
-    return rows
-
-
-def verdict(rows: dict[str, Comparison]) -> list[str]:
-    """Plain-words verdicts: is the held-out gain more than noise, is it a shift towards the trained classes
-    rather than better discrimination, and was it bought with forgetting?"""
-    lines = []
-    hold, among, cifar = rows.get("holdout"), rows.get("holdout_among"), rows.get("cifar")
-    if hold is not None:
-        change = f"{100 * hold.change:+.1f} points on {hold.n} held-out images, paired p = {_p(hold.p)}"
-        if hold.p >= 0.05:
-            lines.append(f"**Within noise:** the held-out change ({change}) could be chance: with this few held-out images "
-                         "only a large difference would show; add images to tell.")
-        elif hold.change > 0:
-            lines.append(f"**A real gain on your held-out images** ({change}).")
-        else:
-            lines.append(f"**Worse on your held-out images** ({change}).")
-    for all_classes, only, where in ((hold, among, "held-out images"),
-                                     (rows.get("cifar_trained"), rows.get("cifar_among"), "CIFAR-10 images of these classes")):
-        if all_classes is not None and only is not None and all_classes.change > 0 and only.change < all_classes.change / 2:
-            lines.append(f"**Mostly a shift towards your classes** on the {where}: {100 * all_classes.before:.1f} → "
-                         f"{100 * all_classes.after:.1f} % among all classes, but {100 * only.before:.1f} → "
-                         f"{100 * only.after:.1f} % choosing only among the trained ones: the gain comes from predicting "
-                         "these classes more often, not from telling them apart better.")
-    if cifar is not None:
-        lost = -100 * cifar.change
-        if cifar.change < 0 and cifar.p < 0.05:
-            gain = 100 * hold.change if hold is not None else 0.0
-            lines.append(f"**Bought with forgetting:** the CIFAR-10 slice lost {lost:.1f} points ({100 * cifar.before:.1f} → "
-                         f"{100 * cifar.after:.1f} %, p = {_p(cifar.p)})"
-                         + (" — more than the held-out gain." if lost >= gain else "."))
-        else:
-            lines.append(f"No measurable forgetting on the CIFAR-10 slice ({-lost:+.1f} points, p = {_p(cifar.p)}).")
-    return lines
 
 
 MIN_REFIT = 200  # held-out images needed to re-fit the temperature; fewer would fit noise
@@ -363,8 +233,9 @@ class Result:
     stopped: bool
     seconds: float
     options: dict
-    n_train: int
-    n_holdout: int
+    n_train: int  # every image trained on, n_extra of them CIFAR-10 training images
+    n_holdout: int  # the visitor's own images held out (CIFAR-10 training images are never held out)
+    n_extra: int = 0
     comparisons: dict[str, Comparison] = field(default_factory=dict)  # see `compare`
     trust: str = ""  # which temperature and unfamiliar-image check the model got (adapt_trust)
 
@@ -375,43 +246,38 @@ class Result:
     def summary(self) -> str:
         """Markdown: before/after accuracies with 95 % intervals and paired p-values, then the verdicts."""
         lines = [f"**{'Stopped' if self.stopped else 'Finished'}** after {self.seconds:.1f} s "
-                 f"({len(self.history)} epoch(s), {self.n_train} training / {self.n_holdout} held-out images).",
+                 f"({len(self.history)} epoch(s), {self.n_train} training images"
+                 + (f", {self.n_extra} of them CIFAR-10" if self.n_extra else "")
+                 + f" / {self.n_holdout} of your images held out).",
                  "", "| | images | before | after | change | paired p |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c.label} | {c.n} | {c.cell('before')} | {c.cell('after')} | {100 * c.change:+.1f} | {_p(c.p)} |"
+        lines += [f"| {c.label} | {c.n} | {c.cell('before')} | {c.cell('after')} | {100 * c.change:+.1f} | {verdicts.p_text(c.p)} |"
                   for c in self.comparisons.values()]
         lines += ["", "Accuracy (95 % Wilson interval); change in points; paired p: McNemar's exact test on the images "
                       "whose answer changed.", ""]
-        return "\n".join(lines + verdict(self.comparisons) + ([""] + [self.trust] if self.trust else []))
+        return "\n".join(lines + verdicts.finetune_md(self.comparisons) + ([""] + [self.trust] if self.trust else []))
 
 
-def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: Options,
-        stop: threading.Event | None = None, cifar_test: tuple[torch.Tensor, torch.Tensor] | None = None,
-        max_seconds: float = MAX_SECONDS) -> Iterator[Update]:
-    """Fine-tune a copy of `model` on `dataset`, yielding progress; the last Update carries the Result."""
-    opts.check()
-    if len(dataset) < 2:
+def _splits(dataset: Dataset | None, extra: Dataset | None, seed: int) -> tuple[Dataset, Dataset]:
+    """(training images, held-out images): the visitor's images split per class, CIFAR-10's `extra` all trained on
+    (never held out, so every held-out score is on the visitor's own images)."""
+    if dataset is None and extra is None:
+        raise UserError("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
+    if dataset is None:
+        return extra, Dataset(extra.x[:0], extra.y[:0], extra.classes)
+    if len(dataset) < 2 and extra is None:
         raise UserError("Upload at least two images.")
-    train_ds, hold_ds = holdout_split(dataset, seed=opts.seed)
-    if len(train_ds) == 0:
+    train_ds, hold_ds = holdout_split(dataset, seed=seed)
+    if len(train_ds) == 0 and extra is None:
         raise UserError("Every class needs at least two images: one is held out for the before/after score.")
-    device = device_of(model)
-    base = model
-    new = prepare_model(model, model_classes, dataset.classes)
-    cifar = None
-    if cifar_test is not None and tuple(dataset.classes[:len(data.CLASSES)]) == data.CLASSES:
-        cifar = (cifar_test[0][:FORGETTING_SLICE], cifar_test[1][:FORGETTING_SLICE])
-    # Before = the session's model as it is (a new class is simply never predicted by it).
-    start = float(_correct(base, hold_ds.x, hold_ds.y).mean()) if len(hold_ds) else None
-    trained = sorted(set(train_ds.y.tolist()))  # the classes this fine-tune has training images of
-    cfg = TrainConfig(model="fine-tune", epochs=int(opts.epochs), batch_size=min(int(opts.batch_size), len(train_ds)),
-                      lr=float(opts.lr), weight_decay=5e-4, label_smoothing=0.0, schedule="cosine",
-                      warmup_epochs=0.0, channels_last=device.type == "cuda", bf16=True, seed=int(opts.seed),
-                      train_layers=opts.train_layers, max_seconds=float(max_seconds), log_every=1)
+    return merge(train_ds if len(train_ds) else None, extra), hold_ds
+
+
+def _train(new: nn.Module, train_ds: Dataset, hold_ds: Dataset, cfg: TrainConfig, device: torch.device,
+           stop: threading.Event | None, start: float | None) -> Iterator[Update]:
+    """fit() on the copy, as Updates with the curve so far; returns (history, stopped, curve)."""
     # The held-out score before training starts the curve at epoch 0 (and puts all series in the first plot).
     curve: list[dict] = [] if start is None else [{"epoch": 0.0, "series": "held-out accuracy", "value": start}]
-    t0 = time.perf_counter()
-    history: list[dict] = []
-    stopped = False
+    history, stopped = [], False
     holdout = (hold_ds.x, hold_ds.y) if len(hold_ds) else None
     for ev in fit(new, (train_ds.x, train_ds.y), cfg, holdout, device, stop=stop):
         if ev.kind == "step":
@@ -428,14 +294,42 @@ def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset, opts: 
                                   + (" (stopped)" if ev.stopped else ""), list(curve))
         elif ev.kind == "done":
             history, stopped = ev.history, ev.stopped
+    return history, stopped, curve
+
+
+def run(model: nn.Module, model_classes: Sequence[str], dataset: Dataset | None, opts: Options,
+        stop: threading.Event | None = None, cifar_test: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seconds: float = MAX_SECONDS, extra: Dataset | None = None) -> Iterator[Update]:
+    """Fine-tune a copy of `model` on the visitor's `dataset` (a part held out to score it) plus `extra` CIFAR-10
+    training images (trained on only), yielding progress; the last Update carries the Result."""
+    opts.check()
+    train_ds, hold_ds = _splits(dataset, extra, opts.seed)
+    device, base, classes = device_of(model), model, list(train_ds.classes)
+    new = prepare_model(model, model_classes, classes)
+    cifar = None
+    if cifar_test is not None and tuple(classes[:len(data.CLASSES)]) == data.CLASSES:
+        cifar = (cifar_test[0][:FORGETTING_SLICE], cifar_test[1][:FORGETTING_SLICE])
+    # Before = the session's model as it is (a new class is simply never predicted by it).
+    start = float(correct(base, hold_ds.x, hold_ds.y).mean()) if len(hold_ds) else None
+    trained = sorted(set(train_ds.y.tolist()))  # the classes this fine-tune has training images of
+    cfg = TrainConfig(model="fine-tune", epochs=int(opts.epochs), batch_size=min(int(opts.batch_size), len(train_ds)),
+                      lr=float(opts.lr), weight_decay=5e-4, label_smoothing=0.0, schedule="cosine",
+                      warmup_epochs=0.0, channels_last=device.type == "cuda", bf16=True, seed=int(opts.seed),
+                      train_layers=opts.train_layers, max_seconds=float(max_seconds), log_every=1)
+    t0 = time.perf_counter()
+    history, stopped, curve = yield from _train(new, train_ds, hold_ds, cfg, device, stop, start)
     new.eval()
+    scored = " and ".join(f"{n} {what}" for n, what in ((len(hold_ds), "held-out images of yours"),
+                                                         (len(cifar[1]) if cifar else 0, "CIFAR-10 test images")) if n)
+    yield Update("scoring", f"Training done. Scoring the model before and after on {scored or 'no images'}…", curve)
     trust = adapt_trust(base, new, train_ds, hold_ds, opts.train_layers, len(model_classes))
     rows = compare(base, new, hold_ds, trained, cifar)
     before, after = ({k: getattr(rows[k], when) if k in rows else None for k in ("holdout", "cifar")}
                      for when in ("before", "after"))
-    res = Result(new, list(dataset.classes), before, after, history, stopped, time.perf_counter() - t0,
-                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds), rows, trust)
-    yield Update("done", res.summary(), list(curve), res)
+    res = Result(new, classes, before, after, history, stopped, time.perf_counter() - t0,
+                 {**asdict(opts), "max_seconds": max_seconds}, len(train_ds), len(hold_ds),
+                 len(extra) if extra is not None else 0, rows, trust)
+    yield Update("done", res.summary(), curve, res)
 
 
 def export(result: Result, path: str | Path, base_meta: dict | None = None) -> Path:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import data, finetune, verdicts, weights
+from . import data, verdicts, weights
 from .model import ResNeXtConfig
 from .zoo import list_models
 from .budget import config_macs, config_params, equal_budget_configs, matched_base_width
@@ -287,32 +287,36 @@ def compare_md(tag: str, name: str, cardinality: int, n_params: int, pred: Predi
 # ------------------------------------------------------------ Fine-tune
 
 
-def finetune_intro(max_seconds: float) -> str:
-    """The Fine-tune tab's opening paragraph with the server's limits."""
+def finetune_intro(max_seconds: float, limits: dict[str, int], holdout_fraction: float) -> str:
+    """The Fine-tune tab's opening paragraph with the server's limits (`finetune.LIMITS`)."""
     return (f"Train **your own copy** of the model on your images (nobody else sees it). Drop a few images "
-            f"per class; {int(100 * finetune.HOLDOUT_FRACTION)} % of each class is held out to score it "
-            f"before and after. **Limits:** {finetune.MAX_IMAGES} images, {finetune.MAX_EPOCHS} epochs, "
-            f"{int(max_seconds)} s of training, batch ≤ {finetune.MAX_BATCH_SIZE}, "
-            f"{finetune.MAX_NEW_CLASSES} new classes (a new class replaces the head; old classes keep their weights).")
+            f"per class; {int(100 * holdout_fraction)} % of each class of yours is held out to score it "
+            f"before and after. **Limits:** {limits['images']} images, {limits['epochs']} epochs, "
+            f"{int(max_seconds)} s of training, batch ≤ {limits['batch_size']}, "
+            f"{limits['new_classes']} new classes (a new class replaces the head; old classes keep their weights).")
 
 
-def upload_counts_md(counts: dict[str, int]) -> str:
-    """What the drop zones hold, per class, and how many of each will be held out to score the model."""
+def upload_counts_md(counts: dict[str, int], holdout: dict[str, int], n_cifar: int = 0) -> str:
+    """What the drop zones hold per class, how many of each are held out to score the model (`holdout`, by
+    class), and the CIFAR-10 training images added (trained on only, never held out)."""
     given = {c: n for c, n in counts.items() if n}
+    extra = (f" + {n_cifar} CIFAR-10 training images (trained on, never held out)." if n_cifar else "")
     if not given:
-        return "No images dropped yet: drop a few per class above (or add CIFAR-10 images below)."
-    parts = []
-    for c, n in given.items():
-        k = finetune.holdout_count(n)
-        parts.append(f"**{c}** {n}" + (f" ({k} held out)" if k else " (none held out: drop 2 or more)"))
-    total, held = sum(given.values()), sum(finetune.holdout_count(n) for n in given.values())
-    return f"Your images: {' · '.join(parts)}. {total} in all; {held} held out to score before and after."
+        return ("No images of yours dropped yet: drop a few per class above" + (" or add CIFAR-10 images below."
+                if not n_cifar else f"; training would use only the {n_cifar} CIFAR-10 images and hold none out."))
+    parts = [f"**{c}** {n}" + (f" ({holdout[c]} held out)" if holdout[c] else " (none held out: drop 2 or more)")
+             for c, n in given.items()]
+    total, held = sum(given.values()), sum(holdout[c] for c in given)
+    return (f"Your images: {' · '.join(parts)}. {total} in all; {held} held out to score before and after, "
+            f"{total - held} trained on" + (extra or "."))
 
 
-def preparing_md(counts: dict[str, int]) -> str:
-    """The fine-tune's first status line: its images per class."""
+def preparing_md(counts: dict[str, int], n_cifar: int = 0) -> str:
+    """The fine-tune's first status line: the visitor's images per class and the CIFAR-10 images added."""
     listed = ", ".join(f"{c}: {n}" for c, n in counts.items() if n)
-    return f"Preparing {sum(counts.values())} images ({listed})…"
+    mine = f"{sum(counts.values())} images of yours ({listed})" if listed else ""
+    cifar = f"{n_cifar} CIFAR-10 training images" if n_cifar else ""
+    return f"Preparing {' + '.join(p for p in (mine, cifar) if p)}…"
 
 
 # ------------------------------------------------------------ About
@@ -411,49 +415,6 @@ def about_md(name: str, cfg: ResNeXtConfig, meta: dict, source: str | None = Non
         md.append("This checkpoint has no training history.")
     if source is not None:
         md.append(f"CIFAR-10 images in this app: {source}.")
-    return "\n\n".join(md)
-
-
-def trust_md(meta: dict, model_cal: dict | None, has_detector: bool) -> str:
-    """About: what the shown probabilities mean for this checkpoint and what "unfamiliar" means, with the
-    numbers measured on its reporting images (from the metadata `calibrate` wrote)."""
-    cal = model_cal or {}
-    md = ["### How far to believe an answer"]
-    if not cal:
-        md.append("This checkpoint has **no calibration**: its probabilities are the bare softmax, which on the "
-                  "default model runs 15 points below its accuracy. `python -m resnext_demo.calibrate --weights "
-                  "FILE` fits one.")
-    else:
-        rep = cal.get("reporting") or {}
-        b, a = rep.get("before"), rep.get("after")
-        md.append(f"Probabilities are **calibrated** by temperature scaling (T = {cal['temperature']:g}, fitted on "
-                  f"{cal.get('fitted_on', 'held-out images')}): top-1 never changes, but a shown 80 % now means "
-                  "right about 80 % of the time on CIFAR-10 test images.")
-        if b and a:
-            md.append(f"On {rep.get('images', 'the reporting images')} ({rep.get('n', '?')}): ECE "
-                      f"{100 * b['ece']:.1f} % → **{100 * a['ece']:.1f} %**, NLL {b['nll']:.3f} → {a['nll']:.3f}, "
-                      f"mean confidence {100 * b['confidence']:.1f} % → {100 * a['confidence']:.1f} % against "
-                      f"accuracy {100 * a['accuracy']:.1f} %.")
-        tp = rep.get("through_predict")
-        if tp:
-            md.append(f"The same images one by one through the app's prediction path: ECE {100 * tp['ece']:.1f} %, "
-                      f"confidence {100 * tp['confidence']:.1f} % vs accuracy {100 * tp['accuracy']:.1f} %, "
-                      f"{100 * tp['flagged']:.1f} % flagged unfamiliar, top-1 identical to the bare model: "
-                      f"{'yes' if tp['top1_identical'] else 'NO'}.")
-    fam = meta.get("familiarity") if has_detector else None
-    if not fam:
-        md.append("**Unfamiliar-image check: not available** for this model.")
-    else:
-        ev = fam.get("evaluation") or {}
-        md.append("**Unfamiliar images.** A probability only compares the 10 classes; it cannot say \"none of "
-                  "them\". So every image is also compared with the training images layer by layer (Mahalanobis "
-                  "distance of each stage's channel statistics, and of the last stage's features to each class), and "
-                  f"flagged when it is stranger than {100 * fam.get('rate', 0.05):.0f} % of held-in CIFAR-10 test "
-                  "images are.")
-        if ev:
-            md.append(f"Flagged: {100 * ev['reporting']['flagged']:.1f} % of the reporting CIFAR-10 images, "
-                      f"**{100 * ev['far_flagged']:.1f} %** of synthetic far-from-CIFAR images. Per set (AUROC: how "
-                      "often such an image scores stranger than a CIFAR-10 test image):")
     return "\n\n".join(md)
 
 

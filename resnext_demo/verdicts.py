@@ -13,10 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # type hints only: importing these would pull in captum
+    from .beforeafter import Comparison
     from .explain import Attribution
     from .faithfulness import Faithfulness
     from .groups import GroupImportance
     from .specialization import Specialization
+
+def p_text(p: float) -> str:
+    """A p-value for people: three decimals, or '< 0.001'."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
 
 UNIT_GAP = 0.02  # a within/between channel-correlation gap under this is within run-to-run noise
 
@@ -204,3 +210,79 @@ def sweep_md(results: dict) -> str:
         return line + "The gap is larger than both: at this budget and recipe, cardinality matters."
     return line + ("**The gap is within that noise: this sweep does not separate the cardinalities** (more seeds "
                    "and epochs would be needed to confirm or refute the paper at this scale).")
+
+
+def finetune_md(rows: dict[str, Comparison]) -> list[str]:
+    """Plain-words verdicts: is the held-out gain more than noise, is it a shift towards the trained classes
+    rather than better discrimination, and was it bought with forgetting?"""
+    lines = []
+    hold, among, cifar = rows.get("holdout"), rows.get("holdout_among"), rows.get("cifar")
+    if hold is not None:
+        change = f"{100 * hold.change:+.1f} points on {hold.n} held-out images, paired p = {p_text(hold.p)}"
+        if hold.p >= 0.05:
+            lines.append(f"**Within noise:** the held-out change ({change}) could be chance: with this few held-out images "
+                         "only a large difference would show; add images to tell.")
+        elif hold.change > 0:
+            lines.append(f"**A real gain on your held-out images** ({change}).")
+        else:
+            lines.append(f"**Worse on your held-out images** ({change}).")
+    for all_classes, only, where in ((hold, among, "held-out images"),
+                                     (rows.get("cifar_trained"), rows.get("cifar_among"), "CIFAR-10 images of these classes")):
+        if all_classes is not None and only is not None and all_classes.change > 0 and only.change < all_classes.change / 2:
+            lines.append(f"**Mostly a shift towards your classes** on the {where}: {100 * all_classes.before:.1f} → "
+                         f"{100 * all_classes.after:.1f} % among all classes, but {100 * only.before:.1f} → "
+                         f"{100 * only.after:.1f} % choosing only among the trained ones: the gain comes from predicting "
+                         "these classes more often, not from telling them apart better.")
+    if cifar is not None:
+        lost = -100 * cifar.change
+        if cifar.change < 0 and cifar.p < 0.05:
+            gain = 100 * hold.change if hold is not None else 0.0
+            lines.append(f"**Bought with forgetting:** the CIFAR-10 slice lost {lost:.1f} points ({100 * cifar.before:.1f} → "
+                         f"{100 * cifar.after:.1f} %, p = {p_text(cifar.p)})"
+                         + (" — more than the held-out gain." if lost >= gain else "."))
+        else:
+            lines.append(f"No measurable forgetting on the CIFAR-10 slice ({-lost:+.1f} points, p = {p_text(cifar.p)}).")
+    return lines
+
+
+def trust_md(meta: dict, model_cal: dict | None, has_detector: bool) -> str:
+    """About: what the shown probabilities mean for this checkpoint and what "unfamiliar" means, with the
+    numbers measured on its reporting images (from the metadata `calibrate` wrote)."""
+    cal = model_cal or {}
+    md = ["### How far to believe an answer"]
+    if not cal:
+        md.append("This checkpoint has **no calibration**: its probabilities are the bare softmax, which on the "
+                  "default model runs 15 points below its accuracy. `python -m resnext_demo.calibrate --weights "
+                  "FILE` fits one.")
+    else:
+        rep = cal.get("reporting") or {}
+        b, a = rep.get("before"), rep.get("after")
+        md.append(f"Probabilities are **calibrated** by temperature scaling (T = {cal['temperature']:g}, fitted on "
+                  f"{cal.get('fitted_on', 'held-out images')}): top-1 never changes, but a shown 80 % now means "
+                  "right about 80 % of the time on CIFAR-10 test images.")
+        if b and a:
+            md.append(f"On {rep.get('images', 'the reporting images')} ({rep.get('n', '?')}): ECE "
+                      f"{100 * b['ece']:.1f} % → **{100 * a['ece']:.1f} %**, NLL {b['nll']:.3f} → {a['nll']:.3f}, "
+                      f"mean confidence {100 * b['confidence']:.1f} % → {100 * a['confidence']:.1f} % against "
+                      f"accuracy {100 * a['accuracy']:.1f} %.")
+        tp = rep.get("through_predict")
+        if tp:
+            md.append(f"The same images one by one through the app's prediction path: ECE {100 * tp['ece']:.1f} %, "
+                      f"confidence {100 * tp['confidence']:.1f} % vs accuracy {100 * tp['accuracy']:.1f} %, "
+                      f"{100 * tp['flagged']:.1f} % flagged unfamiliar, top-1 identical to the bare model: "
+                      f"{'yes' if tp['top1_identical'] else 'NO'}.")
+    fam = meta.get("familiarity") if has_detector else None
+    if not fam:
+        md.append("**Unfamiliar-image check: not available** for this model.")
+    else:
+        ev = fam.get("evaluation") or {}
+        md.append("**Unfamiliar images.** A probability only compares the 10 classes; it cannot say \"none of "
+                  "them\". So every image is also compared with the training images layer by layer (Mahalanobis "
+                  "distance of each stage's channel statistics, and of the last stage's features to each class), and "
+                  f"flagged when it is stranger than {100 * fam.get('rate', 0.05):.0f} % of held-in CIFAR-10 test "
+                  "images are.")
+        if ev:
+            md.append(f"Flagged: {100 * ev['reporting']['flagged']:.1f} % of the reporting CIFAR-10 images, "
+                      f"**{100 * ev['far_flagged']:.1f} %** of synthetic far-from-CIFAR images. Per set (AUROC: how "
+                      "often such an image scores stranger than a CIFAR-10 test image):")
+    return "\n\n".join(md)

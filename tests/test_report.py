@@ -177,22 +177,27 @@ def test_about_md_lists_what_the_checkpoint_records():
 
 
 def test_upload_counts_match_the_fine_tunes_holdout_split():
-    """The Fine-tune tab's count line says per class what `finetune.holdout_split` will really hold out."""
+    """The Fine-tune tab's count line says per class what `finetune.holdout_split` will really hold out, and
+    counts the CIFAR-10 images as trained on, never held out (#28.2)."""
     import torch
 
     from resnext_demo import finetune
 
     counts = {"airplane": 5, "ship": 1, "truck": 0, "robot": 2}
-    md = report.upload_counts_md(counts)
+    holdout = {c: finetune.holdout_count(n) for c, n in counts.items()}
+    md = report.upload_counts_md(counts, holdout)
     y = torch.tensor([0] * 5 + [1] * 1 + [3] * 2)
     ds = finetune.Dataset(torch.zeros(len(y), 3, 32, 32, dtype=torch.uint8), y, list(counts))
-    _, held = finetune.holdout_split(ds)
+    train, held = finetune.holdout_split(ds)
     per_class = {c: int((held.y == i).sum()) for i, c in enumerate(counts)}
     assert "**airplane** 5 (%d held out)" % per_class["airplane"] in md
     assert "**ship** 1 (none held out" in md and per_class["ship"] == 0
     assert "truck" not in md  # an empty zone is not listed
-    assert f"8 in all; {len(held.y)} held out" in md
-    assert "No images dropped yet" in report.upload_counts_md({c: 0 for c in counts})
+    assert f"8 in all; {len(held.y)} held out to score before and after, {len(train.y)} trained on." in md
+    with_cifar = report.upload_counts_md(counts, holdout, 20)
+    assert f"{len(held.y)} held out" in with_cifar and "+ 20 CIFAR-10 training images (trained on, never held out)" in with_cifar
+    assert "No images of yours dropped yet" in report.upload_counts_md({c: 0 for c in counts}, {})
+    assert "only the 30 CIFAR-10 images" in report.upload_counts_md({}, {}, 30)
 
 
 def test_faithfulness_says_raises_or_lowers_never_a_negative_drop():

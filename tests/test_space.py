@@ -64,7 +64,7 @@ def test_a_space_without_data_serves_the_sample_pack(space, tmp_path):
         assert Path(image).is_file()
         gallery, md = c.predict(api_name="/misclassified")
         assert len(gallery) > 0 and "of 400 test images misclassified" in md
-        *_, md = c.predict(0, api_name="/about")
+        *_, md = c.predict(1, api_name="/about")
         assert "sample pack" in md
         fig, montage, md = c.predict("layer3.2.conv2", api_name="/specialization")
         assert Path(montage).is_file() and "400 CIFAR-10 test images" in md
@@ -108,7 +108,7 @@ def test_a_space_pointed_at_the_hub_dataset_uses_it(space, tmp_path):
         assert Path(c.predict(api_name="/random_sample")).is_file()
         gallery, md = c.predict(api_name="/misclassified")
         assert "of 30 test images" in md
-        *_, md = c.predict(0, api_name="/about")
+        *_, md = c.predict(1, api_name="/about")
         assert "30 test images" in md and "sample pack" not in md
         zones, names, new = _zones(tmp_path)
         status, plot, result, path = c.predict(2, "head", 1, 0.05, 32, *zones, *names, *new, api_name="/finetune")

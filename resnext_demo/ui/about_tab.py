@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from .. import report, visualize, weights
+from .. import charts, report, verdicts, weights
 from .context import PRIVATE, Context, Page
 from .serving import SessionModel, friendly
 
@@ -21,7 +21,7 @@ def _sweep_view(path: str, mtime_ns: int) -> tuple[pd.DataFrame, str, Image.Imag
     results = report.read_sweep(path)
     if results is None:
         return None
-    return report.sweep_table(results), report.sweep_md(results), visualize.sweep_figure(results)
+    return report.sweep_table(results), report.sweep_md(results), charts.sweep_figure(results)
 
 
 def sweep(path: str | Path = weights.SWEEP_RESULTS):
@@ -41,10 +41,10 @@ def trust(ctx: Context, session: SessionModel | None = None):
     sm = ctx.active(session)
     cal = getattr(sm.model, "calibration", None)
     rep = (cal or {}).get("reporting") or {}
-    fig = visualize.reliability_figure(rep["before"], rep["after"]) if rep.get("before") and rep.get("after") else None
+    fig = charts.reliability_figure(rep["before"], rep["after"]) if rep.get("before") and rep.get("after") else None
     fam = getattr(sm.model, "familiarity", None)
     meta = {**sm.meta, "familiarity": fam.meta()} if fam is not None else sm.meta
-    return fig, report.ood_table(meta if fam is not None else {}), report.trust_md(meta, cal, fam is not None)
+    return fig, report.ood_table(meta if fam is not None else {}), verdicts.trust_md(meta, cal, fam is not None)
 
 
 def about(ctx: Context, session: SessionModel | None = None, stage: int = 1):
@@ -52,11 +52,11 @@ def about(ctx: Context, session: SessionModel | None = None, stage: int = 1):
     counts from 1 like the layer names (stage 2 = layer2) and the diagram's title."""
     sm = ctx.active(session)
     cfg = sm.model.config
-    diagram = visualize.block_diagram(cfg, stage=max(0, min(int(stage) - 1, len(cfg.depths) - 1)))
+    diagram = charts.block_diagram(cfg, stage=max(0, min(int(stage) - 1, len(cfg.depths) - 1)))
     table = report.equal_budget_table(cfg, (sm.meta.get("recipe") or {}).get("model"))
     hist = sm.meta.get("history") or []
     source = ctx.source_label() if ctx.test_split() is not None else None
-    return (diagram, table, visualize.curve_figure(hist) if hist else None,
+    return (diagram, table, charts.curve_figure(hist) if hist else None,
             report.about_md(sm.name, cfg, sm.meta, source))
 
 

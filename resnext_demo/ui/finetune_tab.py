@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from .. import data, finetune, report, visualize, weights
+from .. import charts, data, finetune, report, weights
 from .context import PRIVATE, Context, Page
 from .serving import TRAIN_LIMIT, TRAIN_POOL, SessionModel, StopFlag, friendly, friendly_gen, on_zero_gpu, user_error
 
@@ -84,6 +84,7 @@ def training_set(ctx: Context, sm: SessionModel, cifar_per_class: int, uploads: 
                 raise user_error(f"This session's model has no class '{name}'.")
             files[name] = files.get(name, []) + list(fl)
     ds = finetune.build_dataset(files, classes) if files else None
+    cifar = None
     if cifar_per_class and int(cifar_per_class) > 0:
         if ctx.data_source is None:
             raise user_error("No CIFAR-10 images are available on this server: upload your own images instead.")
@@ -91,10 +92,9 @@ def training_set(ctx: Context, sm: SessionModel, cifar_per_class: int, uploads: 
             raise user_error("A CIFAR-10 subset needs a model with the CIFAR-10 classes.")
         cifar = finetune.cifar_dataset(ctx.data_source, int(cifar_per_class))
         cifar.classes = classes
-        ds = finetune.merge(ds, cifar)
-    if ds is None:
+    if ds is None and cifar is None:
         raise user_error("No training images: upload a few images per class, or choose a CIFAR-10 subset.")
-    return classes, ds
+    return classes, ds, cifar
 
 
 def delete_export(sm: SessionModel | None) -> None:
@@ -128,16 +128,16 @@ def run_finetune(ctx: Context, session: SessionModel | None, pending: SessionMod
         yield report.FINETUNE_STOPPED_IN_QUEUE, None, "", None, pending
         return
     sm = ctx.active(session)
-    classes, ds = training_set(ctx, sm, cifar_per_class, uploads)
+    classes, ds, cifar = training_set(ctx, sm, cifar_per_class, uploads)
     opts = finetune.Options(train_layers=train_layers, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size))
     opts.check()
     if not armed:
         flag.event.clear()
-    yield report.preparing_md(ds.counts()), None, "", None, pending
+    yield report.preparing_md(ds.counts() if ds else {}, len(cifar) if cifar else 0), None, "", None, pending
     test = ctx.test_split() if tuple(classes[:10]) == data.CLASSES else None
     # On ZeroGPU training stops at the estimate the GPU was booked for, so the booking is never overrun.
     limit = train_seconds(ctx, cifar_per_class, train_layers, epochs, uploads) if on_zero_gpu() else ctx.max_seconds
-    for u in finetune.run(sm.model, sm.classes, ds, opts, flag.event, test, limit):
+    for u in finetune.run(sm.model, sm.classes, ds, opts, flag.event, test, limit, extra=cifar):
         curve = pd.DataFrame(u.curve) if u.curve else None
         if u.kind == "done":
             break
@@ -150,13 +150,15 @@ def run_finetune(ctx: Context, session: SessionModel | None, pending: SessionMod
     yield report.FINETUNE_DONE, curve, u.result.summary(), new.path, new
 
 
-def upload_counts(*values) -> str:
-    """The drop zones' files (10 CIFAR classes, then the new classes' names and files) counted per class."""
+def upload_counts(cifar_per_class: int | None, *values) -> str:
+    """The drop zones' files (10 CIFAR classes, then the new classes' names and files) counted per class, and the
+    CIFAR-10 training images the slider adds (trained on, never held out)."""
     zones, names, new = split_uploads(values)
     counts = {c: len(f or []) for c, f in zip(data.CLASSES, zones)}
     for i, (name, files) in enumerate(zip(names, new)):
         counts[(name or "").strip() or f"new class {i + 1}"] = len(files or [])
-    return report.upload_counts_md(counts)
+    holdout = {c: finetune.holdout_count(n) for c, n in counts.items()}
+    return report.upload_counts_md(counts, holdout, int(cifar_per_class or 0) * len(data.CLASSES))
 
 
 def curve_image(curve: pd.DataFrame | None) -> Image.Image | None:
@@ -166,7 +168,7 @@ def curve_image(curve: pd.DataFrame | None) -> Image.Image | None:
     curve = curve.copy()
     for col in ("epoch", "value"):  # the browser sends the table back as text
         curve[col] = pd.to_numeric(curve[col], errors="coerce")
-    return visualize.finetune_curve_figure(curve.dropna(subset=["epoch"]).to_dict("records"))
+    return charts.finetune_curve_figure(curve.dropna(subset=["epoch"]).to_dict("records"))
 
 
 def use_model(ctx: Context, pending: SessionModel | None):
@@ -204,7 +206,7 @@ def _zones(p: Page) -> tuple[list, list, list]:
     for row in (data.CLASSES[:5], data.CLASSES[5:]):
         with gr.Row():
             for c in row:
-                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=190,
+                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=260,
                                      elem_id=f"zone-{c}", elem_classes=["ft-zone"]))
     with gr.Accordion("New classes (optional; a class a previous fine-tune added is listed here)", open=False):
         with gr.Row():
@@ -223,8 +225,9 @@ def _settings(p: Page) -> SimpleNamespace:
     with gr.Row():
         c.cifar = gr.Slider(0, max(1, ctx.cifar_subset_max()), value=0, step=1,
                             label="…and/or CIFAR-10 images (per class, 0 = none)" + (
-                                ": test images of the sample pack set aside for this, never scored"
-                                if data.is_sample_pack(ctx.data_source) else ": a subset of the training split"),
+                                ": test images of the sample pack set aside for this; trained on, never held out or scored"
+                                if data.is_sample_pack(ctx.data_source) else
+                                ": from the training split; trained on, never held out or scored"),
                             interactive=ctx.data_source is not None)
         c.layers = gr.Radio(list(finetune.TRAIN_LAYERS), value="head", label="What to train",
                             info="head = classifier only; last_stage = layer3 + head; all = every layer")
@@ -238,9 +241,9 @@ def _settings(p: Page) -> SimpleNamespace:
 def build(p: Page) -> SimpleNamespace:
     """Lay out the Fine-tune tab and wire its events; returns its model switches and new-class name boxes
     (demo re-fits the other tabs after a switch)."""
-    gr.Markdown(report.finetune_intro(p.ctx.max_seconds))
+    gr.Markdown(report.finetune_intro(p.ctx.max_seconds, finetune.LIMITS, finetune.HOLDOUT_FRACTION))
     zones, new_names, new_zones = _zones(p)
-    counts = gr.Markdown(report.upload_counts_md({}), elem_id="ft-counts")
+    counts = gr.Markdown(report.upload_counts_md({}, {}), elem_id="ft-counts")
     s = _settings(p)
     with gr.Row():
         train = gr.Button("Train", variant="primary", elem_id="ft-train")
@@ -265,8 +268,8 @@ def build(p: Page) -> SimpleNamespace:
               api_name="finetune", concurrency_id=TRAIN_POOL, concurrency_limit=TRAIN_LIMIT)
     stop_btn.click(stop, p.stop_flag, status, api_name="stop", queue=False)
     curve.change(curve_image, curve, plot, **PRIVATE, queue=False)
-    gr.on([z.change for z in zones + new_zones] + [n.change for n in new_names], upload_counts,
-          [*zones, *new_names, *new_zones], counts, **PRIVATE, queue=False)
+    gr.on([z.change for z in zones + new_zones] + [n.change for n in new_names] + [s.cifar.change], upload_counts,
+          [s.cifar, *zones, *new_names, *new_zones], counts, **PRIVATE, queue=False)
     # the three ways this session changes model; demo re-fits the other tabs after each
     switches = [use.click(p.bind(use_model), p.pending, [p.session, p.banner], api_name="use_model"),
                 reset.click(p.bind(reset_model), None, [p.session, p.banner], api_name="reset_model"),

@@ -58,7 +58,7 @@ def test_stage_slider_counts_like_the_diagram_and_the_layer_names(ctx, tiny_mode
     """#28.8: the slider at 2 drew a diagram titled "stage 3"; now stage 2 is layer2 in both."""
     import numpy as np
 
-    from resnext_demo import visualize
+    from resnext_demo import charts
     drawn = np.asarray(about_tab.about(ctx, None, 2)[0])
-    assert (drawn == np.asarray(visualize.block_diagram(tiny_model.config, 1))).all()
-    assert not (drawn == np.asarray(visualize.block_diagram(tiny_model.config, 2))).all()
+    assert (drawn == np.asarray(charts.block_diagram(tiny_model.config, 1))).all()
+    assert not (drawn == np.asarray(charts.block_diagram(tiny_model.config, 2))).all()

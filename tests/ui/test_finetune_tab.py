@@ -161,6 +161,9 @@ def test_upload_counts_read_the_zones_in_the_fine_tunes_order():
     n_new = finetune.MAX_NEW_CLASSES
     zones = [["a.png", "b.png"]] + [None] * (len(data.CLASSES) - 2) + [["t.png"]]
     names, new = ["robot"] + [""] * (n_new - 1), [["r1.png", "r2.png", "r3.png"]] + [None] * (n_new - 1)
-    md = finetune_tab.upload_counts(*zones, *names, *new)
+    md = finetune_tab.upload_counts(0, *zones, *names, *new)
     assert "**airplane** 2" in md and "**truck** 1" in md and "**robot** 3" in md
-    assert "6 in all" in md and "ship" not in md
+    assert "6 in all" in md and "ship" not in md and "CIFAR-10" not in md
+    # the CIFAR-10 slider (per class) adds training images that are never held out
+    md = finetune_tab.upload_counts(3, *zones, *names, *new)
+    assert "6 in all; 2 held out" in md and "+ 30 CIFAR-10 training images (trained on, never held out)" in md

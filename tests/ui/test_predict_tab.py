@@ -33,9 +33,14 @@ def test_predict_full_shows_input_time_and_truth(ctx, image_path):
     assert "incorrect" in bad and wrong in bad
 
 
-def test_auto_predict_on_clear_and_change(ctx, image_path):
+def test_auto_predict_on_clear_and_change(ctx, image_path, tmp_path):
     assert predict_tab.auto_predict(ctx, None, 3, None, None) == (None, None, "")
     assert len(predict_tab.auto_predict(ctx, image_path, 2, None, None)[0]) == 2
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.warns(UserWarning):  # gr.Warning outside a request: a Python warning
+        label, seen, md = predict_tab.auto_predict(ctx, str(bad), 2, None, None)
+    assert (label, seen) == (None, None) and md.startswith("**No prediction:**")  # #28.7: the old answer goes
 
 
 def test_predict_bad_input_is_a_gradio_error(ctx, tmp_path):
@@ -82,7 +87,9 @@ def test_the_sample_pack_gives_every_data_view(tiny_model, tmp_path, image_path)
     assert h.cifar_subset_max() == 10
     status, _, result_md, path, pending = list(finetune_tab.run_finetune(h, None, None, serving.StopFlag(), 10, "head", 1, 0.05, 32,
                                                           *uploads({})))[-1]
-    assert "80 training / 20 held-out" in result_md and "test slice (400 images, forgetting)" in result_md
+    # CIFAR-10 images are trained on, never held out (#28.2): no held-out row, the test slice scores forgetting
+    assert "100 training images, 100 of them CIFAR-10 / 0 of your images held out" in result_md
+    assert "held-out part" not in result_md and "test slice (400 images, forgetting)" in result_md
     assert next(pending.model.parameters()).device.type == "cpu"
 
 
