@@ -43,13 +43,14 @@ CSS = """
 
 
 def share_image(image):
-    """The Predict tab's image for the Groups, Feature maps and Attributions tabs (unreadable files stay out)."""
+    """The Predict tab's image for the Groups, Feature maps and Attributions tabs; an unreadable file empties them
+    (they must not go on explaining the previous image as if it were the one shown)."""
     if image is None:
         return None, None, None
     try:
         data.open_image(image)
     except data.ImageError:  # the Predict handler already told the user why
-        return gr.update(), gr.update(), gr.update()
+        return None, None, None
     return image, image, image
 
 

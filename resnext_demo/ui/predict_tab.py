@@ -55,10 +55,16 @@ def predict_details(ctx: Context, image, session: SessionModel | None = None) ->
 
 
 def auto_predict(ctx: Context, image, k: int = 3, session: SessionModel | None = None, truth: dict | None = None):
-    """predict_full after a user change; a cleared image clears the outputs instead of an error."""
+    """predict_full after a user change; a cleared image clears the outputs instead of an error, and an
+    unreadable one clears them too (the old answer is not this image's) with the reason as a toast and in the
+    text, instead of leaving the outputs in an error state that Clear does not reset."""
     if image is None:
         return None, None, ""
-    return predict_full(ctx, image, k, session, truth)
+    try:
+        return predict_full(ctx, image, k, session, truth)
+    except gr.Error as e:  # only a user error becomes gr.Error (serving.friendly); a bug keeps its traceback
+        gr.Warning(e.message)
+        return None, None, f"**No prediction:** {e.message}"
 
 
 def sample_gallery(ctx: Context):
