@@ -46,6 +46,15 @@ def tiny_checkpoint(tmp_path: Path, tiny_model: ResNeXt) -> Path:
     return weights.save_checkpoint(tmp_path / "tiny.safetensors", tiny_model, {"accuracy": None})
 
 
+def colour_classes(n_per_class: int = 24, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable toy set: class c is a distinct colour plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.randint(0, 256, (k, 3, 1, 1), generator=g).float()
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    x = (palette[y] + 40 * torch.randn(len(y), 3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
+    return x, y
+
+
 def make_image_folder(root: Path, n_train: int, n_test: int = 1) -> Path:
     """A tiny image-folder CIFAR stand-in under `root` (no CIFAR data): per class, n_train training and n_test
     test PNGs whose mean colour depends on the class, so a model can learn something."""

@@ -163,3 +163,87 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path: Pat
     assert _broken_links(page, tmp_path) == ["page.md: missing.md (no such file)",
                                              "page.md: other.md#nowhere (no such heading)",
                                              "page.md: #bottom (no such heading)"]
+
+
+# ---------------------------------------------------------------- the package's shape (issue 27's "done when")
+
+DRAWING_AND_TEXT = {"visualize", "charts", "report", "verdicts"}  # may grow to 500 lines; the rest to 400
+
+
+def _package_modules() -> dict[str, Path]:
+    """'resnext_demo.ui.demo' -> its file, for every module of the package."""
+    root = PROJECT_ROOT / "resnext_demo"
+    return {".".join(("resnext_demo", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+            for p in sorted(root.rglob("*.py"))}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The package modules `name` imports anywhere in its file (function-level imports included, TYPE_CHECKING
+    blocks left out: they never run)."""
+    import ast
+
+    tree, found = ast.parse(path.read_text(encoding="utf-8")), set()
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for child in node.body for n in ast.walk(child)}
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+            mod = f"{base}.{node.module}" if node.module else base
+            found |= {f"{mod}.{a.name}" for a in node.names} | {mod}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnext_demo"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("resnext_demo")}
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (as the list of modules along it), or None."""
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> list[str] | None:
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (c := visit(m, path + [m])):
+                return c
+        state[n] = 2
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n, [n]))), None)
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    mods = _package_modules()
+    # a package's __init__ is what importing a submodule runs first: not an edge of the cycle we mean
+    graph = {n: {m for m in _imports(n, p) if m in mods and m != n and not n.startswith(m + ".")} for n, p in mods.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_modules_functions_and_classes_stay_small() -> None:
+    """No module over 400 lines (drawing and text 500), no function over 50, no class over 20 methods."""
+    import ast
+
+    too_big = []
+    for name, path in _package_modules().items():
+        text = path.read_text(encoding="utf-8")
+        limit = 500 if name.rsplit(".", 1)[-1] in DRAWING_AND_TEXT else 400
+        if len(text.splitlines()) > limit:
+            too_big.append(f"{name}: {len(text.splitlines())} lines > {limit}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                too_big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines > 50")
+            if isinstance(node, ast.ClassDef):
+                methods = sum(isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)) for b in node.body)
+                if methods > 20:
+                    too_big.append(f"{name}.{node.name}: {methods} methods > 20")
+    assert not too_big, "\n".join(too_big)

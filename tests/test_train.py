@@ -15,15 +15,6 @@ from PIL import Image
 from resnext_demo import data, splits, train, weights
 
 
-def _colour_classes(n_per_class: int = 24, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable toy set: class c is a distinct colour plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    palette = torch.randint(0, 256, (k, 3, 1, 1), generator=g).float()
-    y = torch.arange(k).repeat_interleave(n_per_class)
-    x = (palette[y] + 40 * torch.randn(len(y), 3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
-    return x, y
-
-
 def _image_tree(root, per_class: int, seed: int) -> None:
     """A random-noise image-folder tree <root>/{train,test}/<class>/<i>.png (per_class images each)."""
     rng = np.random.default_rng(seed)

@@ -8,15 +8,7 @@ import torch
 
 from resnext_demo import data, trainer
 from resnext_demo.model import ResNeXt
-
-
-def _colour_classes(n_per_class: int = 24, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable toy set: class c is a distinct colour plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    palette = torch.randint(0, 256, (k, 3, 1, 1), generator=g).float()
-    y = torch.arange(k).repeat_interleave(n_per_class)
-    x = (palette[y] + 40 * torch.randn(len(y), 3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
-    return x, y
+from tests.conftest import colour_classes
 
 
 def _eval_loss(model, x, y) -> float:
@@ -28,7 +20,7 @@ def _eval_loss(model, x, y) -> float:
 def test_fit_lowers_the_loss(tiny_config) -> None:
     torch.manual_seed(0)
     model = ResNeXt(tiny_config)
-    x, y = _colour_classes()
+    x, y = colour_classes()
     before = _eval_loss(model, x, y)
     cfg = trainer.TrainConfig(epochs=4, batch_size=32, lr=0.05, warmup_epochs=0, log_every=1)
     events = list(trainer.fit(model, (x, y), cfg, (x, y), "cpu"))
@@ -41,7 +33,7 @@ def test_fit_lowers_the_loss(tiny_config) -> None:
 
 def test_resume_is_exact(tiny_config) -> None:
     """Two epochs straight == one epoch, save (weights + optimizer/EMA state), a fresh model, one more."""
-    x, y = _colour_classes(8)
+    x, y = colour_classes(8)
     cfg = trainer.TrainConfig(epochs=2, batch_size=16, ema_decay=0.9, cutout=8, log_every=100)
     torch.manual_seed(0)
     straight = ResNeXt(tiny_config)
@@ -62,7 +54,7 @@ def test_resume_is_exact(tiny_config) -> None:
 
 
 def test_head_only_training_touches_only_the_head(tiny_model) -> None:
-    x, y = _colour_classes(4)
+    x, y = colour_classes(4)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     cfg = trainer.TrainConfig(epochs=1, batch_size=20, train_layers="head")
     list(trainer.fit(tiny_model, (x, y), cfg, device="cpu"))
@@ -72,7 +64,7 @@ def test_head_only_training_touches_only_the_head(tiny_model) -> None:
 
 
 def test_last_stage_training_leaves_earlier_stages(tiny_model) -> None:
-    x, y = _colour_classes(4)
+    x, y = colour_classes(4)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     list(trainer.fit(tiny_model, (x, y), trainer.TrainConfig(epochs=1, batch_size=20, train_layers="last_stage"), device="cpu"))
     changed = {k.split(".")[0] for k, v in tiny_model.state_dict().items() if not torch.equal(before[k], v)}
@@ -80,7 +72,7 @@ def test_last_stage_training_leaves_earlier_stages(tiny_model) -> None:
 
 
 def test_stop_event_ends_training_early(tiny_model) -> None:
-    x, y = _colour_classes(16)
+    x, y = colour_classes(16)
     stop = threading.Event()
     stop.set()
     events = list(trainer.fit(tiny_model, (x, y), trainer.TrainConfig(epochs=5, batch_size=16), device="cpu", stop=stop))
@@ -147,7 +139,7 @@ def test_soft_targets_with_tta_average_each_teacher_over_the_mirror_image(tiny_c
 def test_distillation_follows_the_teachers_not_the_labels(tiny_config) -> None:
     """With teachers the labels are not read (shuffled labels give the same weights), the teachers are not
     changed, and the student ends closer to the teachers' predictions than it started."""
-    x, y = _colour_classes(8)
+    x, y = colour_classes(8)
     torch.manual_seed(1)
     teacher = ResNeXt(tiny_config)
     list(trainer.fit(teacher, (x, y), trainer.TrainConfig(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0), device="cpu"))

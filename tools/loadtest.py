@@ -404,6 +404,16 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _endpoint_rows(endpoints: dict, width: int, with_max: bool = False) -> list[str]:
+    """One line per endpoint: count, errors, p50, p95 (and max), then its error messages."""
+    rows = []
+    for ep, st in endpoints.items():
+        rows.append(f"  {ep:{width}s} {st['count']:5d} {st['errors']:6d} {_fmt(st['p50_s']):>7s} {_fmt(st['p95_s']):>7s}"
+                    + (f" {_fmt(st['max_s']):>7s}" if with_max else ""))
+        rows += [f"      error: {m}" for m in st.get("error_messages", [])]
+    return rows
+
+
 def report_text(r: dict) -> str:
     lines = []
     if "load" in r:
@@ -412,19 +422,14 @@ def report_text(r: dict) -> str:
                      f"({ld['finetune']}); {ld['requests']} requests in {ld['wall_s']:.1f} s, "
                      f"{ld['throughput_rps']:.2f} req/s, {ld['failed']} failed")
         lines.append(f"  {'endpoint':34s} {'count':>5s} {'errors':>6s} {'p50 s':>7s} {'p95 s':>7s} {'max s':>7s}")
-        for ep, s in ld["endpoints"].items():
-            lines.append(f"  {ep:34s} {s['count']:5d} {s['errors']:6d} {_fmt(s['p50_s']):>7s} {_fmt(s['p95_s']):>7s} "
-                         f"{_fmt(s['max_s']):>7s}")
-            for m in s["error_messages"]:
-                lines.append(f"      error: {m}")
+        lines += _endpoint_rows(ld["endpoints"], 34, with_max=True)
     if "lane" in r:
         ln = r["lane"]
         lines.append(f"fast lane: {ln['predict_clients']} clients looping on /predict beside {ln['heavy_clients']} on "
                      f"Integrated Gradients + feature maps for {ln['seconds']:.0f} s; {ln['failed']} failed; /predict p50 "
                      f"{_fmt(ln['predict_p50_s'])} s, p95 {_fmt(ln['predict_p95_s'])} s; heavy p50 {_fmt(ln['heavy_p50_s'])} s; "
                      f"/predict p95 / heavy p50 = {_fmt(ln['predict_p95_over_heavy_p50'])}")
-        for ep, st in ln["endpoints"].items():
-            lines.append(f"  {ep:42s} {st['count']:5d} {st['errors']:6d} {_fmt(st['p50_s']):>7s} {_fmt(st['p95_s']):>7s}")
+        lines += _endpoint_rows(ln["endpoints"], 42)
     if "overload" in r:
         o = r["overload"]
         lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once, {o['holders_running_when_flooded']} pool-holding fine-tunes running "
