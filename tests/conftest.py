@@ -10,8 +10,10 @@ import torch
 from resnext_demo import data, weights
 from resnext_demo.model import ResNeXt, ResNeXtConfig
 
-# Keep the suite on the CPU and deterministic, whatever the machine has.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep the suite on the CPU and deterministic, whatever the machine has; under pytest-xdist each worker gets
+# its share of the cores (the servers the tests start run on one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 TINY = ResNeXtConfig(depths=(1, 1, 1), stem_width=8, widths=(16, 32, 64), cardinality=4, base_width=2)
 

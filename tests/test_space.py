@@ -71,8 +71,9 @@ def test_a_space_without_data_serves_the_sample_pack(space, tmp_path):
         assert not (tmp_path / "cache" / "analysis").exists()  # the shipped cache was read, nothing computed
         zones, names, new = _zones(tmp_path)
         status, plot, result, path = c.predict(10, "head", 1, 0.05, 32, *zones, *names, *new, api_name="/finetune")
-        # 3 uploads + the pack's 10 set-aside images per class; scored on its other 400 (forgetting)
-        assert "82 training / 21 held-out" in result and "(400 images, forgetting)" in result and Path(path).is_file()
+        # 3 uploads (1 held out) + the pack's 10 set-aside images per class (trained on, never held out, #28.2);
+        # scored on its other 400 (forgetting)
+        assert "102 training images, 100 of them CIFAR-10 / 1 of your images held out" in result and "(400 images, forgetting)" in result and Path(path).is_file()
     finally:
         stop(proc)
     assert "resnext_demo/assets/cifar10-test-sample.safetensors" in (tmp_path / "app.log").read_text()
