@@ -339,3 +339,40 @@ def reliability_figure(before: dict, after: dict, title: str = "") -> Image.Imag
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(wspace=0.28, bottom=0.14, top=0.8 if title else 0.86)
     return figure_to_image(fig)
+
+
+def race_figure(rows: list[dict], spreads: dict[str, dict | None] | None = None) -> Image.Image:
+    """The Lab's race (rows of epoch, model, series, value as race.RaceUpdate.curve): test accuracy and training
+    loss of both models on shared axes; at the last epoch each model's bar spans the seed-to-seed range of its C
+    in the shipped sweep (`spreads` by model label), centred on its accuracy: how far one seed can move it."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 3.2))
+    ax_acc, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        for ax, series, scale in ((ax_acc, "test accuracy", 100), (ax_loss, "train loss", 1)):
+            pts = sorted((r["epoch"], r["value"]) for r in rows if r["model"] == model and r["series"] == series
+                         and r["value"] is not None)
+            if pts:
+                x, v = zip(*pts)
+                ax.plot(x, [scale * a for a in v], "o-", ms=4, lw=1.5, color=f"C{i}", label=model)
+        s = (spreads or {}).get(model)
+        acc = [(r["epoch"], r["value"]) for r in rows if r["model"] == model and r["series"] == "test accuracy"]
+        if s and acc:
+            e, a = max(acc)
+            ax_acc.errorbar([e + 0.08 * (2 * i - 1)], [100 * a], yerr=[[50 * s["range"]], [50 * s["range"]]],
+                            color=f"C{i}", capsize=6, lw=3, alpha=0.45)
+    if spreads and any(spreads.values()):
+        ax_acc.plot([], [], color="gray", lw=3, alpha=0.45, label="seed-to-seed range (shipped sweep)")
+    for ax, name in ((ax_acc, "test accuracy (%)"), (ax_loss, "training loss")):
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.set_ylabel(name, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower right" if ax is ax_acc else "upper right")
+    if not rows:
+        ax_acc.text(0.5, 0.5, "press Race", ha="center", va="center", transform=ax_acc.transAxes)
+    fig.subplots_adjust(wspace=0.25, bottom=0.16, left=0.07, right=0.98, top=0.95)
+    return figure_to_image(fig)

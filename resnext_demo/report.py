@@ -319,6 +319,24 @@ def preparing_md(counts: dict[str, int], n_cifar: int = 0) -> str:
     return f"Preparing {' + '.join(p for p in (mine, cifar) if p)}…"
 
 
+# ------------------------------------------------------------ Lab
+
+
+def lab_intro(max_seconds: float, has_data: bool, n_train: int, n_test: int, epochs: int) -> str:
+    """The Lab tab's opening paragraph: what a race is, what it trains on by default, its limits."""
+    text = ("**Race two cardinalities yourself.** Pick two members of the equal-budget airbench94x family (same "
+            "parameters and multiply-adds, different C), and both train **from scratch, at the same time**, with the "
+            "fast recipe: the same seed, data order and augmentation, one step of each in turn, tested on the same "
+            f"images after every epoch. On a 2-core CPU the defaults (a {n_train:,}-image subset of the training split, "
+            f"{n_test:,} test images, {epochs} epochs) take about two minutes; a GPU races on the whole split. Behind "
+            "the curves: "
+            "how much two seeds of one model differ in the shipped sweep. "
+            f"**Limits:** one race at a time (others wait in the queue), {int(max_seconds)} s per race.")
+    if not has_data:
+        text += "\n\n**No CIFAR-10 images on this server**, so there is nothing to race on."
+    return text
+
+
 # ------------------------------------------------------------ About
 
 

@@ -210,7 +210,7 @@ def predict_views(model: nn.Module, x: torch.Tensor, level: int = 2, device: tor
     return torch.cat(plain), torch.cat(tta)
 
 
-class _Trainer:
+class Trainer:
     """One fast-recipe run between epochs: the prepared model, its optimizer, batches, step and lookahead."""
 
     def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe: FastRecipe,
@@ -226,13 +226,13 @@ class _Trainer:
         self.bf16 = use_bf16(device, recipe.bf16)
         self.step, self.lookahead = 0, None
 
-    def epoch(self, e: int, should_stop) -> tuple[float, float, bool]:
-        """Epoch `e` up to the last step or until should_stop(): (mean loss, accuracy, stopped)."""
+    def steps(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Epoch `e`'s training steps one at a time (the Lab races two runs step by step): yields each step's
+        summed loss and correct count (on the device) and its number of images; stops at the last step."""
         model, r = self.model, self.recipe
         if model.conv1.bias is not None:
             model.conv1.bias.requires_grad_(e < r.whiten_bias_epochs)
         model.train()
-        loss_sum, correct, seen, stopped = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0, False
         for xb, yb in self.batches.epoch(e):
             for g in self.opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(self.step, self.total)
@@ -244,15 +244,32 @@ class _Trainer:
             self.opt.step()
             self.step += 1
             self.lookahead = _lookahead_step(model, self.lookahead, r, e, self.step, self.total)
-            loss_sum += loss.detach()  # summed on the device: one read-back per epoch
-            correct += (out.argmax(1) == yb).sum()
-            seen += len(yb)
-            stopped = should_stop()
-            if self.step >= self.total or stopped:
-                break
+            yield loss.detach(), (out.argmax(1) == yb).sum(), len(yb)
+            if self.done:
+                return
+
+    def end_epoch(self) -> None:
+        """The epoch ends on the averaged weights (once the lookahead has started)."""
         if self.lookahead is not None:
-            self.lookahead.update(1.0)  # the epoch ends on the averaged weights
+            self.lookahead.update(1.0)
+
+    def epoch(self, e: int, should_stop) -> tuple[float, float, bool]:
+        """Epoch `e` up to the last step or until should_stop(): (mean loss, accuracy, stopped)."""
+        loss_sum, correct, seen, stopped = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0, False
+        for loss, right, n in self.steps(e):
+            loss_sum += loss  # summed on the device: one read-back per epoch
+            correct += right
+            seen += n
+            stopped = should_stop()
+            if stopped:
+                break
+        self.end_epoch()
         return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), stopped
+
+    @property
+    def done(self) -> bool:
+        """Every step of the run taken."""
+        return self.step >= self.total
 
 
 def fit_fast(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe: FastRecipe,
@@ -262,7 +279,7 @@ def fit_fast(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe:
     test accuracy when `test` and `eval_every_epoch`, seconds) and a last one with kind 'done' and the history."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(recipe.seed)
-    run = _Trainer(model, train, recipe, device)
+    run = Trainer(model, train, recipe, device)
     history, t0, stopped, train_s = [], time.perf_counter(), False, 0.0
 
     def should_stop() -> bool:

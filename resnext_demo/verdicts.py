@@ -286,3 +286,26 @@ def trust_md(meta: dict, model_cal: dict | None, has_detector: bool) -> str:
                       f"**{100 * ev['far_flagged']:.1f} %** of synthetic far-from-CIFAR images. Per set (AUROC: how "
                       "often such an image scores stranger than a CIFAR-10 test image):")
     return "\n\n".join(md)
+
+
+def race_md(a: str, acc_a: float, b: str, acc_b: float, n_test: int, p: float, spread: float | None,
+            n_train: int, epochs: int) -> str:
+    """The Lab's verdict on a race: is the gap between the two models more than the noise of the test images (a
+    paired McNemar `p` on the same `n_test` images) and than how much two seeds of one model differ (`spread`:
+    the largest seed-to-seed range of these C values in the shipped sweep, None when it has none)?"""
+    gap = 100 * (acc_b - acc_a)
+    lead, trail = (b, a) if gap > 0 else (a, b)
+    seen = (f"{lead} leads {trail} by {abs(gap):.1f} points ({100 * acc_a:.1f} % vs {100 * acc_b:.1f} % on the same "
+            f"{n_test} test images, paired p = {p_text(p)})") if gap else f"both score {100 * acc_a:.1f} %"
+    seeds = ("the shipped sweep has no seeds of these models to compare with" if spread is None else
+             f"two seeds of one model differ by up to {100 * spread:.2f} points in the shipped sweep (10 seeds, all "
+             "50,000 training images), and by more on a small subset")
+    if not gap or p >= 0.05:
+        verdict = f"**Within noise:** {seen}: a gap this size could come from the draw of test images alone"
+    elif spread is None or abs(gap) <= 100 * spread:
+        verdict = f"**Could be seed noise:** {seen}: more than the test images' noise, but {seeds}"
+    else:
+        verdict = (f"**Beyond noise:** {seen}: more than the test images' noise, and more than the "
+                   f"{100 * spread:.2f} points by which two seeds of one model differ at most in the shipped sweep")
+    return (verdict + f". One seed, {n_train:,} training images, {epochs} epoch(s): the sweep in About, with 10 "
+            "seeds per C on the whole training split, is the stronger evidence.")

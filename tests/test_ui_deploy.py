@@ -4,6 +4,7 @@ The real `spaces` package with a stand-in for its scheduler is in test_zerogpu.p
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 import pickle
 import sys
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import data, finetune
-from resnext_demo.ui import demo as ui, finetune_tab, groups_tab, serving
+from resnext_demo import data, finetune, race
+from resnext_demo.ui import demo as ui, finetune_tab, groups_tab, lab_tab, serving
 from resnext_demo.ui.context import Context
 
 
@@ -135,7 +136,19 @@ def test_every_model_running_event_books_a_short_gpu_and_no_other_does(zero_gpu,
     finetune_tab.arm(flag)
     finetune_tab.stop(flag)
     assert "Stopped before training" in list(by_name["finetune"](None, None, flag, 0, "head", 1, 0.05, 8, *class_files))[0][0]
+    # a race books its estimate and sends its models back on the CPU; stopped in the queue it books nothing
+    zero_gpu.clear()
+    args = (None, serving.StopFlag(), race.DEFAULT_A, race.DEFAULT_B, 10, 10, 1)
+    *_, (status, curve, verdict, path_a, path_b, pair) = by_name["race"](*args)
+    assert zero_gpu == [math.ceil(lab_tab.race_seconds(demo.ctx, *args))] and status.startswith("Finished")
+    assert all(next(sm.model.parameters()).device.type == "cpu" for sm in pair)
+    zero_gpu.clear()
+    flag = serving.StopFlag()
+    lab_tab.arm(flag)
+    lab_tab.stop(flag)
+    assert list(by_name["race"](None, flag, *args[2:]))[0][0] == "Stopped before the race started."
     # events that run no model never book one
+    by_name["stop_race"](serving.StopFlag())
     by_name["random_sample"]()
     by_name["about"](None, 0)
     by_name["stop"](serving.StopFlag())

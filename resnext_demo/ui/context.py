@@ -141,6 +141,8 @@ class Page:
     stop_flag: gr.State
     truth: gr.State  # the Predict tab's: the true label of a test image shown there
     mis_indices: gr.State  # the Predict tab's: test indices of the misclassified gallery
+    lab: gr.State  # the Lab's: the two models of this session's last race (A, B)
+    race_flag: gr.State  # the Lab's stop flag
     banner: gr.Markdown
 
     @property

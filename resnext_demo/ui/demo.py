@@ -9,7 +9,7 @@ import gradio as gr
 import torch.nn as nn
 
 from .. import data, finetune, report
-from . import about_tab, attributions_tab, features_tab, finetune_tab, groups_tab, predict_tab
+from . import about_tab, attributions_tab, features_tab, finetune_tab, groups_tab, lab_tab, predict_tab
 from .context import PRIVATE, Context, Page, block_choices, layer_choices
 from .serving import QUEUE_MAX, SESSION_TTL, HEAVY_LIMIT, SessionModel, StopFlag, on_zero_gpu
 
@@ -26,7 +26,7 @@ CSS = """
 #predict-image img, #fm-image img, #at-image img, #gr-image img, #gr-montage img, #predict-seen img {
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
-#ft-curve { display: none; }  /* the fine-tune endpoint's table: drawn as #ft-plot instead */
+#ft-curve, #lab-curve { display: none; }  /* the fine-tune's and the race's endpoint tables: drawn as images instead */
 /* Drop zones are ~190 px wide: without the size/download column a file's name shows, not ".pn"; 190 px tall
    (finetune_tab) shows three files before the list scrolls, and the count line below gives the totals. */
 .ft-zone .download { display: none !important; }
@@ -90,10 +90,12 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         # every gr.State first: component ids name unlabeled outputs on the API page (the banner is `value_7`)
         states = dict(session=gr.State(None, time_to_live=SESSION_TTL),
                       pending=gr.State(None, time_to_live=SESSION_TTL, delete_callback=finetune_tab.delete_export),
-                      stop_flag=gr.State(StopFlag()), truth=gr.State(None), mis_indices=gr.State([]))
+                      stop_flag=gr.State(StopFlag()), truth=gr.State(None), mis_indices=gr.State([]),
+                      lab=gr.State(None, time_to_live=SESSION_TTL, delete_callback=lab_tab.delete_exports),
+                      race_flag=gr.State(StopFlag()))
         gr.Markdown(report.INTRO)
         p = Page(demo, ctx, **states, banner=gr.Markdown(ctx.model_banner(None), elem_id="model-banner"))
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Predict", id="predict"):
                 pr = predict_tab.build(p)
             with gr.Tab("Groups (cardinality)", id="groups"):
@@ -104,6 +106,8 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
                 at = attributions_tab.build(p)
             with gr.Tab("Fine-tune", id="finetune"):
                 ft = finetune_tab.build(p)  # its model switches write this session's model and the banner above
+            with gr.Tab("Lab (race two C)", id="lab"):
+                lab = lab_tab.build(p)
             with gr.Tab("About the architecture", id="about"):
                 about_tab.build(p)
 
@@ -112,7 +116,12 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         pr.image.change(share_image, pr.image, [gp.image, fm.image, at.image], **PRIVATE, queue=False)
         # after a model switch every control that depends on the model fits the session's model
         controls = [fm.layer, at.layer, at.target, gp.layer, gp.target, gp.contrast, gp.knock, pr.k, *ft.new_names]
-        for switch in ft.model_switches:
+        # the Lab's two models: A becomes this session's model, B the Groups comparison's checkpoint
+        opened = lab.open_btn.click(p.bind(lab_tab.open_in_groups), p.lab,
+                                    [p.session, p.banner, gp.compare.other, gp.compare.file], **PRIVATE, queue=False)
+        opened.success(lambda: (gr.Tabs(selected="groups"), gr.Accordion(open=True)), None,
+                       [tabs, gp.compare.accordion], **PRIVATE, queue=False)
+        for switch in [*ft.model_switches, opened]:
             switch.success(p.bind(model_controls), p.session, controls, **PRIVATE)
 
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=HEAVY_LIMIT)

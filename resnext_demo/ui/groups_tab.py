@@ -235,8 +235,9 @@ def _specialization_panel(p: Page) -> SimpleNamespace:
     return c
 
 
-def compare_panel(p: Page, image: gr.Image, target: gr.Dropdown) -> None:
-    """The checkpoint comparison: this session's model (A) and another checkpoint (B) on the tab's image."""
+def compare_panel(p: Page, image: gr.Image, target: gr.Dropdown) -> SimpleNamespace:
+    """The checkpoint comparison: this session's model (A) and another checkpoint (B) on the tab's image; returns
+    the choice of B and its file (the Lab opens its two models here)."""
     shipped = shipped_checkpoints()
     with gr.Row():
         other = gr.Dropdown(COMPARE_FIXED + shipped, value=shipped[0] if shipped else "shared model",
@@ -261,6 +262,7 @@ def compare_panel(p: Page, image: gr.Image, target: gr.Dropdown) -> None:
     (label_a, cam_a, gi_a), (label_b, cam_b, gi_b) = outputs["a"], outputs["b"]
     btn.click(p.gpu(compare_models, SLOW), [image, other, file, target, p.session],
               [label_a, label_b, cam_a, cam_b, gi_a, gi_b, md], api_name="compare_models", **HEAVY_EVENT)
+    return SimpleNamespace(other=other, file=file, accordion=None)
 
 
 def build(p: Page, k: gr.Slider) -> SimpleNamespace:
@@ -275,8 +277,9 @@ def build(p: Page, k: gr.Slider) -> SimpleNamespace:
             o = _analysis_outputs()
     ko = _knockout_panel(p, explain.groups_of(p.base_model, blocks[-1][1]) if blocks else 0)
     sp = _specialization_panel(p)
-    with gr.Accordion("Compare checkpoints on this image", open=False):
-        compare_panel(p, c.image, c.target)
+    with gr.Accordion("Compare checkpoints on this image", open=False) as accordion:
+        cmp = compare_panel(p, c.image, c.target)
+    cmp.accordion = accordion
 
     c.btn.click(p.gpu(analyse, SLOW), [c.image, c.layer, c.target, c.contrast, c.method, c.mode, p.session],
                 [o.importance, o.ablation, o.table, o.cams, o.md], api_name="groups", **HEAVY_EVENT)
@@ -286,4 +289,4 @@ def build(p: Page, k: gr.Slider) -> SimpleNamespace:
                     [ko.knock_label, ko.knock_md], api_name="knockout", trigger_mode="always_last", **HEAVY_EVENT)
     sp.spec_btn.click(p.gpu(specialize, p.bind(specialization_seconds)), [c.layer, p.session], [sp.spec, sp.montage, sp.spec_md],
                       api_name="specialization", **HEAVY_EVENT)
-    return SimpleNamespace(image=c.image, layer=c.layer, target=c.target, contrast=c.contrast, knock=ko.knock)
+    return SimpleNamespace(image=c.image, layer=c.layer, target=c.target, contrast=c.contrast, knock=ko.knock, compare=cmp)

@@ -14,7 +14,7 @@ def test_build_demo_has_named_endpoints(tiny_model):
     names = {d.get("api_name") for d in demo.config["dependencies"]}
     for n in ("predict", "classify", "random_sample", "misclassified", "feature_maps", "attribute", "compare",
               "finetune", "stop", "use_model", "reset_model", "load_checkpoint", "about", "groups", "knockout",
-              "specialization", "compare_models"):
+              "specialization", "compare_models", "race", "stop_race"):
         assert n in names, n
     assert isinstance(demo, gr.Blocks)
 
