@@ -126,3 +126,50 @@ def test_browser_compare_shows_the_chosen_method_on_top(app_url):
         assert "Integrated Gradients" not in shown, shown
         assert "Grad-CAM for class" in screenshots.wait_text(page, "at-cmp-md", "Grad-CAM for class")
         assert page.locator("#at-cmp-box").is_visible() and page.locator("#at-cmp img").is_visible()
+
+
+@pytest.fixture(scope="module")
+def lab_url(tmp_path_factory):
+    """app.py on a tiny random checkpoint with the shipped sample pack as its CIFAR-10 (the Lab needs images)."""
+    import torch
+
+    from resnext_demo import weights
+    from resnext_demo.model import ResNeXt
+    from tests.conftest import TINY
+
+    tmp = tmp_path_factory.mktemp("browser-lab")
+    torch.manual_seed(0)
+    ckpt = weights.save_checkpoint(tmp / "tiny.safetensors", ResNeXt(TINY).eval(), {"accuracy": None})
+    with screenshots.launch_app(ckpt, str(data.SAMPLE_PACK), log=tmp / "app.log") as url:
+        yield url, tmp
+
+
+def _slider(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_browser_lab_races_and_opens_both_models_in_groups(lab_url):
+    """#30: press Race, see both curves and a verdict; "Open A and B in Groups" makes A this session's model and
+    compares it with B there."""
+    url, tmp = lab_url
+    with screenshots.browser_page() as page:
+        page.goto(url)
+        screenshots.open_tab(page, "lab")
+        assert "C = 1" in page.locator("#lab-budget").inner_text()
+        for elem_id, value in (("lab-train", 10), ("lab-test", 10), ("lab-epochs", 2)):
+            _slider(page, elem_id, value)
+        page.locator("#lab-race").click()
+        verdict = screenshots.wait_text(page, "lab-verdict", "noise", timeout=240_000)
+        assert "100 training images, 2 epoch(s)" in verdict
+        assert screenshots.wait_text(page, "lab-status", "Finished").startswith("Finished")
+        page.wait_for_function("() => document.querySelector('#lab-plot img') && "
+                               "document.querySelector('#lab-plot img').naturalWidth > 0")
+        legend = page.evaluate("() => document.querySelector('#lab-curve').innerText")  # the hidden API table
+        assert "C = 1 (airbench94x_1x229d)" in legend and "C = 8 (airbench94x_8x66d)" in legend
+        page.locator("#lab-open").click()
+        screenshots.wait_text(page, "model-banner", "Lab A")
+        page.locator("#cmp-btn").click()
+        md = screenshots.wait_text(page, "cmp-md", "Lab B")
+        assert "C=1," in md and "C=8," in md

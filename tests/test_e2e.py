@@ -158,3 +158,21 @@ def test_app_starts_without_weights(tmp_path):
             c.predict(handle_file(_png(tmp_path / "x.png", (5, 5, 5))), api_name="/predict")
     finally:
         stop(proc)
+
+
+def test_race_endpoint_returns_both_curves_as_a_table(server):
+    """#30: /race through the real server: a tiny race (10 images per class, 1 epoch) ends with both models' curves
+    as a table, a verdict and two checkpoints; a bad choice is a toast and the server lives on."""
+    url, tmp, has_data = server
+    if not has_data:
+        pytest.skip("no CIFAR-10 source")
+    from resnext_demo import race
+
+    c = Client(url, verbose=False)
+    status, curve, verdict, path_a, path_b = c.predict(race.DEFAULT_A, race.DEFAULT_B, 10, 10, 1, api_name="/race")
+    assert status.startswith("Finished") and "noise" in verdict and Path(path_a).is_file() and Path(path_b).is_file()
+    assert curve["headers"] == ["epoch", "model", "series", "value"] and len(curve["data"]) == 4
+    assert {row[1] for row in curve["data"]} == {race.members()[race.DEFAULT_A].label, race.members()[race.DEFAULT_B].label}
+    with pytest.raises(Exception, match="two different"):
+        c.predict(race.DEFAULT_A, race.DEFAULT_A, 10, 10, 1, api_name="/race")
+    assert c.predict(api_name="/random_sample")  # still serving

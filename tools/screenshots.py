@@ -28,7 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ROOT = data.PROJECT_ROOT
 TABS = {"predict": "Predict", "groups": "Groups (cardinality)", "features": "Feature maps (per group)",
         "attributions": "Attributions",
-        "finetune": "Fine-tune", "about": "About the architecture"}
+        "finetune": "Fine-tune", "lab": "Lab (race two C)", "about": "About the architecture"}
 
 
 @contextlib.contextmanager
@@ -134,9 +134,11 @@ def write_synthetic(folder: Path, kind: str, n: int) -> list[str]:
     return out
 
 
-def take(url: str, out: Path, work: Path, finetune_epochs: int = 8, tabs: list[str] | None = None) -> list[Path]:
+def take(url: str, out: Path, work: Path, finetune_epochs: int = 8, tabs: list[str] | None = None,
+         lab: bool = False) -> list[Path]:
     """Drive every tab (or those of `tabs`, keys of TABS) with a real photo (Predict copies it to the other tabs)
-    and fine-tune on synthetic drawings; save one full-page PNG per tab."""
+    and fine-tune on synthetic drawings; race in the Lab when `lab` (the app needs CIFAR-10 for it); save one
+    full-page PNG per tab."""
     out.mkdir(parents=True, exist_ok=True)
     probe = real_photo()
     shots = []
@@ -167,6 +169,8 @@ def take(url: str, out: Path, work: Path, finetune_epochs: int = 8, tabs: list[s
             attributions_shot(page, shot)
         if "finetune" in wanted:
             finetune_shot(page, shot, work, finetune_epochs)
+        if "lab" in wanted and lab:
+            lab_shot(page, shot)
         if "about" in wanted:
             open_tab(page, "about")
             wait_image(page, "ab-diagram")
@@ -228,6 +232,15 @@ def finetune_shot(page, shot, work: Path, finetune_epochs: int) -> None:
     shot(page, "fine-tune.png")
 
 
+def lab_shot(page, shot) -> None:
+    """The default race (C = 1 against C = 8, about 2 minutes on 2 cores), then its curves and verdict."""
+    open_tab(page, "lab")
+    page.locator("#lab-race").click()
+    wait_text(page, "lab-verdict", "noise", timeout=600_000)
+    page.wait_for_function("() => document.querySelector('#lab-plot img').naturalWidth > 0")
+    shot(page, "lab.png")
+
+
 def shrink_png(path: Path) -> None:
     """Re-save as a 256-colour palette PNG: a UI screenshot stays sharp at a third of the size."""
     with Image.open(path) as im:
@@ -248,8 +261,17 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.weights).is_file():
         sys.exit(f"no checkpoint at {args.weights}: train one (python -m resnext_demo.train ...) or pass --weights")
     source = data.default_source() if args.with_samples else None
-    with tempfile.TemporaryDirectory() as tmp, launch_app(args.weights, source, log=Path(tmp) / "app.log") as url:
-        for p in take(url, Path(args.out), Path(tmp), args.epochs, args.tabs):
+    tabs = args.tabs or list(TABS)
+    with tempfile.TemporaryDirectory() as tmp:
+        shots = []
+        if set(tabs) - {"lab"}:
+            with launch_app(args.weights, source, log=Path(tmp) / "app.log") as url:
+                shots += take(url, Path(args.out), Path(tmp), args.epochs, [t for t in tabs if t != "lab"])
+        if "lab" in tabs:  # the Lab races on CIFAR-10 (its page shows no CIFAR image): its own app with the data
+            lab_source = data.default_source() or str(data.SAMPLE_PACK)
+            with launch_app(args.weights, lab_source, log=Path(tmp) / "lab.log") as url:
+                shots += take(url, Path(args.out), Path(tmp), args.epochs, ["lab"], lab=True)
+        for p in shots:
             shrink_png(p)
             print(p)
 
