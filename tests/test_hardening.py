@@ -289,6 +289,19 @@ def test_uploads_are_bounded_by_max_file_size(server, client):
 
 # ---------------------------------------------------------------- load
 
+def test_rest_predict_answers_like_gradio_client_in_one_session(server, client, files):
+    """The lane's light client (Gradio's REST API, one session per client) gets the same answer as gradio_client."""
+    import httpx
+
+    img = loadtest.synthetic_image(server[1] / "rest.png", 7)
+    with httpx.Client(timeout=60) as http:
+        a = loadtest.rest_predict(http, server[0], img, "rest-session")
+        b = loadtest.rest_predict(http, server[0], img, "rest-session", k=5)
+    assert a == client.predict(handle_file(img), 3, api_name="/predict") and len(b["confidences"]) == 5
+    with httpx.Client(timeout=60) as http, pytest.raises(RuntimeError):
+        loadtest.rest_predict(http, server[0], str(files["empty"]), "rest-session")  # a bad image: its error
+
+
 def test_loadtest_command_smoke(server):
     """`python -m tools.loadtest` on its own server: no failed request, overload refused cleanly."""
     tmp = server[1]

@@ -9,6 +9,9 @@ synthetic uploads for two classes; 1 epoch), then N users each send R requests b
 /predict, /feature_maps and /attribute (Saliency / Grad-CAM, one Integrated Gradients in all), on
 synthetic images made here (never CIFAR-10 images). Reports p50/p95 latency, count and errors per
 endpoint and the throughput.
+Fast lane (--lane SECONDS): 8 clients loop on /predict beside 6 looping on Integrated Gradients and feature maps;
+the prediction clients speak Gradio's REST API with a session each (`rest_predict`), which costs the machine a
+twentieth of a gradio_client call, so on two shared cores the figure is the server's rather than the clients'.
 Phase 2 (overload): two long fine-tunes occupy the fine-tune pool, then more jobs than the queue holds
 (serving.QUEUE_MAX) are submitted at once: data-less fine-tunes by default (they wait behind the holders,
 then the app refuses each in milliseconds), or predictions with --flood predict (those only wait when
@@ -114,6 +117,7 @@ class Sample:
     seconds: float
     ok: bool
     error: str = ""
+    first: bool = False  # the user's first request: Gradio creates its session state then (~15-40 ms of the GIL)
 
 
 @dataclass
@@ -174,11 +178,11 @@ def _has_data_source(client) -> bool:
         return False
 
 
-def _user(url: str, user: int, requests: int, images: list[str], ig_slot: tuple[int, int] | None,
-          deadline: float, timeout: float) -> list[Sample]:
-    """One simulated user: R requests back to back, cycling predict -> feature maps -> attribution."""
-    from gradio_client import Client, handle_file
-    c = Client(url, verbose=False, httpx_kwargs={"timeout": timeout})
+def _user(c, user: int, requests: int, images: list[str], ig_slot: tuple[int, int] | None,
+          deadline: float) -> list[Sample]:
+    """One simulated user (a connected gradio_client Client): R requests back to back, cycling predict ->
+    feature maps -> attribution."""
+    from gradio_client import handle_file
     out = []
     for i in range(requests):
         if time.monotonic() > deadline:
@@ -197,9 +201,9 @@ def _user(url: str, user: int, requests: int, images: list[str], ig_slot: tuple[
         t0 = time.monotonic()
         try:
             c.submit(*args, api_name=ep).result(timeout=max(1.0, deadline - time.monotonic()))
-            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, True))
+            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, True, first=i == 0))
         except Exception as e:  # every failure is counted and reported, never raised
-            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, False, _error_text(e)))
+            out.append(Sample(ep_label if kind == 2 else ep, time.monotonic() - t0, False, _error_text(e), i == 0))
     c.close()
     return out
 
@@ -221,9 +225,12 @@ def load_phase(url: str, users: int, requests: int, tmp: Path, finetune_epochs: 
     while time.monotonic() - t_wait < 10 and ft_job.status().code.value not in ("PROCESSING", "ITERATING", "FINISHED"):
         time.sleep(0.1)
     ig_slot = (0, 2) if requests > 2 else None  # user 0's first attribution is the one Integrated Gradients
-    t0 = time.monotonic()
     with ThreadPoolExecutor(users) as ex:
-        futures = [ex.submit(_user, url, u, requests, images, ig_slot, deadline, timeout) for u in range(users)]
+        # every user connects first (a Client reads the app's config and API description: seconds of CPU on both
+        # sides when 16 arrive at once); the clock starts when they all send their requests
+        clients = list(ex.map(lambda _: Client(url, verbose=False, httpx_kwargs={"timeout": timeout}), range(users)))
+        t0 = time.monotonic()
+        futures = [ex.submit(_user, clients[u], u, requests, images, ig_slot, deadline) for u in range(users)]
         samples = [s for f in futures for s in f.result()]
     wall = time.monotonic() - t0
     ft_sample = None
@@ -237,27 +244,69 @@ def load_phase(url: str, users: int, requests: int, tmp: Path, finetune_epochs: 
     ft_client.close()
     stats = summarize(samples + [ft_sample])
     n_ok = sum(s.ok for s in samples)
+    later = [s.seconds for s in samples if s.ok and s.endpoint == "/predict" and not s.first]
     return {"users": users, "requests_per_user": requests, "finetune_mode": mode,
             "finetune": f"{'CIFAR-10 subset ' + str(cifar_per_class) + '/class' if mode == 'cifar' else '12 synthetic uploads, 2 classes'}, "
                         f"{finetune_epochs} epoch(s), head only",
             "wall_s": wall, "requests": len(samples), "failed": sum(not s.ok for s in samples) + (not ft_sample.ok),
             "throughput_rps": n_ok / wall if wall > 0 else None,
-            "endpoints": {k: asdict(v) for k, v in stats.items()}}
+            "endpoints": {k: asdict(v) for k, v in stats.items()},
+            # the 16 users' first requests arrive in the same instant, each also creating its session
+            "predict_after_first": {"count": len(later), "p50_s": percentile(later, 50), "p95_s": percentile(later, 95)}}
 
 
 # ---------------------------------------------------------------- the fast lane
 
+def rest_predict(http, url: str, image: str, session: str, k: int = 3) -> dict:
+    """One /predict through Gradio's documented REST API (what `curl` users send): upload the file, start the
+    call in the client's `session` (as a browser tab or gradio_client does: without one, every call makes a new
+    session, whose state Gradio builds from every component's config, ~40 ms of the GIL here), read its
+    server-sent events to the end. A twentieth of gradio_client's CPU per request, so a crowd of these measures
+    the server rather than the clients beside it on the same cores."""
+    with open(image, "rb") as f:
+        path = http.post(url + "gradio_api/upload", files={"files": (Path(image).name, f, "image/png")}).json()[0]
+    body = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, k], "session_hash": session}
+    event = http.post(url + "gradio_api/call/predict", json=body).json()["event_id"]
+    kind = None
+    with http.stream("GET", f"{url}gradio_api/call/predict/{event}") as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:].strip()
+            elif line.startswith("data: ") and kind in ("complete", "error"):
+                if kind == "error":
+                    raise RuntimeError(line[6:].strip() or "error")
+                return json.loads(line[6:])[0]
+    raise RuntimeError(f"/predict ended without a result (last event: {kind})")
+
+
+def _rest_looper(url: str, image: str, deadline: float, timeout: float) -> list[Sample]:
+    """A prediction client looping on rest_predict until `deadline`."""
+    import secrets
+
+    import httpx
+    out, session = [], secrets.token_hex(6)
+    with httpx.Client(timeout=timeout) as http:
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                rest_predict(http, url, image, session)
+                out.append(Sample("/predict", time.monotonic() - t0, True))
+            except Exception as e:
+                out.append(Sample("/predict", time.monotonic() - t0, False, _error_text(e)))
+    return out
+
+
 def _looper(url: str, kind: str, image: str, deadline: float, timeout: float) -> list[Sample]:
-    """One client looping until `deadline`: 'predict' sends /predict; 'heavy' alternates Integrated Gradients
-    and feature maps (what fills the heavy pool)."""
+    """One client looping until `deadline`: 'predict' sends /predict over REST; 'heavy' (gradio_client)
+    alternates Integrated Gradients and feature maps (what fills the heavy pool)."""
+    if kind == "predict":
+        return _rest_looper(url, image, deadline, timeout)
     from gradio_client import Client, handle_file
     c = Client(url, verbose=False, httpx_kwargs={"timeout": timeout})
     out, i = [], 0
     while time.monotonic() < deadline:
         img = handle_file(image)
-        if kind == "predict":
-            label, ep, args = "/predict", "/predict", (img, 3)
-        elif i % 2 == 0:
+        if i % 2 == 0:
             label, ep, args = "heavy: /attribute (Integrated Gradients)", "/attribute", (img, "Integrated Gradients")
         else:
             label, ep, args = "heavy: /feature_maps", "/feature_maps", (img,)
@@ -423,6 +472,10 @@ def report_text(r: dict) -> str:
                      f"{ld['throughput_rps']:.2f} req/s, {ld['failed']} failed")
         lines.append(f"  {'endpoint':34s} {'count':>5s} {'errors':>6s} {'p50 s':>7s} {'p95 s':>7s} {'max s':>7s}")
         lines += _endpoint_rows(ld["endpoints"], 34, with_max=True)
+        pl = ld.get("predict_after_first") or {}
+        if pl.get("count"):
+            lines.append(f"  /predict after each user's first request (its session exists): {pl['count']} requests, "
+                         f"p50 {_fmt(pl['p50_s'])} s, p95 {_fmt(pl['p95_s'])} s")
     if "lane" in r:
         ln = r["lane"]
         lines.append(f"fast lane: {ln['predict_clients']} clients looping on /predict beside {ln['heavy_clients']} on "

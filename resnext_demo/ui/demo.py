@@ -3,6 +3,7 @@ made here in one place: the Predict image copied to the analysis tabs, a model s
 layer, class and group lists, the page's model banner."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -124,6 +125,9 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         for switch in [*ft.model_switches, opened]:
             switch.success(p.bind(model_controls), p.session, controls, **PRIVATE)
 
+    # Gradio's queue re-summarises its last 10,000 events in a pandas table after every event, for a monitoring
+    # page this app does not open (GRADIO_ANALYTICS_CACHE_FREQUENCY=1): ~5 % of the server's GIL in the load test.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=HEAVY_LIMIT)
     demo.ctx = ctx  # for tests and the screenshot script
     return demo

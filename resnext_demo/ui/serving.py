@@ -51,6 +51,10 @@ PREDICT_MAX_BATCH = 16
 # a lone request pays it once.
 PREDICT_WAIT_S = 0.003
 PREDICT_TIMEOUT_S = 120  # a request never waits forever on the batcher
+# Handler threads (explanations, fine-tunes, races: everything wired through `gpu`) run at this niceness, and so
+# do the torch threads they start. The server's event loop and the prediction batcher keep 0, so on a busy CPU a
+# prediction's few milliseconds are not queued behind seconds of explanation work (Linux: niceness is per thread).
+HANDLER_NICE = int(os.environ.get("RESNEXT_DEMO_HANDLER_NICE", "10"))  # 0 turns it off
 # Pass to launch(max_file_size=...): bounds every upload (a 50 MP camera JPEG is ~30 MB; a paper-size
 # fp32 checkpoint to continue from ~140 MB); Gradio refuses bigger files while they stream in (413).
 MAX_FILE_SIZE = "200mb"
@@ -107,6 +111,31 @@ def on_zero_gpu() -> bool:
     return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
+def lower_priority(nice: int = HANDLER_NICE) -> None:
+    """Run this thread (and the threads it starts from now on) at niceness `nice`, once; a no-op where threads have
+    no niceness of their own or it cannot be changed."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError):
+        pass
+
+
+def background(fn: Callable) -> Callable:
+    """`fn` run at HANDLER_NICE (see lower_priority): a model-running handler gives way to the event loop and the
+    prediction batcher."""
+    if inspect.isgeneratorfunction(fn):
+        def call(*args, **kwargs):
+            lower_priority()
+            yield from fn(*args, **kwargs)
+    else:
+        def call(*args, **kwargs):
+            lower_priority()
+            return fn(*args, **kwargs)
+    return functools.wraps(fn)(call)  # Gradio reads fn's signature (progress, gr.SelectData) through wraps
+
+
 def if_image(seconds: int) -> Callable[..., int]:
     """A booking for an event whose first argument is the image: none without one (the handler says so)."""
     return lambda image=None, *args, **kwargs: seconds if image is not None else 0
@@ -121,7 +150,7 @@ def gpu(fn: Callable, duration: int | Callable[..., float], before: Callable | N
     returns must live on the CPU (a CUDA tensor or model in a result can hang or fail the transfer).
     """
     if not on_zero_gpu():
-        return fn
+        return background(fn)
     seconds = duration if callable(duration) else (lambda *args, **kwargs: duration)
 
     def booking(*args, **kwargs) -> int:
@@ -209,14 +238,20 @@ class PredictBatcher:
         self._pending: list[_Job] = []
         self._worker: threading.Thread | None = None
         self.sizes: list[int] = []  # every batch's size, most recent last (bounded; tests and the load test read it)
+        with self._cond:  # now, from the thread building the app: a handler thread would pass on its niceness
+            self._start()
+
+    def _start(self) -> None:
+        """The worker thread, (re)started when it is not running (a ZeroGPU fork has none)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._loop, name="predict-batcher", daemon=True)
+            self._worker.start()
 
     def predict(self, model: nn.Module, image, classes: list[str]):
         """What predict.predict(model, image, classes) returns (or raises), computed beside concurrent requests."""
         job = _Job(model, image, list(classes))
         with self._cond:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name="predict-batcher", daemon=True)
-                self._worker.start()
+            self._start()
             self._pending.append(job)
             self._cond.notify()
         if not job.done.wait(PREDICT_TIMEOUT_S):
