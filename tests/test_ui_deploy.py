@@ -80,12 +80,23 @@ def test_gpu_wrapper_books_only_on_zero_gpu_and_only_what_needs_a_model(zero_gpu
     assert zero_gpu == [14] and ran == ["before", 2, None]
     assert list(serving.gpu(gen, 5)(1)) == [1, 2] and zero_gpu == [14, 5]
     assert list(serving.gpu(gen, lambda x: 0)(1)) == [1, 2] and zero_gpu == [14, 5]
-    monkeypatch.setenv("SPACES_ZERO_GPU", "false")  # `spaces` installed, but not on ZeroGPU: nothing changes
-    assert serving.gpu(fn, 42) is fn
+    monkeypatch.setenv("SPACES_ZERO_GPU", "false")  # `spaces` installed, but not on ZeroGPU: no booking, only
+    assert _runs_unbooked(serving.gpu(fn, 42), fn, zero_gpu)  # the niced thread of every model-running handler
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` raises ImportError
     monkeypatch.setattr(serving, "spaces", serving.import_spaces())
-    assert serving.spaces is None and not serving.on_zero_gpu() and serving.gpu(fn, 42) is fn
+    assert serving.spaces is None and not serving.on_zero_gpu() and _runs_unbooked(serving.gpu(fn, 42), fn, zero_gpu)
+
+
+def _runs_unbooked(wrapped, fn, zero_gpu: list) -> bool:
+    """`wrapped` is `fn` run at the handlers' niceness (in a thread of its own here), booking nothing."""
+    import threading
+
+    before, out = list(zero_gpu), []
+    t = threading.Thread(target=lambda: out.append(wrapped(1)))
+    t.start()
+    t.join(10)
+    return wrapped.__wrapped__ is fn and out == [2] and zero_gpu == before
 
 
 @pytest.mark.slow

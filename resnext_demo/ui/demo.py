@@ -78,6 +78,16 @@ def model_controls(ctx: Context, session: SessionModel | None):
             *finetune_tab.new_class_names(ctx, session))
 
 
+def _open_lab_models(p: Page, lab, gp, tabs: gr.Tabs):
+    """The Lab's two models: A becomes this session's model, B the Groups comparison's checkpoint, and the page
+    turns to the comparison; returns the event (a model switch)."""
+    opened = lab.open_btn.click(p.bind(lab_tab.open_in_groups), p.lab,
+                                [p.session, p.banner, gp.compare.other, gp.compare.file], **PRIVATE, queue=False)
+    opened.success(lambda: (gr.Tabs(selected="groups"), gr.Accordion(open=True)), None,
+                   [tabs, gp.compare.accordion], **PRIVATE, queue=False)
+    return opened
+
+
 def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | None,
                weights_path: str | Path | None = None, load_error: str | None = None,
                max_seconds: float = finetune.MAX_SECONDS) -> gr.Blocks:
@@ -117,11 +127,7 @@ def build_demo(model: nn.Module | None, meta: dict | None, data_source: str | No
         pr.image.change(share_image, pr.image, [gp.image, fm.image, at.image], **PRIVATE, queue=False)
         # after a model switch every control that depends on the model fits the session's model
         controls = [fm.layer, at.layer, at.target, gp.layer, gp.target, gp.contrast, gp.knock, pr.k, *ft.new_names]
-        # the Lab's two models: A becomes this session's model, B the Groups comparison's checkpoint
-        opened = lab.open_btn.click(p.bind(lab_tab.open_in_groups), p.lab,
-                                    [p.session, p.banner, gp.compare.other, gp.compare.file], **PRIVATE, queue=False)
-        opened.success(lambda: (gr.Tabs(selected="groups"), gr.Accordion(open=True)), None,
-                       [tabs, gp.compare.accordion], **PRIVATE, queue=False)
+        opened = _open_lab_models(p, lab, gp, tabs)
         for switch in [*ft.model_switches, opened]:
             switch.success(p.bind(model_controls), p.session, controls, **PRIVATE)
 
