@@ -188,3 +188,45 @@ def test_browser_lab_races_and_opens_both_models_in_groups(lab_url):
         page.locator("#cmp-btn").click()
         md = screenshots.wait_text(page, "cmp-md", "C=8,")  # B: the race's C = 8 checkpoint, A: the session's C = 1
         assert "C=1," in md and "airbench94x_8x66d" in md
+
+
+def test_browser_knockout_sentence_and_finetune_counts(lab_url):
+    """#28.1: explaining a class other than the prediction, the knock-out sentence names only groups whose
+    knock-out changes the model's own top-1 (as the table shows). #28.2: with CIFAR-10 images added, the count
+    line and the result count the visitor's images as held out and the CIFAR-10 ones as trained on only."""
+    url, tmp = lab_url
+    probe = tmp / "probe-28.png"
+    screenshots.synthetic_image("ship").save(probe)
+    with screenshots.browser_page() as page:
+        page.goto(url)
+        screenshots.upload(page, "predict-image", str(probe))
+        predicted = screenshots.wait_text(page, "predict-info", "ms").split(" ")[0].strip()
+        screenshots.open_tab(page, "groups")
+        other = next(c for c in data.CLASSES if c != predicted)
+        page.locator("#gr-target input").click()
+        page.get_by_role("option", name=other, exact=True).click()
+        page.locator("#gr-btn").click()
+        md = screenshots.wait_text(page, "gr-md", "top-1 class")
+        # the table's text, one cell per line: a row starts at its group's name; the 5th cell is the top-1
+        cells = [c.strip() for c in page.locator("#gr-table").inner_text().splitlines() if c.strip()]
+        starts = [i for i, c in enumerate(cells) if re.fullmatch(r"g\d+", c)]
+        assert len(starts) == 4, cells  # the tiny model's block has 4 groups
+        changed = {cells[i] for i in starts if cells[i + 4].split(" ")[0] != predicted}
+        match = re.search(r"knocking out (.+?) alone changes the top-1 class", md)
+        named = {g.strip() for g in match.group(1).split(",")} if match else set()
+        assert named == changed, (md, cells)
+        assert (match is None) == ("no single group changes the top-1 class" in md)
+
+        screenshots.open_tab(page, "finetune")
+        screenshots.upload(page, "zone-ship", screenshots.write_synthetic(tmp / "ship28", "ship", 3))
+        cifar = page.locator("#ft-cifar input[type=number]")
+        cifar.fill("2")
+        cifar.press("Enter")
+        counts = screenshots.wait_text(page, "ft-counts", "CIFAR-10 training images")
+        assert "3 in all; 1 held out" in counts and "+ 20 CIFAR-10 training images (trained on, never held out)" in counts
+        epochs = page.locator("#ft-epochs input[type=number]")
+        epochs.fill("1")
+        epochs.press("Enter")
+        page.locator("#ft-train").click()
+        result = screenshots.wait_text(page, "ft-result", "after", timeout=240_000)
+        assert "22 training images, 20 of them CIFAR-10 / 1 of your images held out" in result, result

@@ -228,7 +228,7 @@ def _settings(p: Page) -> SimpleNamespace:
                                 ": test images of the sample pack set aside for this; trained on, never held out or scored"
                                 if data.is_sample_pack(ctx.data_source) else
                                 ": from the training split; trained on, never held out or scored"),
-                            interactive=ctx.data_source is not None)
+                            interactive=ctx.data_source is not None, elem_id="ft-cifar")
         c.layers = gr.Radio(list(finetune.TRAIN_LAYERS), value="head", label="What to train",
                             info="head = classifier only; last_stage = layer3 + head; all = every layer")
     with gr.Row():

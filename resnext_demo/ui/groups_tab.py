@@ -177,7 +177,8 @@ def _analysis_controls(p: Page, blocks: list) -> SimpleNamespace:
     c.image = ImageInput(type="filepath", format="png", label="Image", elem_id="gr-image")
     c.layer = gr.Dropdown(blocks, value=blocks[-1][1] if blocks else None,
                           label="Block (its grouped 3×3 conv)", elem_id="gr-layer")
-    c.target = gr.Dropdown(["predicted"] + list(p.classes), value="predicted", label="Class explained")
+    c.target = gr.Dropdown(["predicted"] + list(p.classes), value="predicted", label="Class explained",
+                           elem_id="gr-target")
     c.contrast = gr.Dropdown(["none", "runner-up"] + list(p.classes), value="none",
                              label="…rather than (counterfactual)",
                              info="explain the margin over another class: which groups argue for it?")
