@@ -177,11 +177,22 @@ def curve_figure(history: list[dict]) -> Image.Image:
     return figure_to_image(fig)
 
 
+def _epoch_axis(ax, ylabel: str, fontsize: int, legend_loc: str = "best") -> None:
+    """A curve panel's axes: epochs as whole numbers, labels, a light grid, the legend when there are lines."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch", fontsize=fontsize)
+    ax.set_ylabel(ylabel, fontsize=fontsize)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=fontsize - 1)
+    if ax.lines:
+        ax.legend(fontsize=8, loc=legend_loc)
+
+
 def finetune_curve_figure(rows: list[dict]) -> Image.Image:
     """A fine-tune's live curve (rows of epoch, series, value as finetune.Update.curve): loss and accuracy on
     two axes with their units, whole-epoch ticks."""
-    from matplotlib.ticker import MaxNLocator
-
     fig = Figure(figsize=(8, 2.8))
     ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for series in dict.fromkeys(r["series"] for r in rows):
@@ -194,13 +205,7 @@ def finetune_curve_figure(rows: list[dict]) -> Image.Image:
         else:
             ax_acc.plot(x, [100 * a for a in v], "o-" if "held-out" in series else "-", ms=4, lw=1.2, label=series)
     for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel(name, fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=7)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        _epoch_axis(ax, name, 8)
     ax_acc.set_ylim(-2, 104)  # a 100 % line drawn inside the frame, not on its border
     epochs = [r["epoch"] for r in rows if r["value"] is not None]
     if epochs:  # both panels over the same epochs (the held-out score at epoch 0 starts both)
@@ -345,8 +350,6 @@ def race_figure(rows: list[dict], spreads: dict[str, dict | None] | None = None)
     """The Lab's race (rows of epoch, model, series, value as race.RaceUpdate.curve): test accuracy and training
     loss of both models on shared axes; at the last epoch each model's bar spans the seed-to-seed range of its C
     in the shipped sweep (`spreads` by model label), centred on its accuracy: how far one seed can move it."""
-    from matplotlib.ticker import MaxNLocator
-
     fig = Figure(figsize=(9, 3.2))
     ax_acc, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
@@ -365,13 +368,7 @@ def race_figure(rows: list[dict], spreads: dict[str, dict | None] | None = None)
     if spreads and any(spreads.values()):
         ax_acc.plot([], [], color="gray", lw=3, alpha=0.45, label="seed-to-seed range (shipped sweep)")
     for ax, name in ((ax_acc, "test accuracy (%)"), (ax_loss, "training loss")):
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.set_ylabel(name, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        if ax.lines:
-            ax.legend(fontsize=8, loc="lower right" if ax is ax_acc else "upper right")
+        _epoch_axis(ax, name, 9, "lower right" if ax is ax_acc else "upper right")
     if not rows:
         ax_acc.text(0.5, 0.5, "press Race", ha="center", va="center", transform=ax_acc.transAxes)
     fig.subplots_adjust(wspace=0.25, bottom=0.16, left=0.07, right=0.98, top=0.95)

@@ -324,3 +324,22 @@ def test_loadtest_refuses_remote_hosts():
             loadtest.check_loopback(bad)
     assert loadtest.check_loopback("http://127.0.0.1:7860") == "http://127.0.0.1:7860/"
     assert loadtest.check_loopback("http://[::1]:7860/") == "http://[::1]:7860/"
+
+
+def test_loadtest_report_text_lists_every_phase():
+    """The printed report holds each phase's figures (what the docs quote), with every endpoint and error."""
+    ep = {"count": 3, "errors": 1, "p50_s": 0.2, "p95_s": 0.4, "max_s": 0.5, "error_messages": ["AppError: boom"]}
+    rep = {"load": {"users": 2, "requests_per_user": 3, "finetune": "x", "requests": 6, "wall_s": 2.0,
+                    "throughput_rps": 3.0, "failed": 1, "endpoints": {"/predict": ep},
+                    "predict_after_first": {"count": 2, "p50_s": 0.1, "p95_s": 0.15}},
+           "lane": {"predict_clients": 8, "heavy_clients": 6, "seconds": 40, "failed": 0, "predict_p50_s": 0.19,
+                    "predict_p95_s": 0.37, "heavy_p50_s": 7.84, "predict_p95_over_heavy_p50": 0.05,
+                    "endpoints": {"/predict": {**ep, "error_messages": []}}},
+           "overload": {"submitted": 40, "flood": "finetune", "holders_running_when_flooded": 1, "queue_max_size": 32,
+                        "rejected_queue_full": 9, "completed": 31, "other_errors": 0, "server_alive_after": True,
+                        "messages": {"QueueError: Queue is full!": 9}},
+           "server": "app.py", "machine": "2 CPU cores"}
+    text = loadtest.report_text(rep)
+    assert "16 users" not in text and "2 users x 3 requests" in text and "error: AppError: boom" in text
+    assert "after each user's first request (its session exists): 2 requests, p50 0.10 s, p95 0.15 s" in text
+    assert "/predict p95 / heavy p50 = 0.05" in text and "9 refused as queue full" in text and "9 x 'QueueError" in text

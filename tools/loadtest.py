@@ -463,6 +463,14 @@ def _endpoint_rows(endpoints: dict, width: int, with_max: bool = False) -> list[
     return rows
 
 
+def _lane_line(ln: dict) -> str:
+    """The fast-lane phase in one line: clients, failures, /predict p50/p95 against the heavy p50."""
+    return (f"fast lane: {ln['predict_clients']} clients looping on /predict beside {ln['heavy_clients']} on "
+            f"Integrated Gradients + feature maps for {ln['seconds']:.0f} s; {ln['failed']} failed; /predict p50 "
+            f"{_fmt(ln['predict_p50_s'])} s, p95 {_fmt(ln['predict_p95_s'])} s; heavy p50 {_fmt(ln['heavy_p50_s'])} s; "
+            f"/predict p95 / heavy p50 = {_fmt(ln['predict_p95_over_heavy_p50'])}")
+
+
 def report_text(r: dict) -> str:
     lines = []
     if "load" in r:
@@ -477,12 +485,7 @@ def report_text(r: dict) -> str:
             lines.append(f"  /predict after each user's first request (its session exists): {pl['count']} requests, "
                          f"p50 {_fmt(pl['p50_s'])} s, p95 {_fmt(pl['p95_s'])} s")
     if "lane" in r:
-        ln = r["lane"]
-        lines.append(f"fast lane: {ln['predict_clients']} clients looping on /predict beside {ln['heavy_clients']} on "
-                     f"Integrated Gradients + feature maps for {ln['seconds']:.0f} s; {ln['failed']} failed; /predict p50 "
-                     f"{_fmt(ln['predict_p50_s'])} s, p95 {_fmt(ln['predict_p95_s'])} s; heavy p50 {_fmt(ln['heavy_p50_s'])} s; "
-                     f"/predict p95 / heavy p50 = {_fmt(ln['predict_p95_over_heavy_p50'])}")
-        lines += _endpoint_rows(ln["endpoints"], 42)
+        lines += [_lane_line(r["lane"]), *_endpoint_rows(r["lane"]["endpoints"], 42)]
     if "overload" in r:
         o = r["overload"]
         lines.append(f"overload: {o['submitted']} {o['flood']} jobs at once, {o['holders_running_when_flooded']} pool-holding fine-tunes running "
