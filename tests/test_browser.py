@@ -87,11 +87,15 @@ def test_browser_every_tab_and_finetune(app_url):
         assert "Faithfulness" in page.locator("#at-md").inner_text()
 
         screenshots.open_tab(page, "finetune")
-        screenshots.upload(page, "zone-ship", screenshots.write_synthetic(tmp / "ship", "ship", 3))
+        screenshots.upload(page, "zone-ship", screenshots.write_synthetic(tmp / "ship", "ship", 5))
         screenshots.upload(page, "zone-truck", screenshots.write_synthetic(tmp / "truck", "truck", 3))
         page.wait_for_timeout(1500)
         counts = screenshots.wait_text(page, "ft-counts", "truck 3")  # the count line follows the drop zones
-        assert "ship 3" in counts and "6 in all" in counts, counts
+        assert "ship 5" in counts and "8 in all" in counts, counts
+        # #28.6: a zone shows all five of its files (it showed three and hid the rest behind a scroll bar)
+        zone = page.locator("#zone-ship").bounding_box()
+        bottoms = page.eval_on_selector_all("#zone-ship .stem", "es => es.map(e => e.getBoundingClientRect().bottom)")
+        assert len(bottoms) == 5 and max(bottoms) <= zone["y"] + zone["height"], (bottoms, zone)
         # whole file names: the name's span is not cut by an ellipsis (it was ".pn" beside the size column)
         clipped = page.eval_on_selector_all("#zone-ship .stem", "es => es.map(e => e.scrollWidth > e.clientWidth + 1)")
         assert clipped and not any(clipped), clipped

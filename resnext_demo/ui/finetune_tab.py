@@ -206,7 +206,7 @@ def _zones(p: Page) -> tuple[list, list, list]:
     for row in (data.CLASSES[:5], data.CLASSES[5:]):
         with gr.Row():
             for c in row:
-                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=260,
+                zones.append(gr.File(file_count="multiple", file_types=["image"], label=c, height=300,
                                      elem_id=f"zone-{c}", elem_classes=["ft-zone"]))
     with gr.Accordion("New classes (optional; a class a previous fine-tune added is listed here)", open=False):
         with gr.Row():
