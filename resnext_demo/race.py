@@ -226,10 +226,22 @@ def race(opts: RaceOptions, train: tuple[torch.Tensor, torch.Tensor], test: tupl
     yield RaceUpdate("done", "", curve, res)
 
 
+def available(source) -> tuple[int, int]:
+    """(training, test) images per class the source has for every class (the sample pack: 10 and 40)."""
+    per_class = [int(torch.bincount(data.load_split(source, split)[1], minlength=len(data.CLASSES)).min())
+                 for split in ("train", "test")]
+    return per_class[0], per_class[1]
+
+
 def race_data(source, opts: RaceOptions) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The race's balanced training and test subsets of CIFAR-10 (seeded like `train --subset/--test-subset`)."""
+    """The race's balanced training and test subsets of CIFAR-10 (seeded like `train --subset/--test-subset`);
+    asking for more images per class than the source has is refused, not quietly shortened."""
     if source is None:
         raise UserError("No CIFAR-10 images are available on this server, so there is nothing to race on.")
+    have_train, have_test = available(source)
+    for want, have, what in ((opts.train_per_class, have_train, "training"), (opts.test_per_class, have_test, "test")):
+        if int(want) > have:
+            raise UserError(f"This server has {have} {what} images per class; choose at most {have}.")
     train = balanced_subset(*data.load_split(source, "train"), int(opts.train_per_class) * len(data.CLASSES), opts.seed)
     test = balanced_subset(*data.load_split(source, "test"), int(opts.test_per_class) * len(data.CLASSES), opts.seed)
     return train, test

@@ -322,8 +322,10 @@ def preparing_md(counts: dict[str, int], n_cifar: int = 0) -> str:
 # ------------------------------------------------------------ Lab
 
 
-def lab_intro(max_seconds: float, has_data: bool, n_train: int, n_test: int, epochs: int) -> str:
-    """The Lab tab's opening paragraph: what a race is, what it trains on by default, its limits."""
+def lab_intro(max_seconds: float, has_data: bool, n_train: int, n_test: int, epochs: int,
+              small_source: int | None = None) -> str:
+    """The Lab tab's opening paragraph: what a race is, what it trains on by default, its limits; `small_source`:
+    the training images per class of a source smaller than the defaults (the sample pack)."""
     text = ("**Race two cardinalities yourself.** Pick two members of the equal-budget airbench94x family (same "
             "parameters and multiply-adds, different C), and both train **from scratch, at the same time**, with the "
             "fast recipe: the same seed, data order and augmentation, one step of each in turn, tested on the same "
@@ -334,6 +336,9 @@ def lab_intro(max_seconds: float, has_data: bool, n_train: int, n_test: int, epo
             f"**Limits:** one race at a time (others wait in the queue), {int(max_seconds)} s per race.")
     if not has_data:
         text += "\n\n**No CIFAR-10 images on this server**, so there is nothing to race on."
+    elif small_source is not None:
+        text += (f"\n\n**This server has only {small_source} training images per class** (the sample pack), so its "
+                 "races are small and close to chance; with the full CIFAR-10 the defaults above apply.")
     return text
 
 

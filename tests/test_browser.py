@@ -170,7 +170,11 @@ def test_browser_lab_races_and_opens_both_models_in_groups(lab_url):
         screenshots.wait_text(page, "predict-info", "ms")
         screenshots.open_tab(page, "lab")
         assert "C = 1" in page.locator("#lab-budget").inner_text()
-        for elem_id, value in (("lab-train", 10), ("lab-test", 10), ("lab-epochs", 2)):
+        # the sample pack holds 10 training images per class: that slider is locked at 10 and the page says why
+        assert page.locator("#lab-train input[type=number]").input_value() == "10"
+        assert page.locator("#lab-train input[type=number]").is_disabled()
+        assert "only 10 training images per class" in page.locator("body").inner_text()
+        for elem_id, value in (("lab-test", 10), ("lab-epochs", 2)):
             _slider(page, elem_id, value)
         page.locator("#lab-race").click()
         verdict = screenshots.wait_text(page, "lab-verdict", "noise", timeout=240_000)

@@ -243,3 +243,10 @@ def test_a_repeated_training_option_is_shown_once_with_the_value_that_took_effec
     assert cmd == "python -m t --lr 0.1 --flip --cutout 12 --out runs/x" and repeated == ["--lr"]
     md = report.about_md("x", get_config("resnext29_8x4d_micro"), {"command": "python -m t --lr 0.4 --lr 0.1"})
     assert md.count("--lr") == 2 and "`--lr 0.1`" not in md and "`python -m t --lr 0.1`" in md and "took effect" in md
+
+
+def test_lab_intro_says_what_a_race_trains_on():
+    text = report.lab_intro(600, True, 2000, 1000, 8)
+    assert "2,000-image subset" in text and "1,000 test images, 8 epochs" in text and "600 s per race" in text
+    assert "nothing to race on" in report.lab_intro(600, False, 2000, 1000, 8)
+    assert "only 10 training images per class" in report.lab_intro(600, True, 2000, 1000, 8, 10)

@@ -58,6 +58,16 @@ def race_seconds(ctx: Context, lab, flag: StopFlag, a: str, b: str, train_per_cl
     return min(ZERO_GPU_RACE_SECONDS, max(RACE_MIN_SECONDS, (n + tests) * GPU_SECONDS_PER_TRAINING_IMAGE) + RACE_GPU_MARGIN)
 
 
+def race_caps(ctx: Context) -> tuple[int, int]:
+    """(training, test) images per class this server's CIFAR-10 has (0, 0 without any or when unreadable)."""
+    if ctx.data_source is None:
+        return 0, 0
+    try:
+        return race.available(ctx.data_source)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 def arm(flag: StopFlag) -> None:
     """The Race click, unqueued: a Stop pressed while the race waits in the queue is kept."""
     flag.event.clear()
@@ -155,19 +165,28 @@ def open_in_groups(ctx: Context, lab):
     return a, ctx.model_banner(a), gr.update(value="uploaded checkpoint"), b.path
 
 
-def _controls(p: Page) -> SimpleNamespace:
-    """The two models, their budgets, the data and epochs, Race and Stop."""
+def slider_caps(ctx: Context) -> tuple[int, int]:
+    """The training and test sliders' maxima per class: the server's caps, or what its CIFAR-10 holds if less."""
+    cap = race.MAX_TRAIN_PER_CLASS.get(ctx.device().type, race.MAX_TRAIN_PER_CLASS["cpu"])
+    have_train, have_test = race_caps(ctx)
+    return max(10, min(cap, have_train)), max(10, min(race.MAX_TEST_PER_CLASS, have_test))
+
+
+def _controls(p: Page, cap: int, test_cap: int) -> SimpleNamespace:
+    """The two models, their budgets, the data (sliders up to `cap` / `test_cap` per class) and epochs, Race, Stop."""
     c, names = SimpleNamespace(), member_choices()
-    cap = race.MAX_TRAIN_PER_CLASS.get(p.ctx.device().type, race.MAX_TRAIN_PER_CLASS["cpu"])
     with gr.Row():
         c.a = gr.Dropdown(names, value=race.DEFAULT_A, label="Model A", elem_id="lab-a")
         c.b = gr.Dropdown(names, value=race.DEFAULT_B, label="Model B", elem_id="lab-b")
     c.budget = gr.Markdown(budget_md(race.DEFAULT_A, race.DEFAULT_B), elem_id="lab-budget")
     with gr.Row():
-        c.train = gr.Slider(10, cap, value=race.DEFAULT_TRAIN_PER_CLASS, step=10, elem_id="lab-train",
-                            label="Training images per class (a balanced subset of CIFAR-10's training split)")
-        c.test = gr.Slider(10, race.MAX_TEST_PER_CLASS, value=race.DEFAULT_TEST_PER_CLASS, step=10, elem_id="lab-test",
-                           label="Test images per class (the same for both models)")
+        # a source with only 10 per class (or none) leaves nothing to choose: the slider shows 10, locked
+        c.train = gr.Slider(10, max(cap, 20), value=min(race.DEFAULT_TRAIN_PER_CLASS, cap), step=10, elem_id="lab-train",
+                            label="Training images per class (a balanced subset of CIFAR-10's training split)",
+                            interactive=cap > 10)
+        c.test = gr.Slider(10, max(test_cap, 20), value=min(race.DEFAULT_TEST_PER_CLASS, test_cap), step=10,
+                           elem_id="lab-test", label="Test images per class (the same for both models)",
+                           interactive=test_cap > 10)
         c.epochs = gr.Slider(1, race.MAX_EPOCHS, value=race.DEFAULT_EPOCHS, step=1, label="Epochs", elem_id="lab-epochs")
     with gr.Row():
         c.go = gr.Button("Race", variant="primary", elem_id="lab-race", interactive=p.ctx.data_source is not None)
@@ -178,9 +197,11 @@ def _controls(p: Page) -> SimpleNamespace:
 def build(p: Page) -> SimpleNamespace:
     """Lay out the Lab tab and wire its events; returns the button that opens the two models in Groups and the
     session state holding them (demo links them to the Groups tab)."""
+    cap, test_cap = slider_caps(p.ctx)
     gr.Markdown(report.lab_intro(race.MAX_SECONDS, p.ctx.data_source is not None, 10 * race.DEFAULT_TRAIN_PER_CLASS,
-                                 10 * race.DEFAULT_TEST_PER_CLASS, race.DEFAULT_EPOCHS))
-    c = _controls(p)
+                                 10 * race.DEFAULT_TEST_PER_CLASS, race.DEFAULT_EPOCHS,
+                                 cap if cap < race.DEFAULT_TRAIN_PER_CLASS else None))
+    c = _controls(p, cap, test_cap)
     status = gr.Markdown(elem_id="lab-status")
     plot = gr.Image(value=charts.race_figure([]), label="The race", show_label=False, interactive=False,
                     elem_id="lab-plot")

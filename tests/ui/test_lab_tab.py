@@ -94,3 +94,19 @@ def test_budget_line_names_both_and_warns_beyond_five_percent(monkeypatch):
     assert "Not an equal budget" in lab_tab.budget_md(race.DEFAULT_A, "wide")
     assert lab_tab.budget_md("nope", "wide") == ""
     assert [v for _, v in lab_tab.member_choices()] == list(skewed)
+
+
+def test_a_race_asks_for_no_more_images_than_the_server_has(lab_ctx):
+    """The image-folder source has 10 training and 10 test images per class: more is refused, not shortened."""
+    assert lab_tab.race_caps(lab_ctx) == (10, 10)
+    with pytest.raises(gr.Error, match="10 training images per class; choose at most 10"):
+        list(lab_tab.run_race(lab_ctx, None, serving.StopFlag(), race.DEFAULT_A, race.DEFAULT_B, 20, 10, 1))
+    with pytest.raises(gr.Error, match="10 test images per class"):
+        list(lab_tab.run_race(lab_ctx, None, serving.StopFlag(), race.DEFAULT_A, race.DEFAULT_B, 10, 20, 1))
+
+
+def test_the_sample_pack_races_on_what_it_has():
+    """A Space without CIFAR-10 races on the sample pack: its sliders stop at what the pack holds."""
+    ctx = Context(None, None, str(data.SAMPLE_PACK))
+    assert lab_tab.race_caps(ctx) == race.available(str(data.SAMPLE_PACK)) == (10, 40)
+    assert lab_tab.race_caps(Context(None, None, None)) == (0, 0)
