@@ -176,8 +176,9 @@ def _controls(p: Page, cap: int, test_cap: int) -> SimpleNamespace:
     """The two models, their budgets, the data (sliders up to `cap` / `test_cap` per class) and epochs, Race, Stop."""
     c, names = SimpleNamespace(), member_choices()
     with gr.Row():
-        c.a = gr.Dropdown(names, value=race.DEFAULT_A, label="Model A", elem_id="lab-a")
-        c.b = gr.Dropdown(names, value=race.DEFAULT_B, label="Model B", elem_id="lab-b")
+        # min_width: on a phone the two lists stack instead of cutting their labels ("C = 8 · airbench9…")
+        c.a = gr.Dropdown(names, value=race.DEFAULT_A, label="Model A", elem_id="lab-a", min_width=340)
+        c.b = gr.Dropdown(names, value=race.DEFAULT_B, label="Model B", elem_id="lab-b", min_width=340)
     c.budget = gr.Markdown(budget_md(race.DEFAULT_A, race.DEFAULT_B), elem_id="lab-budget")
     with gr.Row():
         # a source with only 10 per class (or none) leaves nothing to choose: the slider shows 10, locked
