@@ -89,7 +89,7 @@ def deletion_scores(model: nn.Module, x: torch.Tensor, maps: list[np.ndarray] | 
     view = eval_view(model) if model.training else model
     # The bare softmax, not the calibrated one (docs/trust.md): a temperature of 0.62 pushes most images' p
     # towards 1, where the first deletions barely move it; scored that way on the shipped model's first 40 test
-    # images, Grad-CAM's lead over Saliency (tests/test_groups.py) vanished (8 vs 9 images beating the references).
+    # images, Grad-CAM's lead over Saliency (tests/test_faithfulness.py) vanished (8 vs 9 images beating the references).
     with torch.inference_mode():
         p = torch.softmax(view(torch.stack(batch).to(device)).float(), 1)[:, int(target)].cpu().numpy()
     curves = p[1:].reshape(len(orders), len(fr))

@@ -43,6 +43,15 @@ def tiny_model() -> ResNeXt:
 
 
 @pytest.fixture
+def x() -> torch.Tensor:
+    """A smooth random normalized image (gradients are not pure noise)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(3)
+    return data.normalize(F.interpolate(torch.rand(1, 3, 8, 8, generator=gen), size=32, mode="bilinear"))
+
+
+@pytest.fixture
 def tiny_checkpoint(tmp_path: Path, tiny_model: ResNeXt) -> Path:
     """The tiny model saved as a checkpoint file."""
     return weights.save_checkpoint(tmp_path / "tiny.safetensors", tiny_model, {"accuracy": None})
