@@ -7,6 +7,7 @@ same Trainer): interleaving the two runs' steps changes neither, so the race's a
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -53,11 +54,13 @@ class Member:
 
 def members() -> dict[str, Member]:
     """The equal-budget family by name, smallest C first."""
-    out = {}
-    for c, name in sorted(airbench_family().items()):
-        cfg = get_config(name)
-        out[name] = Member(name, c, config_params(cfg), config_macs(cfg))
-    return out
+    return dict(_members())
+
+
+@functools.cache  # fixed tables: counted once, not at every dropdown change, check and redraw
+def _members() -> tuple[tuple[str, Member], ...]:
+    return tuple((name, Member(name, c, config_params(get_config(name)), config_macs(get_config(name))))
+                 for c, name in sorted(airbench_family().items()))
 
 
 def budget_gap(a: Member, b: Member) -> float:
@@ -226,11 +229,14 @@ def race(opts: RaceOptions, train: tuple[torch.Tensor, torch.Tensor], test: tupl
     yield RaceUpdate("done", "", curve, res)
 
 
+def _per_class(labels: torch.Tensor) -> int:
+    """Images of the rarest class."""
+    return int(torch.bincount(labels, minlength=len(data.CLASSES)).min())
+
+
 def available(source) -> tuple[int, int]:
     """(training, test) images per class the source has for every class (the sample pack: 10 and 40)."""
-    per_class = [int(torch.bincount(data.load_split(source, split)[1], minlength=len(data.CLASSES)).min())
-                 for split in ("train", "test")]
-    return per_class[0], per_class[1]
+    return _per_class(data.load_split(source, "train")[1]), _per_class(data.load_split(source, "test")[1])
 
 
 def race_data(source, opts: RaceOptions) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -238,13 +244,13 @@ def race_data(source, opts: RaceOptions) -> tuple[tuple[torch.Tensor, torch.Tens
     asking for more images per class than the source has is refused, not quietly shortened."""
     if source is None:
         raise UserError("No CIFAR-10 images are available on this server, so there is nothing to race on.")
-    have_train, have_test = available(source)
-    for want, have, what in ((opts.train_per_class, have_train, "training"), (opts.test_per_class, have_test, "test")):
-        if int(want) > have:
+    subsets = []
+    for split, want, what in (("train", opts.train_per_class, "training"), ("test", opts.test_per_class, "test")):
+        x, y = data.load_split(source, split)
+        if int(want) > (have := _per_class(y)):
             raise UserError(f"This server has {have} {what} images per class; choose at most {have}.")
-    train = balanced_subset(*data.load_split(source, "train"), int(opts.train_per_class) * len(data.CLASSES), opts.seed)
-    test = balanced_subset(*data.load_split(source, "test"), int(opts.test_per_class) * len(data.CLASSES), opts.seed)
-    return train, test
+        subsets.append(balanced_subset(x, y, int(want) * len(data.CLASSES), opts.seed))
+    return subsets[0], subsets[1]
 
 
 def sweep_spread(results: dict | None, cardinality: int) -> dict | None:

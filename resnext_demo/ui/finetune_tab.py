@@ -65,8 +65,7 @@ def stop(flag: StopFlag) -> str:
 
 def arm(flag: StopFlag) -> None:
     """Train click, before the fine-tune is queued: a fresh stop flag that the job will not clear."""
-    flag.event.clear()
-    flag.armed = True
+    flag.arm()
 
 
 def training_set(ctx: Context, sm: SessionModel, cifar_per_class: int, uploads: tuple):
@@ -123,16 +122,13 @@ def run_finetune(ctx: Context, session: SessionModel | None, pending: SessionMod
     Armed by the Train click (see `arm`), a Stop pressed while the job waited in the queue ends it here;
     called without (gradio_client's /finetune), the job starts with a cleared flag.
     """
-    armed, flag.armed = flag.armed, False
-    if armed and flag.event.is_set():
+    if flag.stopped_in_queue():
         yield report.FINETUNE_STOPPED_IN_QUEUE, None, "", None, pending
         return
     sm = ctx.active(session)
     classes, ds, cifar = training_set(ctx, sm, cifar_per_class, uploads)
     opts = finetune.Options(train_layers=train_layers, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size))
     opts.check()
-    if not armed:
-        flag.event.clear()
     yield report.preparing_md(ds.counts() if ds else {}, len(cifar) if cifar else 0), None, "", None, pending
     test = ctx.test_split() if tuple(classes[:10]) == data.CLASSES else None
     # On ZeroGPU training stops at the estimate the GPU was booked for, so the booking is never overrun.

@@ -2,6 +2,7 @@
 behind the curves and a verdict; the two trained models become this session's to compare in Groups or download."""
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,8 +71,7 @@ def race_caps(ctx: Context) -> tuple[int, int]:
 
 def arm(flag: StopFlag) -> None:
     """The Race click, unqueued: a Stop pressed while the race waits in the queue is kept."""
-    flag.event.clear()
-    flag.armed = True
+    flag.arm()
 
 
 def stop(flag: StopFlag) -> str:
@@ -98,17 +98,30 @@ def _export(result: race.RaceResult) -> tuple[SessionModel, SessionModel]:
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=2)
+def _sweep(path: str, mtime_ns: int) -> dict | None:
+    return report.read_sweep(path)
+
+
+def sweep_results(path: str | Path = weights.SWEEP_RESULTS) -> dict | None:
+    """The shipped sweep, read once per version of the file (the chart is redrawn every few seconds of a race)."""
+    try:
+        return _sweep(str(path), Path(path).stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
 def spreads(rows: list[dict]) -> dict[str, dict | None]:
     """The shipped sweep's seed-to-seed spread for each raced model (by its label in the curve)."""
-    results, fam = report.read_sweep(), race.members()
-    return {m.label: race.sweep_spread(results, m.cardinality) for m in fam.values()
+    results = sweep_results()
+    return {m.label: race.sweep_spread(results, m.cardinality) for m in race.members().values()
             if any(r["model"] == m.label for r in rows)}
 
 
 def verdict(result: race.RaceResult) -> str:
     """The race's verdict against test-image and seed noise (verdicts.race_md)."""
-    fam = race.members()
-    s = [race.sweep_spread(report.read_sweep(), fam[r.member.name].cardinality) for r in (result.a, result.b)]
+    results = sweep_results()
+    s = [race.sweep_spread(results, r.member.cardinality) for r in (result.a, result.b)]
     spread = max((x["range"] for x in s if x), default=None)
     epochs = len(result.a.history)
     return verdicts.race_md(result.a.member.label, result.accuracy(result.a), result.b.member.label,
@@ -119,12 +132,9 @@ def verdict(result: race.RaceResult) -> str:
 def run_race(ctx: Context, lab, flag: StopFlag, a: str, b: str, train_per_class: int, test_per_class: int,
              epochs: int):
     """Generator: (status, curve table, verdict, download A, download B, the two models as this session's)."""
-    armed, flag.armed = flag.armed, False
-    if armed and flag.event.is_set():
+    if flag.stopped_in_queue():
         yield "Stopped before the race started.", None, "", None, None, lab
         return
-    if not armed:
-        flag.event.clear()
     opts = race.RaceOptions(a, b, int(train_per_class), int(test_per_class), int(epochs))
     device = ctx.device()
     opts.check(device.type)

@@ -93,6 +93,19 @@ class StopFlag:
         self.event = threading.Event()
         self.armed = False
 
+    def arm(self) -> None:
+        """The Train/Race click, unqueued, before its job is queued: a fresh flag that the job will not clear."""
+        self.event.clear()
+        self.armed = True
+
+    def stopped_in_queue(self) -> bool:
+        """At the job's start (consumes the arming): True when Stop was pressed while the armed job waited; a job
+        started without its click (an API call) starts with a cleared flag."""
+        armed, self.armed = self.armed, False
+        if not armed:
+            self.event.clear()
+        return armed and self.event.is_set()
+
     def __deepcopy__(self, memo) -> "StopFlag":
         return StopFlag()
 
