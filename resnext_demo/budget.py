@@ -112,21 +112,21 @@ def equal_budget_configs(reference: str, cardinalities: tuple[int, ...]) -> dict
     return out
 
 
-def airbench_x_widths(cardinality: int) -> tuple[int, int]:
-    """(d of stage 1, d of stages 2-3) giving airbench94's parameters and MACs at `cardinality`: each stage's
-    bottleneck (2*w*cout + 9*w*w/C, w = C*d) near the dense 3x3's 9*cout^2, then the neighbours checked on the
-    whole network for the smaller of the larger relative misses."""
-    p0, m0 = config_params(AIRBENCH94), config_macs(AIRBENCH94)
+def airbench_x_widths(cardinality: int, reference: ResNeXtConfig = AIRBENCH94) -> tuple[int, int]:
+    """(d of stage 1, d of stages 2-3) giving the dense `reference`'s (airbench94's) parameters and MACs at
+    `cardinality`: each stage's bottleneck (2*w*cout + 9*w*w/C, w = C*d) near the dense 3x3's 9*cout^2, then the
+    neighbours checked on the whole network for the smaller of the larger relative misses."""
+    p0, m0 = config_params(reference), config_macs(reference)
 
     def near(cout: int) -> int:
         return min(range(1, 4 * cout), key=lambda d: abs(2 * cout * cardinality * d + 9 * cardinality * d * d
                                                          - 9 * cout * cout))
 
     def worst(d1: int, d: int) -> float:
-        c = replace(AIRBENCH94, family="airbench_x", cardinality=cardinality, base_width=d1, group_widths=(d1, d, d))
+        c = replace(reference, family="airbench_x", cardinality=cardinality, base_width=d1, group_widths=(d1, d, d))
         return max(abs(config_params(c) - p0) / p0, abs(config_macs(c) - m0) / m0)
 
-    g1, g = near(AIRBENCH94.widths[0]), near(AIRBENCH94.widths[1])
+    g1, g = near(reference.widths[0]), near(reference.widths[1])
     return min(((d1, d) for d1 in range(max(1, g1 - 2), g1 + 3) for d in range(max(1, g - 2), g + 3)),
                key=lambda t: worst(*t))
 

@@ -62,6 +62,17 @@ def test_widths_come_from_the_search() -> None:
     assert airbench_x_widths(8) == (cfg.group_widths[0], cfg.group_widths[1])
 
 
+def test_wide_pair_matches_its_own_dense_net() -> None:
+    """The 1.5x-wide grouped net is the search's answer against the wide dense net, within 1 % of its budget
+    (and not part of the airbench94-budget family the sweep and the Lab use)."""
+    dense, grouped = get_config("airbench94_wide"), get_config("airbench94x_32x37d_wide")
+    assert dense.widths == grouped.widths == (96, 384, 384) and grouped.cardinality == 32
+    assert airbench_x_widths(32, dense) == (grouped.group_widths[0], grouped.group_widths[1])
+    for f in (config_params, config_macs):
+        assert abs(f(grouped) - f(dense)) / f(dense) < 0.01 and f(dense) > 2 * f(AIRBENCH94)
+    assert "airbench94x_32x37d_wide" not in airbench_family().values()
+
+
 def test_airbench_checkpoint_rebuilds_from_its_config(tmp_path: Path) -> None:
     torch.manual_seed(0)
     m = build_from_config(TINY_X).eval()
