@@ -217,11 +217,12 @@ def _sweep_names() -> set[str]:
 
 
 def training_table(device: torch.device, models: list[str], compiled: bool = False, budget_s: float = 8.0,
-                   batch_size: int = 256) -> list[dict]:
-    """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last}, beside the airbench94 reference
-    (the zoo's dense `airbench94`) measured in the same run (the ratio is what survives a noisy machine)."""
+                   batch_size: int = 256, fastest: bool = False) -> list[dict]:
+    """Training img/s of each model x {fp32, bf16} x {NCHW, channels_last} (`fastest`: bf16 + channels_last only,
+    the fast recipe's form), beside the airbench94 reference (the zoo's dense `airbench94`) measured in the same
+    run (the ratio is what survives a noisy machine)."""
     rows = []
-    variants = [(bf, cl, False) for bf in (False, True) for cl in (False, True)]
+    variants = [(True, True, False)] if fastest else [(bf, cl, False) for bf in (False, True) for cl in (False, True)]
     if compiled:
         variants.append((True, True, True))
     for name in ["airbench94"] + [m for m in models if m != "airbench94"]:
@@ -246,6 +247,42 @@ def training_report(rows: list[dict]) -> str:
         layout = ("channels_last" if r["channels_last"] else "NCHW") + (" + compile" if r["compiled"] else "")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {prec} | {layout} | {r['images_per_s']:.0f} | "
                      f"{r['ratio_to_reference']:.2f} | {50_000 / r['images_per_s'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def grouped_conv_table(shapes: tuple = ((1, 229), (2, 155), (4, 102), (8, 66), (16, 41), (32, 25)),
+                       sizes: tuple = (15, 7), batch_size: int = 256, budget_s: float = 4.0) -> list[dict]:
+    """Forward + backward of one 3x3 conv of C groups of d channels (bf16 autocast, channels_last, the CPU) at the
+    airbench94x members' stage-2/3 shapes: seconds and multiply-adds per second, each size beside C = 1's."""
+    rows = []
+    for size in sizes:
+        for c, d in shapes:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(c * d, c * d, 3, padding=1, groups=c, bias=False).to(memory_format=torch.channels_last)
+            x = torch.randn(batch_size, c * d, size, size).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+
+            def step(conv=conv, x=x) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = conv(x)
+                y.float().sum().backward()
+            r = timeit(step, repeats=10, budget_s=budget_s)
+            macs = batch_size * size * size * c * d * 9 * d
+            rows.append({"size": size, "cardinality": c, "d": d, "channels": c * d, "seconds": r["median"],
+                         "gmacs": macs / 1e9, "gmac_per_s": macs / r["median"] / 1e9})
+    return rows
+
+
+def grouped_conv_report(rows: list[dict]) -> str:
+    """Markdown table of grouped_conv_table(): each row's time and rate beside C = 1 at the same size."""
+    base = {r["size"]: r for r in rows if r["cardinality"] == 1}
+    lines = ["| size | C x d | channels | GMACs | ms | GMAC/s | time vs C = 1 | rate vs C = 1 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = base.get(r["size"], r)
+        lines.append(f"| {r['size']}x{r['size']} | {r['cardinality']} x {r['d']}d | {r['channels']} | {r['gmacs']:.2f} "
+                     f"| {1000 * r['seconds']:.0f} | {r['gmac_per_s']:.1f} | {r['seconds'] / b['seconds']:.2f} "
+                     f"| {r['gmac_per_s'] / b['gmac_per_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -286,12 +323,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default=None, help="comma-separated models for --train (default: fast family)")
     ap.add_argument("--compile", action="store_true", help="--train: also time torch.compile")
     ap.add_argument("--batch-size", type=int, default=256, help="--train: batch size (the fast recipe uses 1024)")
+    ap.add_argument("--fastest", action="store_true", help="--train: bf16 + channels_last only (the fast recipe's)")
+    ap.add_argument("--grouped-conv", action="store_true", help="one grouped 3x3 conv at the sweep's C x d shapes")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.grouped_conv:
+        rows = grouped_conv_table(batch_size=args.batch_size)
+        print(json.dumps(rows, indent=1) if args.json else f"CPU, {torch.get_num_threads()} torch threads, batch "
+              f"{args.batch_size}, bf16 autocast, channels_last, forward + backward\n\n" + grouped_conv_report(rows))
+        return {"grouped_conv": rows}
     if args.train:
         names = args.models.split(",") if args.models else [n for n in list_models() if get_config(n).family == "fast"
                                                            and n not in _sweep_names()]
-        rows = training_table(device, names, compiled=args.compile, batch_size=args.batch_size)
+        rows = training_table(device, names, compiled=args.compile, batch_size=args.batch_size, fastest=args.fastest)
         print(json.dumps(rows, indent=1) if args.json else
               f"Device: {device} ({torch.get_num_threads()} torch threads), batch {args.batch_size}\n\n"
               + training_report(rows))

@@ -71,3 +71,20 @@ def test_gpu_campaign_plans_and_packing(tmp_path) -> None:
     packed = [m.name for t in sorted(out.glob("*.tar")) for m in tarfile.open(t).getmembers()]
     assert sorted(packed + left) == sorted(f.name for f in files) and left
     assert all(t.stat().st_size <= 10_000 + 10_240 for t in out.glob("*.tar"))  # + tar's own blocks
+
+
+def test_grouped_conv_table_counts_each_shape(monkeypatch) -> None:
+    """One row per size x (C, d), multiply-adds from the shape, and C = 1 is its own baseline in the report."""
+    monkeypatch.setattr(bench, "timeit", _once)
+    rows = bench.grouped_conv_table(shapes=((1, 8), (4, 3)), sizes=(5,), batch_size=2)
+    assert [(r["cardinality"], r["channels"]) for r in rows] == [(1, 8), (4, 12)]
+    assert rows[1]["gmacs"] == 2 * 5 * 5 * 12 * 9 * 3 / 1e9
+    text = bench.grouped_conv_report(rows)
+    assert text.count("\n") == 3 and "| 5x5 | 1 x 8d | 8 |" in text and "| 1.00 | 1.00 |" in text
+
+
+def test_fastest_training_table_has_one_row_per_model(monkeypatch) -> None:
+    monkeypatch.setattr(bench, "timeit", _once)
+    rows = bench.training_table(torch.device("cpu"), ["resnext14_8x4d_fast"], batch_size=4, fastest=True)
+    assert [(r["model"], r["bf16"], r["channels_last"]) for r in rows] == [
+        ("airbench94", True, True), ("resnext14_8x4d_fast", True, True)]
