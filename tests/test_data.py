@@ -329,3 +329,37 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path) -> None:
         full = im.size
     im = data.open_image(path, draft=4 * data.IMAGE_SIZE)
     assert min(im.size) >= 4 * data.IMAGE_SIZE and im.size[0] * im.size[1] <= full[0] * full[1] / 16
+
+
+def _jpeg_tar(tmp_path, quality: int | None, n: int = 6) -> Path:
+    """A tiny archive like the shared one: cifar10-jpeg/test/<class>/NNNN.jpg of smooth random 32x32 pictures,
+    stored as JPEG at `quality` (None: near-lossless, standing in for the PNG originals)."""
+    import tarfile
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"q{quality}.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for i in range(n):
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            im = Image.fromarray(small).resize((32, 32), Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=quality or 100, subsampling=2 if quality else 0)
+            info = tarfile.TarInfo(f"cifar10-jpeg/test/cat/{i:04d}.jpg")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+        info = tarfile.TarInfo("cifar10-jpeg/train/cat/0000.jpg")  # another split: never read for "test"
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"bad"))
+    return path
+
+
+def test_reencoding_a_jpeg_at_its_own_settings_changes_far_less_than_the_first_encoding(tmp_path) -> None:
+    """tools/jpeg_reencode: a q75 file encoded again at q75 has the same tables and barely moves, while the first
+    q75 encoding of (near-)originals moved them more (on these noisy pictures 2x; on the real copy the second
+    encoding leaves most images bit-identical): why re-compression cannot price the copy's first encoding."""
+    from tools import jpeg_reencode as jr
+    again = jr.measure(jr.jpeg_members(_jpeg_tar(tmp_path, 75), "test"), (75, 50))
+    first = jr.measure(jr.jpeg_members(_jpeg_tar(tmp_path, None), "test"), (75,))
+    assert again[75]["images"] == first[75]["images"] == 6
+    assert again[75]["same_tables"] == 1.0 and again[50]["same_tables"] == 0.0 and first[75]["same_tables"] == 0.0
+    assert again[50]["mean_abs"] > again[75]["mean_abs"] and first[75]["mean_abs"] > 1.5 * again[75]["mean_abs"]
+    assert jr.report(again).count("\n") == 3 and "| 75 | 6 |" in jr.report(again)
