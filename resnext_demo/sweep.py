@@ -84,6 +84,7 @@ def collect(out_dir: Path, rescore: str | None = None) -> dict:
     per_run = [{"file": r["file"], "model": model, "C": r["config"].cardinality, "d": r["config"].base_width,
                 "params": config_params(r["config"]), "macs": config_macs(r["config"]), "seed": r["seed"],
                 "top1": round(r["accuracy"], 4), "top1_at_training": r.get("accuracy_at_training"),
+                "top1_tta": None if r.get("accuracy_tta") is None else round(r["accuracy_tta"], 4),
                 "test_images": r["data"]["test_images"], "epochs": r["epochs"],
                 "train_seconds": r.get("train_seconds_total", r.get("wall_seconds")), "device": r.get("device")}
                for model, rs in runs.items() for r in rs]

@@ -46,6 +46,7 @@ def test_train_collect_plot(folder, tmp_path, monkeypatch):
     table, md, plot = about_tab.sweep(out / sweep.RESULTS)  # the About tab shows table and plot
     assert table["visible"] and plot["visible"] and list(table["value"]["C"]) == [cfg.cardinality]
     assert [r["seed"] for r in results["runs"]] == [0, 1] and "Too few cardinalities" in md
+    assert all(0 <= r["top1_tta"] <= 1 for r in results["runs"])  # the fast recipe's TTA figure is kept too
     assert "| 8 | 4 | `resnext29_8x4d_micro` |" in sweep.markdown(results)
 
 
