@@ -73,7 +73,7 @@ MODELS: dict[str, ResNeXtConfig] = {
     "airbench94x_8x66d": _airbench_x(8, 17, 66),
     "airbench94x_16x41d": _airbench_x(16, 11, 41),
     "airbench94x_32x25d": _airbench_x(32, 6, 25),
-    # Their 1.5x-wide pair (budget matched to airbench94_wide the same way): the grouped net that reaches 90 %.
+    # Their 1.5x-wide pair (budget matched to airbench94_wide the same way; docs/training-fast.md).
     "airbench94_wide": AIRBENCH94_WIDE,
     "airbench94x_32x37d_wide": _airbench_x(32, 10, 37, AIRBENCH94_WIDE),
     # The seed recipe: torchvision's ImageNet ResNeXt-50 with a new head.
