@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from . import data, explain, faithfulness, groups, launch, trainer, visualize, weights
@@ -250,10 +251,19 @@ def training_report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _unfold_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The same grouped 3x3 conv as one batched matrix product per group over unfolded 3x3 patches (the
+    "batched matmul" formulation; im2col by hand)."""
+    n, w, h, v = x.shape
+    d = w // groups
+    u = F.unfold(x, 3, padding=1).view(n, groups, d * 9, h * v)
+    return torch.einsum("gok,ngkp->ngop", weight.reshape(groups, d, d * 9), u).reshape(n, w, h, v)
+
+
 def grouped_conv_table(shapes: tuple = ((1, 229), (2, 155), (4, 102), (8, 66), (16, 41), (32, 25)),
                        sizes: tuple = (15, 7), batch_size: int = 256, budget_s: float = 4.0) -> list[dict]:
-    """Forward + backward of one 3x3 conv of C groups of d channels (bf16 autocast, channels_last, the CPU) at the
-    airbench94x members' stage-2/3 shapes: seconds and multiply-adds per second, each size beside C = 1's."""
+    """Forward + backward of one 3x3 conv of C groups of d channels (bf16 autocast, the CPU) at the airbench94x
+    members' stage-2/3 shapes, as nn.Conv2d (channels_last) and as unfold + batched matmul: seconds and MAC rate."""
     rows = []
     for size in sizes:
         for c, d in shapes:
@@ -262,27 +272,30 @@ def grouped_conv_table(shapes: tuple = ((1, 229), (2, 155), (4, 102), (8, 66), (
             x = torch.randn(batch_size, c * d, size, size).contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
 
-            def step(conv=conv, x=x) -> None:
+            def step(f=lambda x, conv=conv: conv(x), x=x) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = conv(x)
+                    y = f(x)
                 y.float().sum().backward()
             r = timeit(step, repeats=10, budget_s=budget_s)
+            w = conv.weight.detach().contiguous().requires_grad_(True)
+            r_mm = timeit(lambda: step(lambda x: _unfold_conv(x, w, c)), warmup=1, repeats=3, budget_s=budget_s)
             macs = batch_size * size * size * c * d * 9 * d
             rows.append({"size": size, "cardinality": c, "d": d, "channels": c * d, "seconds": r["median"],
-                         "gmacs": macs / 1e9, "gmac_per_s": macs / r["median"] / 1e9})
+                         "gmacs": macs / 1e9, "gmac_per_s": macs / r["median"] / 1e9,
+                         "unfold_matmul_seconds": r_mm["median"]})
     return rows
 
 
 def grouped_conv_report(rows: list[dict]) -> str:
     """Markdown table of grouped_conv_table(): each row's time and rate beside C = 1 at the same size."""
     base = {r["size"]: r for r in rows if r["cardinality"] == 1}
-    lines = ["| size | C x d | channels | GMACs | ms | GMAC/s | time vs C = 1 | rate vs C = 1 |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| size | C x d | channels | GMACs | ms | GMAC/s | time vs C = 1 | rate vs C = 1 | unfold + matmul ms |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["size"], r)
         lines.append(f"| {r['size']}x{r['size']} | {r['cardinality']} x {r['d']}d | {r['channels']} | {r['gmacs']:.2f} "
                      f"| {1000 * r['seconds']:.0f} | {r['gmac_per_s']:.1f} | {r['seconds'] / b['seconds']:.2f} "
-                     f"| {r['gmac_per_s'] / b['gmac_per_s']:.2f} |")
+                     f"| {r['gmac_per_s'] / b['gmac_per_s']:.2f} | {1000 * r['unfold_matmul_seconds']:.0f} |")
     return "\n".join(lines)
 
 

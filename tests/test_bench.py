@@ -2,6 +2,7 @@
 and lands in the report. Timings are never asserted (docs/performance.md holds the measured figures)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from resnext_demo import bench, weights
@@ -88,3 +89,12 @@ def test_fastest_training_table_has_one_row_per_model(monkeypatch) -> None:
     rows = bench.training_table(torch.device("cpu"), ["resnext14_8x4d_fast"], batch_size=4, fastest=True)
     assert [(r["model"], r["bf16"], r["channels_last"]) for r in rows] == [
         ("airbench94", True, True), ("resnext14_8x4d_fast", True, True)]
+
+
+@pytest.mark.parametrize("groups,d", [(1, 5), (4, 3)])
+def test_unfold_matmul_form_is_the_grouped_conv(groups: int, d: int) -> None:
+    """The benchmark's batched-matmul formulation computes exactly what nn.Conv2d(groups=C) does."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(groups * d, groups * d, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, groups * d, 6, 5)
+    assert torch.allclose(bench._unfold_conv(x, conv.weight, groups), conv(x), atol=1e-5)
