@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import data, sweepstats, train, weights
 from .model import ResNeXtConfig
@@ -110,6 +111,24 @@ def collect(out_dir: Path, rescore: str | None = None) -> dict:
                            "same recipe; spread = half the range over seeds",
             "measured": "each checkpoint as stored, on the full test split of " + Path(rescore).name if rescore
             else "the runs' own end-of-training figures", "rows": rows, "runs": per_run}
+
+
+def write_predictions(out_dir: Path, runs: list[dict], source: str | None) -> Path:
+    """predictions.npz beside results.json, in tools/gpu_sweep.py's format: each run's predicted class of every
+    test image (uint8; plain, and TTA at its recipe's level) and the labels, so the figures can be re-checked without
+    the checkpoints, which need not be committed."""
+    from .speedrun import predict_views, use_bf16
+    x, y = data.load_split(source, "test")
+    plain, tta = [], []
+    for r in runs:
+        model, meta = weights.load_checkpoint(Path(out_dir) / r["file"], "cpu")
+        p, t = predict_views(model, x, meta.get("tta_level", 2), torch.device("cpu"), use_bf16(torch.device("cpu")))
+        plain.append(p.argmax(1).numpy().astype(np.uint8))
+        tta.append(t.argmax(1).numpy().astype(np.uint8))
+    path = Path(out_dir) / "predictions.npz"
+    np.savez_compressed(path, plain=np.stack(plain), tta=np.stack(tta), labels=y.numpy().astype(np.uint8),
+                        names=np.array([Path(r["file"]).stem for r in runs]))
+    return path
 
 
 def _load_runs(runs_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -238,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rescore", nargs="?", const="", default=None, metavar="DATA",
                     help="collect: re-measure every checkpoint as stored on the full test split (default data: "
                          "the app's default source)")
+    ap.add_argument("--predictions", nargs="?", const="", default=None, metavar="DATA",
+                    help="collect: also write predictions.npz (every run's predicted test classes, plain and TTA)")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.action in ("train", "collect"):
         results = collect(out_dir, (args.rescore or data.default_source()) if args.rescore is not None else None)
         (out_dir / RESULTS).write_text(json.dumps(results, indent=1))
+        if args.predictions is not None:
+            write_predictions(out_dir, results["runs"], args.predictions or data.default_source())
         print(markdown(results))
     if args.action == "analyse":
         results = analyse(Path(args.runs))

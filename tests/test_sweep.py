@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_demo import charts, sweep, weights
+from resnext_demo import charts, data, sweep, weights
 from resnext_demo.ui import about_tab
 from resnext_demo.zoo import get_config
 from resnext_demo.budget import config_macs, config_params
@@ -47,6 +47,14 @@ def test_train_collect_plot(folder, tmp_path, monkeypatch):
     assert table["visible"] and plot["visible"] and list(table["value"]["C"]) == [cfg.cardinality]
     assert [r["seed"] for r in results["runs"]] == [0, 1] and "Too few cardinalities" in md
     assert all(0 <= r["top1_tta"] <= 1 for r in results["runs"])  # the fast recipe's TTA figure is kept too
+    sweep.main(["collect", "--out-dir", str(out), "--predictions", str(folder)])
+    with np.load(out / "predictions.npz") as z:  # the recorded predictions give back each run's figures
+        _, labels = data.load_split(str(folder), "test")
+        assert z["plain"].shape == z["tta"].shape == (2, len(labels)) and (z["labels"] == labels.numpy()).all()
+        for run, plain, tta, name in zip(results["runs"], z["plain"], z["tta"], z["names"]):
+            assert name == run["file"].removesuffix(".safetensors")
+            assert (plain == z["labels"]).mean() == pytest.approx(run["top1"], abs=1e-4)
+            assert (tta == z["labels"]).mean() == pytest.approx(run["top1_tta"], abs=1e-4)
     assert "| 8 | 4 | `resnext29_8x4d_micro` |" in sweep.markdown(results)
 
 
