@@ -129,14 +129,19 @@ def test_collect_refuses_to_mix_budgets(tmp_path):
     verdict must never compare unequal budgets)."""
     from resnext_demo.zoo import build_model
 
-    def run(model: str, seed: int = 0) -> None:
-        meta = {"accuracy": 0.5, "epochs": 1, "recipe": {"model": model, "seed": seed}, "wall_seconds": 1.0,
+    def run(model: str, seed: int = 0, **recipe) -> None:
+        meta = {"accuracy": 0.5, "epochs": 1, "recipe": {"model": model, "seed": seed, **recipe}, "wall_seconds": 1.0,
                 "data": {"test_images": 10}}
         weights.save_checkpoint(sweep.run_path(tmp_path, model, seed), build_model(model), meta)
 
     for m in ("resnet20_fast", "resnext20_2x21d_fast", "resnext20_16x5d_fast"):
-        run(m)
-    assert len(sweep.collect(tmp_path)["rows"]) == 3
+        run(m, eval_every_epoch=True)
+    run("resnet20_fast", 1, eval_every_epoch=False)  # per-epoch test passes do not make another recipe
+    assert [len(r["seeds"]) for r in sweep.collect(tmp_path)["rows"]] == [2, 1, 1]
+    run("resnet20_fast", 2, eval_every_epoch=True, lr=0.1)
+    with pytest.raises(ValueError, match="different recipes"):
+        sweep.collect(tmp_path)
+    sweep.run_path(tmp_path, "resnet20_fast", 2).unlink()
     run("resnext20_16x8d_fast_wide")
     with pytest.raises(ValueError, match="not one budget: resnext20_16x8d_fast_wide"):
         sweep.collect(tmp_path)
@@ -152,3 +157,24 @@ def test_sweep_train_defaults_to_the_fast_recipe_family(monkeypatch, tmp_path):
     sweep.main(["train", "--out-dir", str(tmp_path)])
     assert [c[c.index("--model") + 1] for c in calls] == list(airbench_family().values())
     assert all(c[:2] == ["--recipe", "fast"] for c in calls) and len(airbench_family()) >= 6
+
+
+WIDE_RUNS = sweep.SWEEP_DIR / "fast-9.9ep-wide"  # the 1.5x-wide C = 32 net's CPU runs (docs/training-fast.md)
+
+
+def test_the_wide_grouped_net_record_gives_back_its_figures(cifar_test):
+    """The grouped net that crosses 90 %: every run is `airbench94x_32x37d_wide` (C = 32) with the fast recipe in
+    at most 10 epochs on the full test split; its predictions, on the real test labels, give back each run's plain
+    and TTA accuracy; and the mean plain accuracy over its seeds is at least 90 %."""
+    res = json.loads((WIDE_RUNS / sweep.RESULTS).read_text())
+    runs = res["runs"]
+    assert len(runs) >= 2 and len({r["seed"] for r in runs}) == len(runs)
+    assert all(r["model"] == "airbench94x_32x37d_wide" and r["C"] == 32 and r["epochs"] <= 10
+               and r["test_images"] == 10_000 for r in runs)
+    with np.load(WIDE_RUNS / "predictions.npz") as z:
+        assert (z["labels"] == cifar_test[1].numpy()).all()
+        assert [str(n) for n in z["names"]] == [r["file"].removesuffix(".safetensors") for r in runs]
+        for run, plain, tta in zip(runs, z["plain"], z["tta"]):
+            assert (plain == z["labels"]).mean() == pytest.approx(run["top1"], abs=1e-4)
+            assert (tta == z["labels"]).mean() == pytest.approx(run["top1_tta"], abs=1e-4)
+    assert np.mean([r["top1"] for r in runs]) >= 0.90
