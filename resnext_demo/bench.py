@@ -272,13 +272,13 @@ def grouped_conv_table(shapes: tuple = ((1, 229), (2, 155), (4, 102), (8, 66), (
             x = torch.randn(batch_size, c * d, size, size).contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
 
-            def step(f=lambda x, conv=conv: conv(x), x=x) -> None:
+            def step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor = x) -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = f(x)
                 y.float().sum().backward()
-            r = timeit(step, repeats=10, budget_s=budget_s)
+            r = timeit(lambda: step(conv), repeats=10, budget_s=budget_s)
             w = conv.weight.detach().contiguous().requires_grad_(True)
-            r_mm = timeit(lambda: step(lambda x: _unfold_conv(x, w, c)), warmup=1, repeats=3, budget_s=budget_s)
+            r_mm = timeit(lambda: step(lambda v: _unfold_conv(v, w, c)), warmup=1, repeats=3, budget_s=budget_s)
             macs = batch_size * size * size * c * d * 9 * d
             rows.append({"size": size, "cardinality": c, "d": d, "channels": c * d, "seconds": r["median"],
                          "gmacs": macs / 1e9, "gmac_per_s": macs / r["median"] / 1e9,

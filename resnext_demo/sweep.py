@@ -97,7 +97,8 @@ def collect(out_dir: Path, rescore: str | None = None) -> dict:
     for model, rs in runs.items():
         cfg = rs[0]["config"]
         accs = [r["accuracy"] for r in rs]
-        recipes = {json.dumps({k: v for k, v in r["recipe"].items() if k not in _NOT_RECIPE}, sort_keys=True) for r in rs}
+        recipes = {json.dumps({k: v for k, v in r["recipe"].items() if k not in _NOT_RECIPE}, sort_keys=True)
+                   for r in rs}
         if len(recipes) > 1:
             raise ValueError(f"{model}: its runs used different recipes; a sweep compares one recipe")
         rows.append({"model": model, "C": cfg.cardinality, "d": cfg.base_width,
